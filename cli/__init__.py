@@ -1,0 +1,1 @@
+"""The ``kits-keras`` command line: one thin module per command."""

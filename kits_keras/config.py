@@ -1,0 +1,326 @@
+"""The one configuration object that flows from the CLI to every stage.
+
+An :class:`ExperimentConfig` groups frozen dataclasses for data, augmentation,
+model, loss, training and inference. Named experiments live in
+``kits_keras/configs/<name>.py``, each with a ``get_config()``; variants import
+a base and override fields with :func:`dataclasses.replace`.
+
+Axis order everywhere is ``(z, y, x)``; spacings are in mm.
+"""
+
+import dataclasses
+import importlib
+import json
+
+# TFDS builder configs: name -> target spacing (z, y, x) in mm. The name says
+# what the config is, so that ``tfds.load("kits19/<name>")`` is self-describing.
+DATASET_SPACINGS = {
+    # The spacing of the KiTS19 "interpolated" release, used by the paper.
+    "interp_3.0x0.78mm": (3.0, 0.78, 0.78),
+    # Coarse: about 8x fewer voxels, for quick work on CPUs.
+    "coarse_3.22x1.62mm": (3.22, 1.62, 1.62),
+    # Very coarse: for the CPU demo and tests on synthetic cases.
+    "demo_4.0x3.2mm": (4.0, 3.2, 3.2),
+}
+
+EXPERIMENTS = ("paper", "coarse", "tiny")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Dataset and patch sampling.
+
+    Attributes:
+        dataset: TFDS builder config name (a key of ``DATASET_SPACINGS``).
+        patch_size: patch shape ``(z, y, x)`` in voxels.
+        foreground_fraction: share of patches centred on a foreground voxel
+            (nnU-Net: 1/3).
+        tumour_fraction: share of those foreground patches centred on a
+            tumour voxel, when the volume has tumour.
+        patches_per_volume: patches cut from each loaded volume.
+        shuffle_volumes: volumes held in the shuffle buffer.
+        validation_cases: training cases held out for validation.
+        foreground_samples: voxel coordinates of each foreground class stored
+            per case for oversampling.
+    """
+
+    dataset: str = "interp_3.0x0.78mm"
+    patch_size: tuple = (48, 192, 192)
+    foreground_fraction: float = 1.0 / 3.0
+    tumour_fraction: float = 0.5
+    patches_per_volume: int = 4
+    shuffle_volumes: int = 8
+    validation_cases: int = 10
+    foreground_samples: int = 10000
+
+    @property
+    def target_spacing(self):
+        return DATASET_SPACINGS[self.dataset]
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation: a probability and a range for each transform.
+
+    Defaults follow nnU-Net v1's 3-D set (batchgenerators): rotation, scaling
+    and elastic deformation are applied in one resampling of the patch.
+
+    Attributes:
+        p_rotation: probability of rotating a patch.
+        rotation_degrees: maximal absolute angle about the (z, y, x) axes.
+        p_scale: probability of scaling.
+        scale_range: isotropic zoom factor range.
+        p_elastic: probability of elastic deformation.
+        elastic_alpha: displacement magnitude range (voxels^2, as
+            batchgenerators' alpha).
+        elastic_sigma: smoothing range of the displacement field (voxels).
+        elastic_max_displacement: hard bound on displacement in voxels.
+        p_gamma: probability of gamma correction.
+        gamma_range: gamma range, intensities rescaled to [0, 1] first and
+            back afterwards (mean and std retained).
+        p_mirror: probability of mirroring along each of (z, y, x).
+        image_interpolation: "linear" or "cubic".
+    """
+
+    p_rotation: float = 0.2
+    rotation_degrees: tuple = (15.0, 15.0, 15.0)
+    p_scale: float = 0.2
+    scale_range: tuple = (0.85, 1.25)
+    p_elastic: float = 0.2
+    elastic_alpha: tuple = (0.0, 900.0)
+    elastic_sigma: tuple = (9.0, 13.0)
+    elastic_max_displacement: float = 8.0
+    p_gamma: float = 0.3
+    gamma_range: tuple = (0.7, 1.5)
+    p_mirror: tuple = (0.5, 0.5, 0.5)
+    image_interpolation: str = "linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """3-D U-Net architecture.
+
+    Attributes:
+        num_levels: resolution levels, including the bottleneck.
+        base_filters: features at full resolution; doubled per level.
+        max_filters: cap on features per level (nnU-Net: 320).
+        num_classes: output classes (background, kidney, tumour).
+        norm: "instance" or "batch".
+        negative_slope: leaky ReLU slope.
+        strides: per-level downsampling strides ``(z, y, x)``; the first is
+            (1, 1, 1). Empty means derive from patch size and spacing.
+    """
+
+    num_levels: int = 5
+    base_filters: int = 30
+    max_filters: int = 320
+    num_classes: int = 3
+    norm: str = "instance"
+    negative_slope: float = 0.01
+    strides: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Exponential-logarithmic loss (Wong et al., MICCAI 2018).
+
+    Attributes:
+        w_dice: weight of the Dice term.
+        w_ce: weight of the cross-entropy term.
+        gamma_dice: exponent of ``-ln Dice``.
+        gamma_ce: exponent of ``-ln p``.
+        class_weights: cross-entropy weight for background, kidney, tumour.
+        smooth: Dice smoothing added to numerator and denominator.
+    """
+
+    w_dice: float = 0.8
+    w_ce: float = 0.2
+    gamma_dice: float = 0.3
+    gamma_ce: float = 0.3
+    class_weights: tuple = (1.0, 1.0, 2.0)
+    smooth: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule.
+
+    Attributes:
+        learning_rate: Adam's initial learning rate.
+        lr_factor: multiplier when the training loss stalls.
+        lr_patience: epochs without improvement before the reduction.
+        epochs: epochs to train.
+        steps_per_epoch: iterations per epoch.
+        batch_size: global batch, split across devices.
+        validation_every: epochs between validation passes.
+        metric_smoothing: moving-average window (epochs) of the validation
+            metric used to choose the best checkpoint.
+        seed: seed for weights, sampling and augmentation.
+    """
+
+    learning_rate: float = 3e-4
+    lr_factor: float = 0.2
+    lr_patience: int = 30
+    epochs: int = 700
+    steps_per_epoch: int = 250
+    batch_size: int = 8
+    validation_every: int = 1
+    metric_smoothing: int = 10
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceConfig:
+    """Sliding-window prediction.
+
+    Attributes:
+        overlap: overlap between neighbouring tiles, as a share of the patch.
+        tta: "all" (8 mirrorings), "flip" (in-plane flips, 4) or "none".
+        batch_size: tiles per network call.
+        gaussian_sigma_scale: sigma of the importance map / patch size.
+        qc_threshold: mirroring-disagreement share above which a case is
+            flagged for review.
+    """
+
+    overlap: float = 0.5
+    tta: str = "all"
+    batch_size: int = 2
+    gaussian_sigma_scale: float = 0.125
+    qc_threshold: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one experiment needs, from data to inference."""
+
+    name: str = "paper"
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferenceConfig = InferenceConfig()
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of :meth:`to_dict`; lists become tuples again."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in sections:
+                raise ValueError(f"Unknown config section. Received: {key!r}")
+            if key == "name":
+                kwargs[key] = value
+                continue
+            section_cls = type(getattr(cls(), key))
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise ValueError(
+                    f"Unknown {key} config fields. Received: {sorted(unknown)}"
+                )
+            kwargs[key] = section_cls(
+                **{k: _tuples(v) for k, v in value.items()}
+            )
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text):
+        return cls.from_dict(json.loads(text))
+
+
+def _tuples(value):
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def get_config(name):
+    """Returns the named experiment from ``kits_keras/configs/<name>.py``.
+
+    Raises:
+        ValueError: for a name that is not a known experiment.
+    """
+    if name not in EXPERIMENTS:
+        raise ValueError(
+            f"Unknown config. Expected one of {EXPERIMENTS}. Received: "
+            f"config={name!r}"
+        )
+    module = importlib.import_module(f"kits_keras.configs.{name}")
+    return module.get_config()
+
+
+def override(config, **sections):
+    """Returns ``config`` with fields of its sections replaced.
+
+    Example:
+        >>> cfg = override(get_config("tiny"), train={"epochs": 2})
+        >>> cfg.train.epochs
+        2
+    """
+    changes = {}
+    for section, fields in sections.items():
+        changes[section] = dataclasses.replace(
+            getattr(config, section), **fields
+        )
+    return dataclasses.replace(config, **changes)
+
+
+def derive_strides(patch_size, spacing, num_levels):
+    """Per-level strides ``(z, y, x)`` as nnU-Net derives them.
+
+    An axis is halved at a level only if its voxel size is at most twice the
+    finest current voxel size (so anisotropic axes wait until the in-plane
+    ones catch up) and the patch still has at least 8 voxels along it. The
+    first level has stride 1 everywhere.
+
+    Example:
+        >>> derive_strides((48, 192, 192), (3.0, 0.78, 0.78), 5)
+        ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2))
+    """
+    size = [float(s) for s in patch_size]
+    current = [float(s) for s in spacing]
+    strides = [(1, 1, 1)]
+    for _ in range(num_levels - 1):
+        finest = min(current)
+        stride = []
+        for axis in range(3):
+            ok = current[axis] <= 2 * finest and size[axis] >= 8
+            stride.append(2 if ok else 1)
+        for axis in range(3):
+            if stride[axis] == 2:
+                size[axis] /= 2
+                current[axis] *= 2
+        strides.append(tuple(stride))
+    return tuple(strides)
+
+
+def model_strides(config):
+    """The strides of ``config.model``, derived when not given."""
+    if config.model.strides:
+        return tuple(tuple(s) for s in config.model.strides)
+    return derive_strides(
+        config.data.patch_size, config.data.target_spacing,
+        config.model.num_levels,
+    )
+
+
+def output_strides(config):
+    """Cumulative downsampling factor of each decoder output, full res first.
+
+    The label pyramid for multi-scale supervision takes every
+    ``factor``-th voxel of the full-resolution labels along each axis.
+    """
+    strides = model_strides(config)
+    factors = []
+    total = (1, 1, 1)
+    for stride in strides[:-1]:
+        total = tuple(t * s for t, s in zip(total, stride))
+        factors.append(total)
+    return tuple(factors)

@@ -1,0 +1,1 @@
+"""Named experiments: one module per experiment, each with ``get_config()``."""
