@@ -14,6 +14,7 @@ import kits_keras
 # (module under cli/, click command name in it)
 COMMANDS = (
     ("synth", "synth"),
+    ("export", "export"),
 )
 
 

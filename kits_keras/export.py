@@ -1,0 +1,372 @@
+"""SavedModel export for TensorFlow Serving, and running an export locally.
+
+:func:`export_saved_model` writes ``OUT_DIR/<version>/`` in the layout TF
+Serving loads (``saved_model.pb``, ``variables/``, ``assets/``) through Keras
+3's :class:`keras.export.ExportArchive`. On the JAX backend the forward pass is
+lowered to StableHLO with ``jax2tf`` (native serialization, for both the CPU
+and the CUDA platform, so one export serves on either).
+
+The ``serving_default`` signature takes ``image``: float32
+``(batch, z, y, x, 1)`` (normalised, resampled CT, as
+:func:`kits_keras.preprocessing.preprocess_image` makes it) and returns
+``probabilities``: float32 ``(batch, z, y, x, C)``, the full-resolution
+softmax. Batch and spatial size are dynamic (``jax2tf`` shape polymorphism);
+each spatial size must be a multiple of the network's total stride
+(:func:`spatial_multiple`), which the signature checks. ``fixed_size=True``
+pins the spatial size to the training patch instead.
+
+Everything a client needs to prepare the input and tile a volume travels in
+``assets/kits_keras.json``: intensity statistics, target spacing (z, y, x) in
+mm, patch size, class names and label values, and the whole experiment config.
+:func:`load_saved_model_network` reads it back, so the NumPy predictor
+(:func:`kits_keras.predict.predict_case`) runs unchanged on the exported model.
+"""
+
+import datetime
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+
+from kits_keras import config as config_lib
+from kits_keras import io
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "probabilities"
+SIGNATURE = "serving_default"
+# The unchecked forward pass, registered first; ``serving_default`` wraps it.
+RAW_ENDPOINT = "serve"
+ASSET_NAME = "kits_keras.json"
+FORMAT = "kits_keras.saved_model"
+FORMAT_VERSION = 1
+# Lowered for both so that one export serves on CPU and GPU TF Serving.
+PLATFORMS = ("cpu", "cuda")
+
+
+def spatial_multiple(config):
+    """Total stride ``(z, y, x)``: every input size must be a multiple of it.
+
+    Example:
+        >>> from kits_keras.config import get_config
+        >>> spatial_multiple(get_config("paper"))
+        (8, 16, 16)
+    """
+    multiple = [1, 1, 1]
+    for stride in config_lib.model_strides(config):
+        multiple = [m * s for m, s in zip(multiple, stride)]
+    return tuple(multiple)
+
+
+def input_shape(config, fixed_size=False):
+    """Signature shape ``(batch, z, y, x, 1)``; ``None`` marks dynamic axes."""
+    if fixed_size:
+        return (None, *config.data.patch_size, 1)
+    return (None, None, None, None, 1)
+
+
+def polymorphic_shape(config, fixed_size=False):
+    """``jax2tf`` shape spec, e.g. ``"(batch, 8*z, 16*y, 16*x, 1)"``.
+
+    Writing each spatial axis as a multiple of a dimension variable lets
+    ``jax2tf`` prove that every strided convolution halves it exactly and
+    every transposed convolution restores it, so one lowering serves all
+    valid sizes.
+    """
+    if fixed_size:
+        dims = [str(s) for s in config.data.patch_size]
+    else:
+        dims = [
+            name if m == 1 else f"{m}*{name}"
+            for m, name in zip(spatial_multiple(config), ("z", "y", "x"))
+        ]
+    return f"(batch, {', '.join(dims)}, 1)"
+
+
+def metadata(config, stats, source="", fixed_size=False):
+    """The asset dict: what a client needs besides the signature."""
+    import kits_keras
+
+    stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kits_keras_version": kits_keras.__version__,
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "source": os.fspath(source),
+        "signature": {
+            "name": SIGNATURE,
+            "input": INPUT_NAME,
+            "input_shape": list(input_shape(config, fixed_size)),
+            "input_dtype": "float32",
+            "output": OUTPUT_NAME,
+            "output_shape": [None, None, None, None, config.model.num_classes],
+            "output_dtype": "float32",
+            "spatial_multiple": list(spatial_multiple(config)),
+            "fixed_size": bool(fixed_size),
+        },
+        "intensity_stats": stats_dict,
+        "target_spacing": list(config.data.target_spacing),
+        "patch_size": list(config.data.patch_size),
+        "class_names": list(io.CLASS_NAMES),
+        "label_values": list(io.LABEL_VALUES),
+        "config": config.to_dict(),
+    }
+
+
+def export_saved_model(model, out_dir, version=1, config=None, stats=None,
+                       fixed_size=False):
+    """Exports a trained model as ``out_dir/<version>/`` for TF Serving.
+
+    The export is written to a hidden temporary folder inside ``out_dir`` and
+    renamed to ``<version>`` only when complete, so a failure leaves no
+    partial version behind (TF Serving ignores non-numeric folders).
+
+    Args:
+        model: str | keras.Model. A training run directory or model artifact
+            (``RUN/model.keras``, read with
+            :func:`kits_keras.artifact.load_artifact`), or a built model; a
+            multi-output (deep supervision) model is reduced to its
+            full-resolution output.
+        out_dir: str. The model base path TF Serving watches.
+        version: int. Version folder name (positive). Defaults to 1.
+        config: ExperimentConfig. Required when ``model`` is a keras.Model.
+        stats: IntensityStats (or its dict). Required with a keras.Model.
+        fixed_size: bool. Pin the spatial input size to
+            ``config.data.patch_size`` instead of any multiple of the total
+            stride. Defaults to False.
+
+    Returns:
+        str. The version folder written.
+
+    Raises:
+        ValueError: bad version, existing version folder, or missing config.
+    """
+    if isinstance(version, bool) or not isinstance(version, int) or (
+        version < 1
+    ):
+        raise ValueError(
+            f"version must be a positive integer. Received: version={version!r}"
+        )
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    target = os.path.join(out_dir, str(version))
+    if os.path.exists(target):
+        raise ValueError(
+            f"{target}: version {version} already exists; choose another "
+            "--version (existing exports are never overwritten)."
+        )
+    source = ""
+    if isinstance(model, (str, os.PathLike)):
+        from kits_keras.artifact import load_artifact
+
+        artifact = load_artifact(model)
+        model, config, stats = artifact.model, artifact.config, artifact.stats
+        source = artifact.path
+    if config is None or stats is None:
+        raise ValueError(
+            "config and stats are required when exporting a keras.Model. "
+            f"Received: config={config!r}, stats={stats!r}"
+        )
+    model = _full_resolution(model)
+
+    start = time.perf_counter()
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=out_dir)
+    try:
+        # mkdtemp makes it private (0700); a TF Serving container running
+        # as another user must be able to read the version folder.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _write_saved_model(model, tmp, config, fixed_size)
+        _write_metadata(tmp, metadata(config, stats, source, fixed_size))
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "Exported %s in %.1f s (%.1f MB).", target,
+        time.perf_counter() - start, folder_size(target) / 1e6,
+    )
+    return target
+
+
+def _full_resolution(model):
+    if len(model.outputs) == 1:
+        return model
+    from kits_keras.model import full_resolution_model
+
+    return full_resolution_model(model)
+
+
+def _write_saved_model(model, path, config, fixed_size):
+    """Traces the forward pass into a SavedModel at ``path``."""
+    tf = _tensorflow()
+    import keras
+
+    spec = tf.TensorSpec(
+        input_shape(config, fixed_size), tf.float32, name=INPUT_NAME
+    )
+
+    def probabilities(image):
+        # training=False: inference statistics if the model has BatchNorm.
+        return keras.ops.cast(model(image, training=False), "float32")
+
+    kwargs = {}
+    if keras.backend.backend() == "jax":
+        kwargs["jax2tf_kwargs"] = {
+            "polymorphic_shapes": [polymorphic_shape(config, fixed_size)],
+            "native_serialization_platforms": PLATFORMS,
+            # Serving never differentiates; skip the gradient function.
+            "with_gradient": False,
+        }
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    raw = archive.add_endpoint(RAW_ENDPOINT, probabilities, [spec], **kwargs)
+    multiple = tf.constant(spatial_multiple(config), tf.int32)
+
+    @tf.function(input_signature=[spec], autograph=False)
+    def serving_default(image):
+        # A clear message instead of XLA's shape-refinement error.
+        check = tf.debugging.assert_equal(
+            tf.math.floormod(tf.shape(image)[1:4], multiple), 0,
+            message=(
+                f"{INPUT_NAME}: spatial size (z, y, x) must be a multiple of "
+                f"{spatial_multiple(config)}; pad the patch"
+            ),
+        )
+        with tf.control_dependencies([check]):
+            image = tf.identity(image)
+        return {OUTPUT_NAME: raw(image)}
+
+    serving_default.get_concrete_function()
+    archive.add_endpoint(SIGNATURE, serving_default)
+    archive.write_out(path, verbose=False)
+
+
+def _write_metadata(path, meta):
+    assets = os.path.join(path, "assets")
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, ASSET_NAME), "w") as fh:
+        json.dump(meta, fh, indent=2)
+        fh.write("\n")
+
+
+def _tensorflow():
+    from kits_keras.backend import import_tensorflow
+
+    return import_tensorflow()
+
+
+def folder_size(path):
+    """Bytes in all files under ``path``."""
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def resolve_version_dir(path):
+    """The SavedModel folder for ``path``.
+
+    ``path`` is either a version folder (holding ``saved_model.pb``) or a
+    model base path, in which case the highest numeric version is used, as
+    TF Serving does.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such SavedModel folder")
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return path
+    versions = [
+        int(name) for name in os.listdir(path)
+        if name.isdigit()
+        and os.path.exists(os.path.join(path, name, "saved_model.pb"))
+    ]
+    if not versions:
+        raise FileNotFoundError(
+            f"{path}: neither a SavedModel (no saved_model.pb) nor a model "
+            "base path with numeric version folders"
+        )
+    return os.path.join(path, str(max(versions)))
+
+
+def read_metadata(path):
+    """The ``assets/kits_keras.json`` dict of an export (see :func:`metadata`).
+
+    Raises:
+        ValueError: the asset is missing or not a kits-keras export.
+    """
+    folder = resolve_version_dir(path)
+    asset = os.path.join(folder, "assets", ASSET_NAME)
+    if not os.path.exists(asset):
+        raise ValueError(
+            f"{asset}: missing; {folder} was not exported by kits-keras"
+        )
+    try:
+        with open(asset) as fh:
+            meta = json.load(fh)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{asset}: not valid JSON ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{asset}: format {meta.get('format')!r}, expected {FORMAT!r}"
+        )
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(
+            f"{asset}: format_version {meta['format_version']} is newer than "
+            f"this kits-keras reads ({FORMAT_VERSION}); upgrade kits-keras"
+        )
+    return meta
+
+
+def load_saved_model_network(path):
+    """Loads an export as a network callable for the NumPy predictor.
+
+    Args:
+        path: str. A version folder or a model base path (highest version).
+
+    Returns:
+        ``(network, config, stats)``: ``network(batch)`` maps float32
+        ``(B, z, y, x, 1)`` to float32 full-resolution probabilities
+        ``(B, z, y, x, C)`` (the contract of ``Artifact.network``), computed
+        by TensorFlow on the CPU through the ``serving_default`` signature;
+        ``config`` is the exported ExperimentConfig; ``stats`` the
+        IntensityStats.
+
+    Example:
+        network, config, stats = load_saved_model_network("exports/kits")
+        prediction = predict_case(volume, network, config, stats)
+    """
+    from kits_keras.preprocessing import IntensityStats
+
+    folder = resolve_version_dir(path)
+    meta = read_metadata(folder)
+    config = config_lib.ExperimentConfig.from_dict(meta["config"])
+    stats = IntensityStats.from_dict(meta["intensity_stats"])
+    tf = _tensorflow()
+    loaded = tf.saved_model.load(folder)
+    signature = loaded.signatures[SIGNATURE]
+
+    def network(batch):
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 5 or batch.shape[-1] != 1:
+            raise ValueError(
+                "network expects float32 (B, z, y, x, 1). Received: "
+                f"shape={batch.shape}"
+            )
+        out = signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME]
+        return np.asarray(out.numpy(), dtype=np.float32)
+
+    # The signature holds only weak references to the variables: keep the
+    # loaded object alive as long as the callable.
+    network.saved_model = loaded
+    network.path = folder
+    return network, config, stats
