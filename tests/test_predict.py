@@ -1,0 +1,166 @@
+"""Sliding window, mirroring TTA, back-to-grid resampling and QC."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from kits_keras import predict
+from kits_keras import sliding_window as sw
+
+
+def one_hot_network(batch):
+    """Returns its input (integer labels 0..2) one-hot: a perfect 'model'."""
+    labels = np.rint(batch[..., 0]).astype(np.int64)
+    return np.eye(3, dtype=np.float32)[labels]
+
+
+def make_conv_network(seed=0):
+    """A small fixed 3-D conv net (3x3x3 conv, ReLU, 1x1 conv, softmax)."""
+    rng = np.random.default_rng(seed)
+    kernels = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    mix = rng.normal(size=(4, 3)).astype(np.float32)
+
+    def network(batch):
+        x = np.asarray(batch[..., 0], dtype=np.float32)
+        feats = []
+        for k in kernels:
+            weights = k[None]
+            feats.append(ndimage.correlate(x, weights, mode="constant"))
+        h = np.maximum(np.stack(feats, -1), 0.0)
+        logits = h @ mix
+        logits -= logits.max(-1, keepdims=True)
+        e = np.exp(logits)
+        return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+    return network
+
+
+def test_compute_steps_cover_and_spread():
+    assert sw.compute_steps((130, 256, 256), (48, 192, 192), 0.5) == [
+        [0, 20, 41, 62, 82], [0, 64], [0, 64]]
+    assert sw.compute_steps((48, 192, 192), (48, 192, 192), 0.5) == [
+        [0], [0], [0]]
+    for size, patch in [(100, 32), (33, 32), (200, 64)]:
+        (steps,) = sw.compute_steps((size,), (patch,), 0.5)
+        assert steps[0] == 0 and steps[-1] + patch == size
+        assert max(np.diff(steps), default=0) <= patch * 0.5
+    with pytest.raises(ValueError, match="overlap"):
+        sw.compute_steps((10,), (4,), 1.0)
+
+
+def test_gaussian_map_positive_and_peaked():
+    g = sw.gaussian_importance_map((8, 16, 16))
+    assert g.dtype == np.float32 and g.min() > 0
+    assert g.max() == pytest.approx(1.0)
+    assert g[4, 8, 8] == g.max()
+
+
+def test_mirror_axes_counts():
+    assert len(sw.mirror_axes("all")) == 8
+    assert len(sw.mirror_axes("flip")) == 4
+    assert sw.mirror_axes("none") == [()]
+    with pytest.raises(ValueError, match="tta"):
+        sw.mirror_axes("some")
+
+
+@pytest.mark.parametrize("tta", ["none", "all"])
+def test_one_hot_network_reproduced_exactly(tta):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(21, 37, 30)).astype(np.float32)
+    result = sw.sliding_window(labels, one_hot_network, (8, 16, 16),
+                               overlap=0.5, tta=tta, batch_size=3)
+    expected = np.eye(3, dtype=np.float32)[labels.astype(int)]
+    np.testing.assert_allclose(result.probabilities, expected, atol=1e-6)
+    assert np.array_equal(result.probabilities.argmax(-1), labels)
+
+
+def test_volume_smaller_than_patch_is_padded():
+    labels = np.ones((5, 9, 40), dtype=np.float32)
+    result = sw.sliding_window(labels, one_hot_network, (8, 16, 16))
+    assert result.probabilities.shape == (5, 9, 40, 3)
+    assert np.all(result.probabilities.argmax(-1) == 1)
+
+
+def test_conv_network_matches_full_volume_call_away_from_borders():
+    network = make_conv_network()
+    rng = np.random.default_rng(1)
+    image = ndimage.gaussian_filter(rng.normal(size=(24, 40, 44)), 1.5)
+    image = image.astype(np.float32)
+    full = network(image[None, ..., None])[0]
+    result = sw.sliding_window(image, network, (12, 20, 20), overlap=0.5,
+                               batch_size=2)
+    # A 3x3x3 conv sees one voxel past a tile edge: compare every voxel that
+    # is not on the rim of a covering tile (rims on the volume border see
+    # the same zero padding as the full call, so they count as interior).
+    ok = np.ones(image.shape, dtype=bool)
+    for tile in sw._tile_slices(image.shape, (12, 20, 20), 0.5):
+        rim = np.zeros(image.shape, dtype=bool)
+        rim[tile] = True
+        core = tuple(
+            slice(s.start + (s.start > 0), s.stop - (s.stop < n))
+            for s, n in zip(tile, image.shape)
+        )
+        rim[core] = False
+        ok &= ~rim
+    assert result.tiles > 1 and result.network_calls > 1
+    assert ok.mean() > 0.5
+    assert np.abs(result.probabilities - full)[ok].max() < 1e-4
+    assert np.abs(result.probabilities.sum(-1) - 1).max() < 1e-5
+
+
+def flip_equivariant(batch):
+    """Per-voxel function: commutes with every flip."""
+    x = batch[..., 0]
+    logits = np.stack([np.zeros_like(x), x, x * x - 1.0], -1)
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("tta", ["flip", "all"])
+def test_mirroring_of_flip_equivariant_function_is_the_function(tta):
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(20, 30, 26)).astype(np.float32)
+    plain = sw.sliding_window(image, flip_equivariant, (8, 16, 16))
+    mirrored = sw.sliding_window(image, flip_equivariant, (8, 16, 16),
+                                 tta=tta)
+    np.testing.assert_allclose(mirrored.probabilities, plain.probabilities,
+                               atol=1e-6)
+    np.testing.assert_allclose(plain.probabilities,
+                               flip_equivariant(image[None, ..., None])[0],
+                               atol=1e-6)
+    assert mirrored.disagreement.max() == 0
+    score = predict.mirroring_disagreement(mirrored.probabilities,
+                                           mirrored.disagreement)
+    assert score == 0.0
+
+
+def test_disagreement_of_a_direction_sensitive_network():
+    def shifted(batch):
+        # Depends on the x direction: kidney left of centre, tumour right.
+        x = np.zeros(batch.shape[:-1] + (3,), dtype=np.float32)
+        half = batch.shape[3] // 2
+        x[:, :, :, :half, 1] = 1
+        x[:, :, :, half:, 2] = 1
+        return x
+
+    image = np.zeros((8, 16, 16), dtype=np.float32)
+    result = sw.sliding_window(image, shifted, (8, 16, 16), tta="flip")
+    score = predict.mirroring_disagreement(result.probabilities,
+                                           result.disagreement)
+    assert score == 1.0
+
+
+def test_source_coordinates_identity_and_range():
+    np.testing.assert_allclose(predict.source_coordinates(5, 5), np.arange(5))
+    c = predict.source_coordinates(100, 10)
+    assert c.min() == 0 and c.max() == 9
+    assert np.all(np.diff(c) >= 0)
+
+
+def test_label_volumes_ml():
+    labels = np.zeros((4, 4, 4), dtype=np.uint8)
+    labels[0, 0, :3] = 1
+    labels[1, 1, 1] = 2
+    vols = predict.label_volumes_ml(labels, (2.0, 1.0, 0.5))
+    assert vols == {"kidney_ml": 0.003, "tumour_ml": 0.001,
+                    "kidney_and_tumour_ml": 0.004}
