@@ -1,0 +1,199 @@
+"""Tests of kits_keras.augment, each op eagerly and inside Dataset.map."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from kits_keras import augment
+from kits_keras.config import AugmentConfig
+
+tf = augment.tf
+
+NONE = AugmentConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0,
+                     p_gamma=0.0, p_mirror=(0.0, 0.0, 0.0))
+ALL = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_elastic=1.0,
+                    p_gamma=1.0, p_mirror=(0.5, 0.5, 0.5))
+SPACING = (3.0, 0.8, 0.8)
+
+
+def run_both(fn, *args):
+    """(eager result, result inside Dataset.map) as numpy structures."""
+    eager = tf.nest.map_structure(lambda t: t.numpy(), fn(*args))
+    ds = tf.data.Dataset.from_tensors(tuple(args)).map(fn)
+    mapped = next(iter(ds.as_numpy_iterator()))
+    return eager, mapped
+
+
+def volume(shape=(12, 40, 36), seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal(shape).astype(np.float32)
+    labels = np.zeros(shape, np.uint8)
+    labels[3:9, 10:30, 8:20] = 1
+    labels[5:7, 15:20, 10:14] = 2
+    return image, labels
+
+
+def seed(i):
+    return tf.constant([7, i], tf.int64)
+
+
+@pytest.mark.parametrize("start", [(2, 5, 4), (-3, 30, -6)])
+def test_identity_returns_exact_crop(start):
+    image, labels = volume()
+    size = (8, 16, 16)
+
+    def fn(image, labels, start, s):
+        return augment.augment_patch(image, labels, SPACING, start, size,
+                                     NONE, s, -5.0)
+
+    padded_img = np.pad(image, 20, constant_values=-5.0)
+    padded_lab = np.pad(labels, 20)
+    box = tuple(slice(a + 20, a + 20 + n) for a, n in zip(start, size))
+    for out in run_both(fn, image, labels, np.array(start, np.int32),
+                        seed(0)):
+        np.testing.assert_array_equal(out[0], padded_img[box])
+        np.testing.assert_array_equal(out[1], padded_lab[box])
+        assert out[0].dtype == np.float32 and out[1].dtype == np.int32
+
+
+def test_resampling_with_identity_parameters_is_exact_crop():
+    image, labels = volume()
+    size = (8, 16, 16)
+    params = augment.sample_params(NONE, seed(0))
+
+    def fn(image, labels):
+        return augment.spatial_transform(image, labels, SPACING, [1, 2, 3],
+                                         size, params, 8.0, 0.0)
+
+    for out in run_both(fn, image, labels):
+        np.testing.assert_array_equal(out[0], image[1:9, 2:18, 3:19])
+        np.testing.assert_array_equal(out[1], labels[1:9, 2:18, 3:19])
+
+
+def test_mirroring_twice_is_identity():
+    image, _ = volume()
+    flags = np.array([True, False, True])
+
+    def fn(x, flags):
+        return augment.mirror(augment.mirror(x, flags), flags)
+
+    for out in run_both(fn, image, flags):
+        np.testing.assert_array_equal(out, image)
+    once = augment.mirror(image, flags).numpy()
+    np.testing.assert_array_equal(once, image[::-1, :, ::-1])
+
+
+def test_rotation_by_90_degrees_matches_rot90():
+    shape = (6, 20, 20)  # the in-plane centre is the volume centre
+    image, labels = volume(shape)
+    labels[1, 2:5, 11:17] = 2  # an asymmetric shape
+    params = augment.sample_params(NONE, seed(0))
+    params["angles"] = tf.constant([math.pi / 2, 0.0, 0.0])
+
+    def fn(image, labels):
+        return augment.spatial_transform(image, labels, (1.0, 1.0, 1.0),
+                                         [0, 0, 0], shape, params, 8.0, 0.0)
+
+    for out in run_both(fn, image, labels):
+        np.testing.assert_allclose(out[0], np.rot90(image, 1, axes=(1, 2)),
+                                   atol=1e-4)
+        np.testing.assert_array_equal(out[1],
+                                      np.rot90(labels, 1, axes=(1, 2)))
+
+
+def test_rotation_is_in_mm_for_anisotropic_voxels():
+    # A 90 degree turn about x swaps z and y in mm: 2 slices of 4 mm become
+    # 8 rows of 1 mm.
+    shape = (9, 33, 5)
+    labels = np.zeros(shape, np.uint8)
+    labels[4:6, 16, 2] = 1  # z extent 2 voxels = 8 mm
+    params = augment.sample_params(NONE, seed(0))
+    params["angles"] = tf.constant([0.0, 0.0, math.pi / 2])
+    _, out = augment.spatial_transform(
+        np.zeros(shape, np.float32), labels, (4.0, 1.0, 1.0), [0, 0, 0],
+        shape, params, 8.0, 0.0)
+    zs, ys, _ = np.nonzero(out.numpy())
+    assert set(zs) == {4}
+    assert ys.max() - ys.min() + 1 == 8
+
+
+def test_labels_stay_in_label_set_after_every_transform():
+    image, labels = volume()
+    size = (8, 24, 24)
+    single = [
+        dataclasses.replace(NONE, p_rotation=1.0),
+        dataclasses.replace(NONE, p_scale=1.0),
+        dataclasses.replace(NONE, p_elastic=1.0),
+        dataclasses.replace(NONE, p_gamma=1.0),
+        dataclasses.replace(NONE, p_mirror=(1.0, 1.0, 1.0)),
+        ALL,
+    ]
+    for config in single:
+        def fn(s, config=config):
+            return augment.augment_patch(image, labels, SPACING, [2, 8, 6],
+                                         size, config, s, -1.0)
+
+        eager = [fn(seed(0))[1].numpy()]
+        seeds = tf.data.Dataset.range(3).map(lambda i: tf.stack([7, i]))
+        mapped = [lab for _, lab in seeds.map(fn).as_numpy_iterator()]
+        for out in eager + mapped:
+            assert set(np.unique(out)) <= {0, 1, 2}
+            assert (out > 0).any()
+
+
+def test_elastic_displacement_stays_within_bound():
+    size = (12, 32, 32)
+
+    def fn(s):
+        return augment.elastic_displacement(size, 1e5, 4.0, 3.0, s)
+
+    for out in run_both(fn, seed(3)):
+        length = np.linalg.norm(out, axis=-1)
+        assert out.shape == size + (3,)
+        assert length.max() <= 3.0 + 1e-4
+        assert length.max() > 1.5  # really deformed
+    small = augment.elastic_displacement(size, 900.0, 9.0, 8.0, seed(3))
+    length = np.linalg.norm(small.numpy(), axis=-1)
+    # batchgenerators' alpha 900, sigma 9: a few voxels.
+    assert 0.3 < length.mean() < 8.0
+
+
+def test_gamma_retains_mean_and_std():
+    image, _ = volume()
+
+    def fn(x):
+        return augment.gamma_correction(x, 1.4)
+
+    for out in run_both(fn, image):
+        assert abs(out.mean() - image.mean()) < 1e-3
+        assert abs(out.std() - image.std()) < 1e-3
+        assert not np.allclose(out, image)
+
+
+def test_same_seed_same_patch_other_seed_other_patch():
+    image, labels = volume()
+
+    def fn(image, labels, s):
+        return augment.augment_patch(image, labels, SPACING, [2, 8, 6],
+                                     (8, 24, 24), ALL, s, -1.0)
+
+    a, a_mapped = run_both(fn, image, labels, seed(1))
+    b = fn(image, labels, seed(1))
+    c = fn(image, labels, seed(2))
+    np.testing.assert_array_equal(a[0], b[0].numpy())
+    # Graph mode may fuse float ops differently: equal up to rounding.
+    np.testing.assert_allclose(a[0], a_mapped[0], atol=1e-4)
+    np.testing.assert_array_equal(a[1], a_mapped[1])
+    assert not np.array_equal(a[0], c[0].numpy())
+
+
+def test_rotated_patch_reads_volume_not_padding_at_corners():
+    image = np.ones((10, 64, 64), np.float32)
+    labels = np.zeros((10, 64, 64), np.uint8)
+    params = augment.sample_params(NONE, seed(0))
+    params["angles"] = tf.constant([math.radians(30), 0.0, 0.0])
+    out, _ = augment.spatial_transform(image, labels, SPACING, [3, 20, 20],
+                                       (4, 24, 24), params, 8.0, -9.0)
+    assert (out.numpy() == 1.0).all()
