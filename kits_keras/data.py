@@ -1,0 +1,299 @@
+"""Training and validation input pipelines: tf.data from the TFDS volumes.
+
+One loaded (whole, preprocessed) volume gives ``data.patches_per_volume``
+patches so that reading and decoding volumes does not dominate. Each patch:
+
+* is centred, with probability ``data.foreground_fraction``, on a random
+  foreground voxel (jittered by up to a quarter patch so the voxel is not
+  always in the middle), and of those, with probability
+  ``data.tumour_fraction``, on a tumour voxel when the case has tumour
+  (small tumours decide the tumour Dice); otherwise the patch lies anywhere
+  in the volume;
+* is augmented by :mod:`kits_keras.augment` (one resampling from the whole
+  volume for rotation, scaling and elastic deformation; gamma; mirroring);
+* is padded where it leaves the volume: the image with the volume's minimum
+  (after clipping and normalisation that is the lowest, air-like intensity,
+  what lies outside a CT's field of view), the labels with 0 (background).
+
+Seeds: the patch ``j`` of the ``i``-th loaded volume uses stateless random ops
+seeded from ``(seed, i * patches_per_volume + j)``; with a fixed seed the
+stream of batches is identical on every run.
+
+Outputs: ``image`` float32 ``(B, z, y, x, 1)`` and ``labels``, a tuple with one
+int32 ``(B, z/f, y/f, x/f)`` tensor per entry ``f`` of
+``config.output_strides(cfg)`` (full resolution first; every ``f``-th voxel,
+i.e. nearest neighbour), as multi-scale supervision needs.
+"""
+
+import logging
+
+from kits_keras import augment
+from kits_keras import config as config_lib
+from kits_keras.backend import import_tensorflow
+
+tf = import_tensorflow()
+AUTOTUNE = tf.data.AUTOTUNE
+log = logging.getLogger(__name__)
+
+# Patch kinds reported by ``sample_patch_start``.
+RANDOM, FOREGROUND, TUMOUR = 0, 1, 2
+# Features of a TFDS example the pipeline uses.
+VOLUME_KEYS = ("image", "labels", "spacing", "foreground_coords",
+               "tumour_coords")
+
+
+def sample_patch_start(shape, patch_size, foreground_coords, tumour_coords,
+                       data_config, seed):
+    """Corner (z, y, x) of one patch and its kind (RANDOM/FOREGROUND/TUMOUR).
+
+    Random patches lie inside the volume (or, along an axis shorter than the
+    patch, hold the whole axis at a random offset). Foreground patches hold
+    the chosen voxel at a random offset of up to a quarter patch from their
+    centre and are shifted to stay inside the volume as random ones are.
+    """
+    seeds = augment.split_seed(seed, 4)
+    u = tf.random.stateless_uniform([2], seeds[0])
+    shape = tf.cast(shape, tf.int32)
+    size = tf.constant(patch_size, tf.int32)
+    low = tf.minimum(0, shape - size)
+    high = tf.maximum(0, shape - size)
+    span = tf.cast(high - low + 1, tf.float32)
+    offset = tf.random.stateless_uniform([3], seeds[1]) * span
+    random_start = low + tf.minimum(tf.cast(offset, tf.int32), high - low)
+
+    n_fg = tf.shape(foreground_coords)[0]
+    n_tumour = tf.shape(tumour_coords)[0]
+    want_fg = (u[0] < data_config.foreground_fraction) & (n_fg > 0)
+    want_tumour = want_fg & (u[1] < data_config.tumour_fraction) & (
+        n_tumour > 0
+    )
+    pool = tf.cond(want_tumour, lambda: tumour_coords,
+                   lambda: foreground_coords)
+    count = tf.maximum(tf.shape(pool)[0], 1)
+    index = tf.random.stateless_uniform(
+        [], seeds[2], 0, count, dtype=tf.int32
+    )
+    voxel = tf.cond(
+        tf.shape(pool)[0] > 0,
+        lambda: tf.cast(pool[index], tf.int32),
+        lambda: tf.zeros([3], tf.int32),
+    )
+    quarter = tf.cast(size // 4, tf.float32)
+    jitter = tf.random.stateless_uniform([3], seeds[3], -1.0, 1.0) * quarter
+    fg_start = voxel - size // 2 + tf.cast(tf.round(jitter), tf.int32)
+    fg_start = tf.clip_by_value(fg_start, low, high)
+    start = tf.where(want_fg, fg_start, random_start)
+    kind = tf.where(want_tumour, TUMOUR, tf.where(want_fg, FOREGROUND, RANDOM))
+    return start, kind
+
+
+def label_pyramid(labels, strides):
+    """One label map per output stride: ``labels[::fz, ::fy, ::fx]``.
+
+    Works on (z, y, x) or batched (B, z, y, x) labels.
+    """
+    lead = [slice(None)] * (len(labels.shape) - 3)
+    return tuple(
+        labels[tuple(lead + [slice(None, None, f) for f in factors])]
+        for factors in strides
+    )
+
+
+def patch_seed(seed, volume_index, patch_index, patches_per_volume):
+    """(2,) int64 seed of patch ``patch_index`` of volume ``volume_index``."""
+    return tf.stack([
+        tf.cast(seed, tf.int64),
+        tf.cast(volume_index, tf.int64) * patches_per_volume
+        + tf.cast(patch_index, tf.int64),
+    ])
+
+
+def _prepare_volume(example):
+    """Keeps the used features; image to float32; fill = image minimum."""
+    volume = {key: example[key] for key in VOLUME_KEYS}
+    volume["image"] = tf.cast(example["image"], tf.float32)
+    volume["fill"] = tf.reduce_min(volume["image"])
+    volume["foreground_coords"] = tf.reshape(
+        tf.cast(example["foreground_coords"], tf.int32), [-1, 3])
+    volume["tumour_coords"] = tf.reshape(
+        tf.cast(example["tumour_coords"], tf.int32), [-1, 3])
+    return volume
+
+
+def make_patch_fn(config, seed, augment_config=None, with_kind=False):
+    """``fn(volume_index, patch_index, volume) -> (image, labels tuple)``.
+
+    ``augment_config`` None means ``config.augment``; validation passes an
+    AugmentConfig with every probability at 0.
+    """
+    data_config = config.data
+    aug_config = augment_config or config.augment
+    patch_size = tuple(int(n) for n in data_config.patch_size)
+    strides = config_lib.output_strides(config)
+    per_volume = data_config.patches_per_volume
+
+    def fn(volume_index, patch_index, volume):
+        seeds = augment.split_seed(
+            patch_seed(seed, volume_index, patch_index, per_volume), 2
+        )
+        start, kind = sample_patch_start(
+            tf.shape(volume["labels"]), patch_size,
+            volume["foreground_coords"], volume["tumour_coords"],
+            data_config, seeds[0],
+        )
+        image, labels = augment.augment_patch(
+            volume["image"], volume["labels"], volume["spacing"], start,
+            patch_size, aug_config, seeds[1], volume["fill"],
+        )
+        out = (image[..., None], label_pyramid(labels, strides))
+        return out + (kind,) if with_kind else out
+
+    return fn
+
+
+def patch_dataset(volumes, config, seed, training=True, with_kind=False):
+    """Unbatched ``(image (z, y, x, 1), labels tuple)`` patches.
+
+    Args:
+        volumes: tf.data.Dataset of dicts with the TFDS features (image
+            (z, y, x) normalised, labels uint8, spacing (3,) mm,
+            foreground_coords / tumour_coords (N, 3) int32).
+        config: ExperimentConfig.
+        seed: int. Sampling and augmentation seed.
+        training: True shuffles volumes and patches, repeats forever and
+            augments; False gives each volume's patches once, un-augmented,
+            in order (the same patches on every pass).
+        with_kind: also yield each patch's kind (for tests and statistics).
+    """
+    per_volume = config.data.patches_per_volume
+    ds = volumes
+    if training:
+        ds = ds.shuffle(config.data.shuffle_volumes, seed=seed).repeat()
+    ds = ds.map(_prepare_volume, num_parallel_calls=AUTOTUNE).enumerate()
+    # Each volume is referenced, not copied, by its patches_per_volume rows.
+    ds = ds.flat_map(
+        lambda i, volume: tf.data.Dataset.range(per_volume).map(
+            lambda j: (i, j, volume)
+        )
+    )
+    aug = None
+    if not training:
+        aug = config_lib.AugmentConfig(
+            p_rotation=0.0, p_scale=0.0, p_elastic=0.0, p_gamma=0.0,
+            p_mirror=(0.0, 0.0, 0.0),
+        )
+    ds = ds.map(
+        make_patch_fn(config, seed, aug, with_kind),
+        num_parallel_calls=AUTOTUNE,
+    )
+    if training:
+        ds = ds.shuffle(2 * per_volume, seed=seed)
+    return ds
+
+
+def batch(ds, batch_size, drop_remainder):
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(
+        AUTOTUNE)
+
+
+# --- TFDS wrappers -----------------------------------------------------------
+
+
+def _builder(config, data_dir):
+    import tensorflow_datasets as tfds
+
+    import tfds_kits19  # noqa: F401  (registers the kits19 builder)
+
+    name = f"kits19/{config.data.dataset}"
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not tf.io.gfile.exists(builder.data_dir):
+        raise FileNotFoundError(
+            f"{data_dir}: no prepared {name} dataset there (expected "
+            f"{builder.data_dir}); run `kits-keras prepare` first."
+        )
+    return builder
+
+
+def case_split(config, builder):
+    """(training ids, validation ids): the last ``validation_cases`` sorted
+    training ids are held out for validation."""
+    ids = sorted(builder.info.metadata["train_case_ids"])
+    n = config.data.validation_cases
+    if n >= len(ids):
+        raise ValueError(
+            f"validation_cases must be smaller than the {len(ids)} training "
+            f"cases. Received: validation_cases={n}"
+        )
+    return (ids[:-n], ids[-n:]) if n > 0 else (ids, [])
+
+
+def _volume_dataset(config, data_dir, split, shuffle=False, seed=0):
+    """TFDS examples of ``split``: "train" (without the validation cases),
+    "validation" (the held-out training cases) or "test"."""
+    import tensorflow_datasets as tfds
+
+    splits = ("train", "validation", "test")
+    if split not in splits:
+        raise ValueError(
+            f"Unknown split. Expected one of {splits}. Received: {split!r}"
+        )
+    builder = _builder(config, data_dir)
+    read_config = tfds.ReadConfig(shuffle_seed=seed,
+                                  interleave_cycle_length=2)
+    ds = builder.as_dataset(
+        split="test" if split == "test" else "train",
+        shuffle_files=shuffle,
+        read_config=read_config,
+    )
+    if split != "test":
+        train_ids, val_ids = case_split(config, builder)
+        keep = tf.constant(train_ids if split == "train" else val_ids)
+        ds = ds.filter(
+            lambda ex: tf.reduce_any(tf.equal(ex["case_id"], keep))
+        )
+    return ds
+
+
+def make_train_dataset(config, data_dir, seed=None):
+    """Endless augmented training batches from the prepared TFDS dataset.
+
+    Args:
+        config: ExperimentConfig.
+        data_dir: TFDS data directory holding ``kits19/<data.dataset>``.
+        seed: int. Defaults to ``config.train.seed`` (runs are reproducible
+            unless a seed is given).
+
+    Returns:
+        tf.data.Dataset of ``(image (B, z, y, x, 1) float32, labels tuple of
+        int32 (B, z/f, y/f, x/f))`` with ``B = config.train.batch_size``.
+    """
+    seed = config.train.seed if seed is None else int(seed)
+    volumes = _volume_dataset(config, data_dir, "train", shuffle=True,
+                              seed=seed)
+    patches = patch_dataset(volumes, config, seed, training=True)
+    return batch(patches, config.train.batch_size, drop_remainder=True)
+
+
+def make_validation_dataset(config, data_dir):
+    """Finite, deterministic patches from the held-out validation cases.
+
+    ``patches_per_volume`` un-augmented patches per case, sampled with
+    ``config.train.seed`` (foreground oversampling as in training), the same
+    on every pass.
+    """
+    volumes = _volume_dataset(config, data_dir, "validation")
+    patches = patch_dataset(volumes, config, config.train.seed,
+                            training=False)
+    return batch(patches, config.train.batch_size, drop_remainder=False)
+
+
+def load_volumes(config, data_dir, split):
+    """Whole preprocessed volumes of ``split`` as dicts of numpy arrays.
+
+    ``split``: "train" (minus validation cases), "validation" or "test".
+    ``case_id`` comes back as ``str``.
+    """
+    ds = _volume_dataset(config, data_dir, split)
+    for example in ds.as_numpy_iterator():
+        example["case_id"] = example["case_id"].decode()
+        yield example
