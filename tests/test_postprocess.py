@@ -1,0 +1,116 @@
+"""Connected-component clean-up: constructed cases and real KiTS19 labels."""
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kits_keras import postprocess as pp
+
+LABELS_DIR = os.environ.get(
+    "KITS19_LABELS",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                 "kits19-labels"),
+)
+REAL_CASES = ("case_00002", "case_00003", "case_00004", "case_00005",
+              "case_00010", "case_00021", "case_00030", "case_00040")
+
+
+def two_kidneys():
+    seg = np.zeros((40, 60, 80), dtype=np.uint8)
+    seg[5:25, 10:30, 5:25] = 1      # left kidney, 8000 voxels
+    seg[5:25, 10:30, 50:68] = 1     # right kidney, 7200 voxels
+    seg[10:16, 14:20, 20:28] = 2    # tumour bulging out of the left kidney
+    return seg
+
+
+def test_keeps_two_kidneys_and_attached_tumour_unchanged():
+    seg = two_kidneys()
+    before = seg.copy()
+    out = pp.postprocess(seg)
+    assert np.array_equal(out, seg)
+    assert np.array_equal(seg, before)  # input untouched
+    assert out is not seg
+
+
+def test_third_kidney_sized_blob_removed():
+    seg = two_kidneys()
+    seg[30:38, 40:58, 30:45] = 1    # 2160 voxels, far from both kidneys
+    out = pp.postprocess(seg)
+    assert np.array_equal(out, two_kidneys())
+
+
+def test_detached_tumour_removed_touching_tumour_kept():
+    seg = two_kidneys()
+    seg[30:36, 45:55, 70:78] = 2    # tumour touching no kidney
+    seg[25:28, 28:31, 60:63] = 2    # tumour touching the right kidney
+    out = pp.postprocess(seg)
+    assert out[30:36, 45:55, 70:78].max() == 0
+    expected = two_kidneys()
+    expected[25:28, 28:31, 60:63] = 2
+    assert np.array_equal(out, expected)
+
+
+def test_diagonal_contact_counts_as_connected():
+    seg = np.zeros((10, 10, 10), dtype=np.uint8)
+    seg[2:5, 2:5, 2:5] = 1
+    seg[5, 5, 5] = 2                # corner contact: 26-connected
+    assert pp.postprocess(seg)[5, 5, 5] == 2
+
+
+def test_single_kidney_and_small_fragments():
+    seg = np.zeros((30, 40, 40), dtype=np.uint8)
+    seg[2:22, 2:22, 2:22] = 1       # one kidney (8000)
+    seg[25:28, 30:33, 30:33] = 1    # 27 voxels: below 5 % of the largest
+    out = pp.postprocess(seg)
+    assert out[25:28, 30:33, 30:33].max() == 0
+    assert np.array_equal(out[:22], seg[:22])
+
+
+def test_empty_and_tumour_only():
+    assert pp.postprocess(np.zeros((4, 5, 6), np.uint8)).max() == 0
+    seg = np.zeros((8, 8, 8), np.uint8)
+    seg[2:4, 2:4, 2:4] = 2
+    assert pp.postprocess(seg).max() == 0
+
+
+def add_false_positives(seg):
+    """Adds blobs far from the foreground: kidney fragments, a third
+    kidney-sized blob smaller than the smallest true kidney component, and
+    a detached tumour. Returns the new array."""
+    sizes = pp.component_table(seg)[2][1:]
+    # A third blob is only recognisable as such next to two kidneys; next
+    # to one kidney it must be small (below min_fraction) to be removable.
+    blob = 0.6 * sizes.min() if len(sizes) >= 2 else 0.03 * sizes.max()
+    out = seg.copy()
+    z, y, x = seg.shape
+    depth = max(2, min(z // 4, 30))
+    z0 = z // 2 - depth // 2
+    side = int(round((blob / depth) ** 0.5))
+    side = min(side, 150)
+    blobs = [
+        ((slice(z0, z0 + depth), slice(4, 4 + side), slice(4, 4 + side)), 1),
+        ((slice(z0, z0 + depth), slice(y - 24, y - 4), slice(4, 24)), 2),
+        ((slice(z0, z0 + 2), slice(y - 10, y - 6), slice(x - 10, x - 6)), 1),
+        ((slice(0, 2), slice(y // 2, y // 2 + 3), slice(4, 7)), 1),
+    ]
+    for region, value in blobs:
+        assert seg[region].max() == 0, "blob would touch the foreground"
+        out[region] = value
+    return out
+
+
+@pytest.mark.parametrize("case", REAL_CASES)
+def test_real_labels_with_false_positives(case):
+    path = os.path.join(LABELS_DIR, case, "segmentation.nii.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    # Raw file order (KiTS19: slices first); post-processing does not care
+    # about axis order, and io.read_labels' checks take seconds here.
+    truth = np.asarray(nib.load(path).dataobj, dtype=np.uint8)
+    # No true kidney is removed: the ground truth is its own clean-up.
+    assert np.array_equal(pp.postprocess(truth), truth)
+    noisy = add_false_positives(truth)
+    assert np.count_nonzero(noisy != truth) > 0
+    assert np.array_equal(pp.postprocess(noisy), truth)
