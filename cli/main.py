@@ -13,6 +13,9 @@ import kits_keras
 
 # (module under cli/, click command name in it)
 COMMANDS = (
+    ("infer", "infer"),
+    ("postprocess", "postprocess"),
+    ("evaluate", "evaluate"),
     ("synth", "synth"),
     ("export", "export"),
 )

@@ -22,6 +22,7 @@ int32 labels, and the output is a copy: the input is never modified.
 """
 
 import dataclasses
+import os
 
 import numpy as np
 from scipy import ndimage
@@ -119,3 +120,21 @@ def postprocess(labels, config=PostprocessConfig()):
     region = out[bbox]
     region[~keep[components]] = 0
     return out
+
+
+def postprocess_file(input_path, output_path, config=PostprocessConfig(),
+                     overwrite=False):
+    """Post-processes a label NIfTI into ``output_path`` (atomically).
+
+    Returns:
+        int: voxels set to background.
+    """
+    from kits_keras import io
+
+    if os.path.exists(output_path) and not overwrite:
+        raise ValueError(f"{output_path}: exists; pass --overwrite to "
+                         "replace it")
+    volume = io.read_labels(input_path)
+    out = postprocess(volume.array, config)
+    io.save_like(output_path, out, volume)
+    return int(np.count_nonzero(out != volume.array))

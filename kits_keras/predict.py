@@ -8,10 +8,11 @@ brings the probabilities back to the input's grid and takes the argmax.
 
 Bounded memory: probabilities are held whole only at the network's
 (resampled) resolution. Going back to the original grid is done in slabs of
-slices: each slab is first interpolated linearly along z from the two nearest
-network slices, then resampled in-plane by
-:func:`kits_keras.preprocessing.resample_probabilities` and reduced to labels
-at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never exists.
+slices: each slab is resampled along z with the preprocessing module's
+weights, then in-plane by
+:func:`kits_keras.preprocessing.resample_probabilities`, and reduced to
+labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
+exists.
 
 Quality control: the mirroring-disagreement score is the share of predicted
 foreground voxels (at network resolution) where the mirrored predictions of
@@ -20,12 +21,16 @@ voxel counts when more than half of its tile weight disagrees).
 """
 
 import dataclasses
+import json
 import logging
+import os
 import time
 
 import numpy as np
 
+from kits_keras import io
 from kits_keras import sliding_window as sw
+from kits_keras.config import override
 
 log = logging.getLogger(__name__)
 
@@ -54,29 +59,13 @@ class Prediction:
     timings: dict
 
 
-def source_coordinates(n_out, n_in):
-    """Input coordinate of each output voxel centre along one axis.
-
-    Voxel centres are aligned as in a resize of the voxel grid (the corner of
-    the first voxel maps onto itself): ``(o + 0.5) * n_in / n_out - 0.5``,
-    clipped to ``[0, n_in - 1]``.
-    """
-    coords = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
-    return np.clip(coords, 0.0, n_in - 1.0)
-
-
-def _z_interpolate(probs, coords):
-    """Linear interpolation of ``probs`` along axis 0 at ``coords``."""
-    lower = np.floor(coords).astype(np.int64)
-    upper = np.minimum(lower + 1, probs.shape[0] - 1)
-    frac = (coords - lower).astype(np.float32)[:, None, None, None]
-    out = probs[lower] * (1.0 - frac)
-    out += probs[upper] * frac
-    return out
-
-
 def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
     """Argmax of ``probabilities`` brought to ``shape``, slab by slab.
+
+    Equal to ``resample_probabilities(probabilities, shape).argmax(-1)``
+    (the resampling is separable: the z pass uses the same weights,
+    :func:`kits_keras.preprocessing.axis_weights`) without ever holding the
+    full-size float volume.
 
     Args:
         probabilities: float32 ``(z, y, x, C)`` at network resolution.
@@ -87,6 +76,7 @@ def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
     Returns:
         uint8 ``(z, y, x)`` labels of ``shape``.
     """
+    from kits_keras.preprocessing import axis_weights
     from kits_keras.preprocessing import resample_probabilities
 
     shape = tuple(int(s) for s in shape)
@@ -94,13 +84,18 @@ def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
         return probabilities.argmax(-1).astype(np.uint8)
     per_slice = shape[1] * shape[2] * probabilities.shape[-1] * 4
     slab = max(1, int(slab_bytes // per_slice))
-    coords = source_coordinates(shape[0], probabilities.shape[0])
+    wz = axis_weights(probabilities.shape[0], shape[0], order=1)
     labels = np.empty(shape, dtype=np.uint8)
     for first in range(0, shape[0], slab):
         last = min(shape[0], first + slab)
-        part = _z_interpolate(probabilities, coords[first:last])
+        rows = wz[first:last]
+        used = np.flatnonzero(rows.any(axis=0))
+        lo, hi = int(used[0]), int(used[-1]) + 1
+        src = probabilities[lo:hi]
+        part = (rows[:, lo:hi] @ src.reshape(hi - lo, -1)).reshape(
+            (last - first,) + src.shape[1:])
         part = resample_probabilities(part, (last - first,) + shape[1:])
-        labels[first:last] = np.asarray(part).argmax(-1)
+        labels[first:last] = part.argmax(-1)
     return labels
 
 
@@ -183,3 +178,256 @@ def label_volumes_ml(labels, spacing):
         "tumour_ml": float(counts[2] * voxel_ml),
         "kidney_and_tumour_ml": float((counts[1] + counts[2]) * voxel_ml),
     }
+
+
+# --- Batch inference: files in, segmentations + JSON reports out. ---------
+
+SEG_SUFFIX = "_seg"
+
+
+@dataclasses.dataclass(frozen=True)
+class InferOptions:
+    """What to write besides the segmentation, and how.
+
+    Attributes:
+        postprocess: bool. Apply :func:`kits_keras.postprocess.postprocess`.
+        save_probabilities: bool. Also write ``<seg>_probabilities.npz``:
+            float16 ``(z, y, x, C)`` at network resolution with its spacing.
+        preview: bool. Also write ``<seg>.png`` (axial, coronal, sagittal
+            through the largest tumour, prediction outlined on the CT).
+        overwrite: bool. Replace existing outputs.
+    """
+
+    postprocess: bool = True
+    save_probabilities: bool = False
+    preview: bool = False
+    overwrite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One case to segment: its id, CT file and segmentation path."""
+
+    case_id: str
+    image_path: str
+    output_path: str
+
+
+def find_inputs(inputs):
+    """``[(case_id, image_path or error message)]`` for files or folders.
+
+    An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
+    inside), or a folder of either (our own ``*_seg.nii.gz`` outputs and
+    ``segmentation.nii.gz`` files are skipped). Unusable inputs are returned
+    with ``None`` as path and an error message as third element.
+    """
+    found = []
+    for path in inputs:
+        path = os.fspath(path).rstrip("/") or "/"
+        if os.path.isfile(path):
+            if io.is_nifti(path):
+                found.append((io.nifti_stem(path), path, None))
+            else:
+                found.append((os.path.basename(path), None,
+                              f"{path}: not a NIfTI file (.nii/.nii.gz)"))
+        elif os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
+            found.append((os.path.basename(path),
+                          os.path.join(path, io.IMAGE_FILE), None))
+        elif os.path.isdir(path):
+            inner = _folder_inputs(path)
+            if not inner:
+                found.append((os.path.basename(path), None,
+                              f"{path}: no NIfTI files or KiTS19 case "
+                              "folders inside"))
+            found.extend(inner)
+        else:
+            found.append((os.path.basename(path), None,
+                          f"{path}: file not found"))
+    return found
+
+
+def _folder_inputs(folder):
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
+            found.append((name, os.path.join(path, io.IMAGE_FILE), None))
+        elif (os.path.isfile(path) and io.is_nifti(path)
+              and not io.nifti_stem(path).endswith(SEG_SUFFIX)
+              and name != io.LABELS_FILE):
+            found.append((io.nifti_stem(path), path, None))
+    return found
+
+
+def plan_jobs(found, output=None):
+    """Output path of every found input (see ``kits-keras infer --help``)."""
+    single_file = output is not None and io.is_nifti(output)
+    if single_file and len(found) != 1:
+        raise ValueError(
+            f"-o {output} is one file but there are {len(found)} inputs; "
+            "give a folder instead."
+        )
+    jobs = []
+    for case_id, image_path, _ in found:
+        if single_file:
+            out = output
+        elif output is not None:
+            out = os.path.join(output, f"{case_id}.nii.gz")
+        elif image_path is not None and os.path.basename(
+                image_path) == io.IMAGE_FILE:
+            out = os.path.join(os.path.dirname(image_path),
+                               f"{case_id}{SEG_SUFFIX}.nii.gz")
+        else:
+            out = os.path.join(os.path.dirname(image_path or ""),
+                               f"{case_id}{SEG_SUFFIX}.nii.gz")
+        jobs.append(Job(case_id, image_path, out))
+    return jobs
+
+
+def sidecar(seg_path, suffix):
+    """``/o/case.nii.gz`` + ``.json`` -> ``/o/case.json``."""
+    folder = os.path.dirname(seg_path)
+    return os.path.join(folder, io.nifti_stem(seg_path) + suffix)
+
+
+def infer_case(job, network, config, stats, options=InferOptions(),
+               progress=None):
+    """Segments one file and writes its outputs; returns the JSON report."""
+    from kits_keras.postprocess import postprocess
+
+    start = time.perf_counter()
+    volume = io.read_image(job.image_path)
+    t_read = time.perf_counter() - start
+    tiles = None if progress is None else (
+        lambda done, total: progress(job.case_id, done, total))
+    pred = predict_case(volume, network, config, stats, progress=tiles)
+    t0 = time.perf_counter()
+    labels = postprocess(pred.labels) if options.postprocess else pred.labels
+    removed = int(np.count_nonzero(pred.labels != labels))
+    t_post = time.perf_counter() - t0
+    io.save_like(job.output_path, labels, volume)
+    written = {"segmentation": job.output_path}
+    if options.save_probabilities:
+        written["probabilities"] = _save_probabilities(job, pred, volume)
+    if options.preview:
+        from kits_keras import viz
+
+        written["preview"] = viz.save_orthogonal_views(
+            sidecar(job.output_path, ".png"), volume.array, volume.spacing,
+            overlays=[(labels, viz.LABEL_COLOURS, "prediction")],
+            title=f"{job.case_id} prediction",
+        )
+    report = {
+        "case_id": job.case_id,
+        "input": job.image_path,
+        "outputs": written,
+        "shape": list(volume.array.shape),
+        "spacing_mm": list(volume.spacing),
+        "volumes": label_volumes_ml(labels, volume.spacing),
+        "postprocess": {"applied": options.postprocess,
+                        "voxels_removed": removed},
+        "qc": pred.qc,
+        "timings_s": {**pred.timings, "read": t_read, "postprocess": t_post},
+    }
+    report["timings_s"]["total"] = time.perf_counter() - start
+    path = sidecar(job.output_path, ".json")
+    io.atomic_write(path, lambda tmp: _dump(report, tmp))
+    written["report"] = path
+    return report
+
+
+def _save_probabilities(job, pred, volume):
+    path = sidecar(job.output_path, "_probabilities.npz")
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, probabilities=pred.probabilities.astype(np.float16),
+                spacing=np.asarray(pred.network_spacing),
+                original_shape=np.asarray(volume.array.shape),
+                original_spacing=np.asarray(volume.spacing))
+
+    return io.atomic_write(path, write)
+
+
+def _dump(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def load_model(model=None):
+    """Loads ``model`` (run folder or file), or the latest run.
+
+    Raises:
+        FileNotFoundError: with instructions when there is no model at all.
+    """
+    from kits_keras import artifact
+
+    if model is None:
+        root = artifact.default_runs_root()
+        try:
+            model = artifact.latest_run(root)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"No trained model found under {root} (set KITS_KERAS_RUNS "
+                "or pass --model). Get one with `kits-keras fit --config "
+                "coarse --data-dir DIR` (train on KiTS19) or `kits-keras "
+                "demo` (a tiny model on synthetic cases in minutes)."
+            ) from None
+        log.info("Using the latest run: %s", model)
+    return artifact.load_artifact(model)
+
+
+def run_inference(inputs, output=None, model=None, infer_overrides=None,
+                  options=InferOptions(), progress=None):
+    """Segments every input; a bad input is reported and skipped.
+
+    Args:
+        inputs: list of paths (NIfTI files, case folders, folders of them).
+        output: str or None. A ``.nii.gz`` file (one input), a folder, or
+            None for ``<stem>_seg.nii.gz`` beside each input.
+        model: str or None. Run folder or ``.keras`` file; None = latest run.
+        infer_overrides: dict of :class:`InferenceConfig` fields to change
+            (``overlap``, ``tta``, ``batch_size``), None values ignored.
+        options: :class:`InferOptions`.
+        progress: optional callable ``(case_id, tiles_done, tiles_total)``.
+
+    Returns:
+        dict with ``cases`` (per-case reports) and ``failures``
+        (``{"case_id", "input", "error"}``), also written as
+        ``summary.json`` when ``output`` is a folder.
+    """
+    found = find_inputs(inputs)
+    jobs = plan_jobs(found, output)
+    failures, todo = [], []
+    for job, (_, _, error) in zip(jobs, found):
+        if error is None and os.path.exists(job.output_path) and (
+                not options.overwrite):
+            error = (f"{job.output_path}: exists; pass --overwrite to "
+                     "replace it")
+        if error:
+            log.error("%s", error)
+            failures.append({"case_id": job.case_id, "input": job.image_path,
+                             "error": error})
+        else:
+            todo.append(job)
+    reports = []
+    if todo:
+        art = load_model(model)
+        changes = {k: v for k, v in (infer_overrides or {}).items()
+                   if v is not None}
+        config = override(art.config, infer=changes) if changes else art.config
+        for job in todo:
+            try:
+                reports.append(infer_case(job, art.network, config, art.stats,
+                                          options, progress))
+            except (io.CaseError, ValueError, OSError) as err:
+                log.error("%s: %s", job.case_id, err)
+                failures.append({"case_id": job.case_id,
+                                 "input": job.image_path, "error": str(err)})
+    summary = {"cases": reports, "failures": failures}
+    if output is not None and not io.is_nifti(output) and reports:
+        path = os.path.join(output, "summary.json")
+        io.atomic_write(path, lambda tmp: _dump(summary, tmp))
+    return summary

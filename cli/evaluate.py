@@ -1,0 +1,39 @@
+"""``kits-keras evaluate``: KiTS19 Dice of predictions against ground truth."""
+
+import click
+
+from cli.common import UserError
+from cli.common import user_errors
+
+
+@click.command("evaluate")
+@click.argument("pred_dir", metavar="PRED", type=click.Path(path_type=str))
+@click.argument("truth_dir", metavar="GT", type=click.Path(path_type=str))
+@click.option("--out", "out_dir", required=True,
+              type=click.Path(file_okay=False, path_type=str),
+              help="Folder for scores.json, scores.csv, dice_boxplot.png "
+              "and best/median/worst overlay PNGs.")
+@user_errors
+def evaluate(pred_dir, truth_dir, out_dir):
+    """Score predictions PRED against ground truth GT (KiTS19 metric).
+
+    PRED and GT are folders of KiTS19 case folders
+    (case_XXXXX/segmentation.nii.gz) or of flat files (case_XXXXX.nii.gz,
+    prediction_XXXXX.nii.gz, case_XXXXX_seg.nii.gz), matched by case id.
+    Kidney Dice is over label > 0, tumour Dice over label > 1; both empty
+    gives 1; a missing prediction scores 0. Exits with 1 if a case could
+    not be scored (unreadable file, other grid).
+    """
+    from kits_keras.evaluate import evaluate as run
+    from kits_keras.evaluate import format_table
+
+    report, paths = run(pred_dir, truth_dir, out_dir)
+    click.echo(format_table(report))
+    if report["missing"]:
+        click.echo(f"missing predictions (scored 0): "
+                   f"{', '.join(report['missing'])}", err=True)
+    for name, path in paths.items():
+        click.echo(f"{name}: {path}")
+    if report["errors"]:
+        raise UserError(f"{len(report['errors'])} case(s) could not be "
+                        f"scored: {', '.join(report['errors'])}")

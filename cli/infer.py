@@ -1,0 +1,120 @@
+"""``kits-keras infer``: segment CT volumes with a trained model."""
+
+import os
+import sys
+
+import click
+
+from cli.common import UserError
+from cli.common import user_errors
+
+
+def _set_device(device):
+    """Hides the GPU from JAX and TensorFlow for ``--device cpu``.
+
+    Must run before Keras (and JAX) are imported.
+    """
+    if device == "cpu":
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
+
+
+class _Progress:
+    """One progress line per case on stderr: tiles done / total."""
+
+    def __init__(self):
+        self.case = None
+
+    def __call__(self, case_id, done, total):
+        if not sys.stderr.isatty() and done != total:
+            return
+        width = 30
+        filled = int(width * done / max(total, 1))
+        end = "\n" if done == total else ""
+        click.echo(f"\r{case_id} [{'#' * filled}{'.' * (width - filled)}] "
+                   f"{done}/{total} tiles", nl=False, err=True)
+        if end:
+            click.echo("", err=True)
+
+
+@click.command("infer")
+@click.argument("inputs", nargs=-1, required=True,
+                type=click.Path(path_type=str))
+@click.option("-o", "--output", type=click.Path(path_type=str),
+              help="Output .nii.gz (one input) or folder (<case_id>.nii.gz "
+              "+ .json per case, summary.json). Default: <name>_seg.nii.gz "
+              "beside each input.")
+@click.option("--model", type=click.Path(exists=True, path_type=str),
+              help="Run folder or .keras file. Default: the latest run "
+              "under $KITS_KERAS_RUNS or ./runs.")
+@click.option("--overlap", type=click.FloatRange(0, 1, max_open=True),
+              help="Tile overlap as a share of the patch (default: the "
+              "model's config, 0.5).")
+@click.option("--tta", type=click.Choice(["all", "flip", "none"]),
+              help="Mirroring: all 8 axis combinations, in-plane flips (4) "
+              "or none (default: the model's config).")
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help="Tiles per network call.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Run the network on the CPU or the GPU (default: GPU if "
+              "there is one).")
+@click.option("--backend", type=click.Choice(["auto", "jax", "tensorflow"]),
+              default="auto", show_default=True,
+              help="Keras backend; auto = JAX with an accelerator, "
+              "TensorFlow on CPU-only hosts (faster 3-D convolutions).")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write <name>_probabilities.npz (float16, network "
+              "resolution).")
+@click.option("--no-postprocess", is_flag=True,
+              help="Skip the connected-component clean-up.")
+@click.option("--preview", is_flag=True,
+              help="Also write <name>.png: axial, coronal, sagittal views "
+              "with the prediction outlined.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
+@user_errors
+def infer(inputs, output, model, overlap, tta, batch_size, device, backend,
+          save_probabilities, no_postprocess, preview, overwrite):
+    """Segment kidneys and kidney tumours in CT volumes.
+
+    INPUTS: NIfTI files, KiTS19 case folders (imaging.nii.gz inside), or
+    folders of either. Writes a uint8 segmentation (0 background, 1 kidney,
+    2 tumour) on each input's grid, and a JSON with kidney and tumour
+    volumes (mL), timings and a quality-control flag. Exits with 1 if any
+    input failed (the others are still segmented).
+    """
+    _set_device(device)
+    from kits_keras.backend import has_accelerator
+    from kits_keras.backend import select_backend
+
+    if device == "gpu" and not has_accelerator():
+        raise UserError("--device gpu: no GPU visible to JAX on this host")
+    select_backend(backend)
+    from kits_keras.predict import InferOptions
+    from kits_keras.predict import run_inference
+
+    summary = run_inference(
+        list(inputs), output=output, model=model,
+        infer_overrides={"overlap": overlap, "tta": tta,
+                         "batch_size": batch_size},
+        options=InferOptions(postprocess=not no_postprocess,
+                             save_probabilities=save_probabilities,
+                             preview=preview, overwrite=overwrite),
+        progress=_Progress(),
+    )
+    for case in summary["cases"]:
+        vols, qc = case["volumes"], case["qc"]
+        flag = "  REVIEW (mirroring disagreement)" if qc["flagged"] else ""
+        score = qc["mirroring_disagreement"]
+        click.echo(
+            f"{case['case_id']}: {case['outputs']['segmentation']}  kidney "
+            f"{vols['kidney_ml']:.1f} mL, tumour {vols['tumour_ml']:.1f} mL, "
+            f"disagreement {'n/a' if score is None else f'{score:.3f}'}, "
+            f"{case['timings_s']['total']:.1f} s{flag}"
+        )
+    for failure in summary["failures"]:
+        click.echo(f"FAILED {failure['case_id']}: {failure['error']}",
+                   err=True)
+    if summary["failures"]:
+        done = len(summary["cases"])
+        raise UserError(f"{len(summary['failures'])} of "
+                        f"{done + len(summary['failures'])} inputs failed")
