@@ -1,0 +1,297 @@
+"""Synthetic contrast-enhanced abdominal CT cases in the KiTS19 layout.
+
+Everything downstream (TFDS builder, training, inference, benchmarks) can
+run on these without the 30 GB KiTS19 download. A case has the KiTS19 files
+``case_XXXXX/imaging.nii.gz`` (HU, stored int16 like the scanner's DICOM) and
+``segmentation.nii.gz`` (uint8: 0 background, 1 kidney, 2 tumour), arrays in
+``(z, y, x)`` order (axis 0 = slices, head to feet) and the KiTS19 affine
+``[[0, 0, -sx, 0], [0, -sy, 0, 0], [-sz, 0, 0, 0], [0, 0, 0, 1]]``.
+
+Anatomy: air around an elliptical body with subcutaneous fat, abdominal wall
+muscle, visceral fat, vertebrae with cortical rims and discs, psoas and
+paraspinal muscles, aorta and IVC, a textured liver with vessels, spleen,
+lung bases, bowel loops (fluid, gas, oral contrast), one or two kidneys with
+a bright cortex, darker medullary pyramids and a fat-filled sinus, and one or
+two tumours attached to a kidney (5 mm to 9 cm, heterogeneous, necrotic core
+when large). HU of liver, spleen, bowel and vessels overlap those of kidney
+and tumour, so position, shape and texture matter. Correlated noise
+(10-20 HU) and a slight in-plane blur finish the image.
+
+Sizes:
+    "small": 24-64 slices 3-5 mm apart, 96-160 px at 2.2-3.2 mm in plane
+        (a real abdomen's field of view, coarsely sampled): ~0.2 s a case.
+    "full": KiTS19 sizes: 512 x 512 (1 in 10: 512 x 796) at 0.5-1.0 mm in
+        plane, 0.5-5 mm slices over 150-320 mm of body, capped at
+        ``MAX_FULL_SLICES`` (300; KiTS19 goes to 1059) to bound memory.
+
+Determinism: ``make_case(seed)`` draws everything from
+``np.random.default_rng(seed)``; ``write_cases(seed=S)`` gives case ``i``
+the seed ``S + i``. Same seed, same bytes.
+
+Example:
+    >>> case = make_case(0)
+    >>> case.image.array.shape == case.labels.array.shape
+    True
+    >>> sorted(set(case.labels.array.ravel().tolist()))
+    [0, 1, 2]
+"""
+
+import dataclasses
+import logging
+
+import numpy as np
+from scipy import ndimage
+
+from kits_keras import io
+from kits_keras import synthetic_anatomy as anatomy
+from kits_keras.synthetic_kidney import paint_kidneys
+from kits_keras.synthetic_kidney import paint_from_labels
+from kits_keras.synthetic_shapes import Grid
+
+log = logging.getLogger(__name__)
+
+SIZES = ("small", "full")
+MAX_FULL_SLICES = 300
+_SLICE_SPACINGS = (0.5, 0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+
+
+def kits19_affine(spacing):
+    """The KiTS19 voxel-to-world matrix for ``(z, y, x)`` spacing in mm."""
+    sz, sy, sx = (float(v) for v in spacing)
+    return np.array([[0.0, 0.0, -sx, 0.0], [0.0, -sy, 0.0, 0.0],
+                     [-sz, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+
+
+def sample_geometry(rng, size):
+    """Volume shape ``(z, y, x)`` and spacing (mm) of a synthetic scan."""
+    if size == "small":
+        sz = float(rng.choice([3.0, 4.0, 5.0]))
+        nz = int(np.clip(round(rng.uniform(150.0, 220.0) / sz), 24, 64))
+        sxy = float(rng.uniform(2.2, 3.2))
+        nx = int(np.clip(round(rng.uniform(340.0, 430.0) / sxy), 96, 160))
+        ny = nx if rng.random() < 0.6 else int(round(nx * 0.8))
+    elif size == "full":
+        sz = float(rng.choice(_SLICE_SPACINGS))
+        nz = int(np.clip(round(rng.uniform(150.0, 320.0) / sz), 29,
+                         MAX_FULL_SLICES))
+        if rng.random() < 0.1:
+            ny, nx, sxy = 512, 796, float(rng.uniform(0.5, 0.62))
+        else:
+            ny, nx, sxy = 512, 512, float(rng.uniform(0.62, 0.98))
+    else:
+        raise ValueError(f"size must be one of {SIZES}. Received: size={size}")
+    return (nz, ny, nx), (sz, sxy, sxy)
+
+
+def _frame_from_labels(labels, spacing):
+    """Frame origin (spine at kidney level) and kidney extent from labels.
+
+    The spine goes midway between the two largest label components when
+    they lie on either side (two kidneys), else 60 mm medial of the one
+    kidney towards the middle of the field of view.
+    """
+    step = (max(1, int(round(4.0 / spacing[0]))), 4, 4)
+    small = labels[:: step[0], :: step[1], :: step[2]] > 0
+    comps, n = ndimage.label(small)
+    sizes = ndimage.sum_labels(small, comps, range(1, n + 1))
+    order = np.argsort(sizes)[::-1][:2]
+    centres = [np.multiply(ndimage.center_of_mass(comps == i + 1), step)
+               for i in order]
+    nz, ny, nx = labels.shape
+    centres = [c for c in centres] or [np.array([nz / 2, ny / 2, nx / 2])]
+    k = [c[2] for c in centres]
+    if len(k) == 2 and abs(k[0] - k[1]) * spacing[2] > 60.0:
+        k0 = float(np.mean(k))
+        centres_used = centres
+    else:
+        side = 1.0 if k[0] > nx / 2 else -1.0
+        k0 = k[0] - side * 60.0 / spacing[2]
+        centres_used = centres[:1]
+    i0 = float(np.mean([c[0] for c in centres_used]))
+    j0 = float(np.mean([c[1] for c in centres_used])) + 5.0 / spacing[1]
+    grid = Grid(labels.shape, tuple(spacing), (i0, j0, k0))
+    idx = np.nonzero(small)
+    if idx[0].size:
+        _, p, l = grid.to_frame([i * st for i, st in zip(idx, step)])
+        extent = (float(np.abs(l).max()), float(p.max()))
+    else:
+        extent = (80.0, 30.0)
+    return grid, extent
+
+
+def make_case(seed, size="small", labels=None, spacing=None,
+              case_id="case_00000"):
+    """Generates one synthetic case.
+
+    Args:
+        seed: int. Seed of ``np.random.default_rng``.
+        size: str. "small" or "full" (see the module docstring). Ignored
+            when ``labels`` is given.
+        labels: optional label volume to build the CT around: an
+            ``io.Volume`` (its spacing, affine, header and axes are kept) or
+            a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
+        spacing: (z, y, x) mm, needed with an array ``labels``.
+        case_id: str. Defaults to "case_00000".
+
+    Returns:
+        io.Case with image float32 HU (integer-valued) and labels uint8.
+    """
+    rng = np.random.default_rng(seed)
+    volume = labels if isinstance(labels, io.Volume) else None
+    if labels is None:
+        shape, spacing = sample_geometry(rng, size)
+        origin = (shape[0] * rng.uniform(0.42, 0.58),
+                  shape[1] / 2 + rng.uniform(15.0, 40.0) / spacing[1],
+                  shape[2] / 2 + rng.uniform(-12.0, 12.0) / spacing[2])
+        grid, extent = Grid(shape, spacing, origin), None
+    else:
+        if volume is not None:
+            labels, spacing = volume.array, volume.spacing
+        if spacing is None:
+            raise ValueError("spacing is required with a labels array")
+        labels = np.asarray(labels)
+        if labels.ndim != 3:
+            raise ValueError(f"labels must be 3-D. Received: {labels.shape}")
+        grid, extent = _frame_from_labels(labels, spacing)
+    image = np.full(grid.shape, anatomy.AIR, np.float32)
+    fov = grid.shape[2] * grid.spacing[2]
+    body = anatomy.sample_body(rng, extent, fov_mm=min(fov, 520.0))
+    tissue = anatomy.sample_tissue(rng)
+    anatomy.paint_body(image, grid, body, tissue, rng)
+    anatomy.paint_muscles(image, grid, tissue, rng)
+    anatomy.paint_spine(image, grid, tissue, rng)
+    anatomy.paint_vessels(image, grid, tissue, rng)
+    anatomy.paint_organs(image, grid, body, tissue, rng)
+    if volume is None and labels is None:
+        labels = paint_kidneys(image, grid, body, tissue, rng)
+    else:
+        labels = labels.astype(np.uint8)
+        paint_from_labels(image, labels, grid, tissue, rng)
+    anatomy.finish(image, grid, rng, noise_hu=rng.uniform(10.0, 20.0),
+                   blur_mm=rng.uniform(0.6, 1.0))
+    if volume is not None:
+        geometry = dict(affine=volume.affine, header=volume.header,
+                        axes=volume.axes)
+    else:
+        geometry = dict(affine=kits19_affine(grid.spacing), header=None,
+                        axes=(0, 1, 2))
+    spacing = tuple(float(v) for v in grid.spacing)
+    return io.Case(
+        case_id,
+        io.Volume(image, spacing, **geometry),
+        io.Volume(labels, spacing, **geometry),
+    )
+
+
+def _case_ids(labels_from, num_cases):
+    if labels_from is None:
+        return [(f"case_{i:05d}", None) for i in range(num_cases)]
+    found = io.find_cases(labels_from)
+    pairs = []
+    for case_dir in found:
+        path = f"{case_dir}/{io.LABELS_FILE}"
+        pairs.append((case_dir.rsplit("/", 1)[-1], path))
+    if not pairs:
+        raise io.CaseError(f"{labels_from}: no case_XXXXX folders")
+    return pairs if num_cases is None else pairs[:num_cases]
+
+
+def write_cases(out_dir, num_cases=None, seed=0, size="small",
+                labels_from=None, preview=False, overwrite=False,
+                on_case=None):
+    """Writes synthetic ``case_XXXXX/`` folders under ``out_dir``.
+
+    All cases are first written to a hidden staging folder inside
+    ``out_dir`` and moved into place only when every one succeeded, so a
+    bad label file leaves no partial case behind.
+
+    Args:
+        out_dir: str. Destination folder (created).
+        num_cases: int. Number of cases; with ``labels_from``, at most this
+            many (None: all). Defaults to 3 without ``labels_from``.
+        seed: int. Case ``i`` uses seed ``seed + i``. Defaults to 0.
+        size: "small" or "full". Defaults to "small".
+        labels_from: optional folder of ``case_XXXXX/segmentation.nii.gz``;
+            one case per label volume, keeping its case id and geometry.
+        preview: bool. Also write ``case_XXXXX/preview.png``.
+        overwrite: bool. Replace existing case folders (otherwise an error).
+        on_case: optional callable ``(case_dir, case)`` called as each case
+            is ready (for progress output); ``case_dir`` is where it will
+            be once all are done.
+
+    Returns:
+        list of str: the case folders written.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}. Received: size={size}")
+    if labels_from is None and num_cases is None:
+        num_cases = 3
+    if num_cases is not None and num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1. Received: {num_cases}")
+    pairs = _case_ids(labels_from, num_cases)
+    out_dir = os.fspath(out_dir)
+    for case_id, _ in pairs:
+        target = os.path.join(out_dir, case_id)
+        if os.path.exists(target) and not overwrite:
+            raise io.CaseError(f"{target}: already exists (use overwrite)")
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".synth-", dir=out_dir)
+    written = []
+    try:
+        for index, (case_id, label_path) in enumerate(pairs):
+            labels = None if label_path is None else io.read_labels(
+                label_path)
+            case = make_case(seed + index, size, labels, case_id=case_id)
+            case_dir = os.path.join(staging, case_id)
+            _save_case(case_dir, case, preview)
+            final = os.path.join(out_dir, case_id)
+            log.debug("synthesised %s %s", case_id, case.image.array.shape)
+            if on_case is not None:
+                on_case(final, case)
+            written.append((case_dir, final))
+            del case  # full cases are large: keep only the files
+        for tmp_dir, final in written:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp_dir, final)
+        return [final for _, final in written]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _save_case(case_dir, case, preview):
+    import os
+
+    os.makedirs(case_dir)
+    image = case.image
+    io.save_nifti(f"{case_dir}/{io.IMAGE_FILE}",
+                  image.array.astype(np.int16), image.affine, image.header,
+                  image.axes)
+    io.save_like(f"{case_dir}/{io.LABELS_FILE}", case.labels.array,
+                 case.labels)
+    if preview:
+        from kits_keras import viz
+
+        viz.save_case_preview(f"{case_dir}/preview.png", case)
+
+
+def case_summary(case):
+    """Small dict describing a case (shape, spacing, label volumes in mL)."""
+    labels = case.labels.array
+    ml = case.image.voxel_volume_ml
+    return dataclasses.asdict(_Summary(
+        case.case_id, tuple(case.image.array.shape), case.spacing,
+        float((labels == 1).sum() * ml), float((labels == 2).sum() * ml)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Summary:
+    case_id: str
+    shape: tuple
+    spacing: tuple
+    kidney_ml: float
+    tumour_ml: float

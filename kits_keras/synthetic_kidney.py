@@ -1,0 +1,197 @@
+"""Kidneys and kidney tumours of a synthetic CT (see :mod:`synthetic`).
+
+A kidney is a bean: a deformed ellipsoid, tilted like a real one (upper pole
+medial and posterior, hilum facing front-medial), with a 5-8 mm enhancing
+cortex, darker medullary pyramids separated by cortical columns, and a
+fat-filled sinus opening medially at the hilum (sinus and hilum are labelled
+background, as in KiTS19 where the label follows the parenchyma).
+
+A tumour is a rounder blob centred on the kidney surface, between mostly
+inside (endophytic) and mostly outside (exophytic), 4-60 mm in radius, with a
+heterogeneous texture below the cortex's enhancement and a necrotic core
+when large: its HU overlap medulla, liver and bowel, its texture and shape
+do not.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from kits_keras.synthetic_anatomy import cavity_test
+from kits_keras.synthetic_shapes import Blob
+from kits_keras.synthetic_shapes import blob_field
+from kits_keras.synthetic_shapes import box_shape
+from kits_keras.synthetic_shapes import paint
+from kits_keras.synthetic_shapes import random_bumps
+from kits_keras.synthetic_shapes import rotation
+from kits_keras.synthetic_shapes import smooth_noise
+
+BONE_HU = 300.0  # tumours and fat margins never overwrite bone
+
+
+def sample_enhancement(rng):
+    cortex = rng.uniform(150.0, 220.0)
+    return {
+        "cortex": cortex,
+        "medulla": max(cortex - rng.uniform(50.0, 95.0), 70.0),
+        "tumour_max": cortex - 45.0,
+    }
+
+
+def _kidney_blob(rng, side):
+    """side: -1 right (low l), +1 left."""
+    centre = (rng.uniform(-22.0, -5.0) if side < 0 else rng.uniform(-6, 10),
+              rng.uniform(-2.0, 12.0), side * rng.uniform(55.0, 72.0))
+    radii = (rng.uniform(48.0, 60.0), rng.uniform(20.0, 26.0),
+             rng.uniform(26.0, 32.0))
+    rot = rotation(angles=(side * rng.uniform(0.3, 0.6),
+                           side * rng.uniform(0.15, 0.3),
+                           rng.uniform(-0.2, 0.2)))
+    return Blob(centre, radii, rot, random_bumps(rng, 3, 0.06, 2.0))
+
+
+def _hilum_direction(blob, side):
+    """Unit vector (shape coordinates) pointing at the hilum."""
+    medial_front = np.array([0.0, -0.45, -side])
+    h = np.asarray(blob.rot) @ medial_front
+    h = h * np.asarray(blob.radii) / np.linalg.norm(h * blob.radii)
+    return h / np.linalg.norm(h)
+
+
+def _paint_kidney(image, labels, grid, blob, side, tissue, enh, rng):
+    fat = Blob(blob.centre, tuple(r + rng.uniform(4.0, 10.0)
+                                  for r in blob.radii), blob.rot, blob.bumps)
+    paint(image, grid, fat, tissue["fat"],
+          where=lambda box: image[box] < BONE_HU)
+    field = blob_field(grid, blob)
+    if field is None:
+        return
+    box, d, u = field
+    h = _hilum_direction(blob, side)
+    norm = np.maximum(d, 1e-6)
+    inside = d < 1.0
+    # Sinus: a rounded pocket from the centre out through the hilum.
+    shift = rng.uniform(0.45, 0.6)
+    size = (rng.uniform(0.35, 0.45), 0.42, 0.42)
+    sinus = sum(((u[a] - shift * h[a]) / size[a]) ** 2 for a in range(3)) < 1.0
+    sinus |= d < 0.3
+    parenchyma = inside & ~sinus
+    cortex_depth = rng.uniform(5.0, 8.0) / np.mean(blob.radii[1:])
+    angle = np.arctan2(u[2], u[1])
+    pyramids = (np.cos(7.0 * angle + rng.uniform(0, 6.3))
+                * np.cos(np.pi * 2.5 * u[0] / norm + rng.uniform(0, 6.3))
+                > -0.15) & (d < 1.0 - cortex_depth) & (d > 0.42)
+    values = np.where(pyramids, enh["medulla"], enh["cortex"])
+    values = values + 5.0 * smooth_noise(rng, box_shape(box), grid.spacing,
+                                         6.0)
+    target = image[box]
+    target[inside & sinus] = tissue["fat"] + rng.uniform(30.0, 60.0)
+    target[parenchyma] = values[parenchyma]
+    labels[box][parenchyma] = 1
+
+
+def _tumour_blob(rng, kidney, side, radius):
+    h = _hilum_direction(kidney, side)
+    while True:
+        v = rng.normal(size=3)
+        v /= np.linalg.norm(v)
+        if v @ h < 0.2:
+            break
+    rot_t = np.asarray(kidney.rot).T
+    surface = np.add(kidney.centre, rot_t @ (np.asarray(kidney.radii) * v))
+    normal = rot_t @ (v / np.asarray(kidney.radii))
+    normal /= np.linalg.norm(normal)
+    centre = surface + normal * radius * rng.uniform(-0.5, 0.6)
+    radii = tuple(radius * rng.uniform(0.85, 1.15, 3))
+    return Blob(tuple(centre), radii, rotation(rng),
+                random_bumps(rng, 3, 0.14, 2.0))
+
+
+def _tumour_fill(rng, grid, enh, radius):
+    base = rng.uniform(35.0, min(115.0, enh["tumour_max"]))
+    amplitude = rng.uniform(10.0, 25.0)
+    scale = rng.uniform(3.0, 8.0)
+    core = rng.uniform(0.3, 0.65) if radius > 15.0 else 0.0
+    necrosis = rng.uniform(25.0, 55.0)
+
+    def fill(box, d, u):
+        tex = smooth_noise(rng, box_shape(box), grid.spacing, scale)
+        out = base + amplitude * tex
+        if core:
+            # Soft-edged necrotic core, irregular through the texture.
+            w = np.clip((core - d) / 0.15 + 0.5 * tex, 0.0, 1.0)
+            out = out - necrosis * w
+        return np.maximum(out, 5.0)
+
+    return fill
+
+
+def paint_kidneys(image, grid, body, tissue, rng, min_radius=None):
+    """Paints one or two kidneys and 1-2 tumours; returns uint8 labels."""
+    labels = np.zeros(grid.shape, np.uint8)
+    enh = sample_enhancement(rng)
+    sides = [-1, 1]
+    if rng.random() < 0.15:
+        sides = [int(rng.choice(sides))]  # the other one was removed
+    kidneys = {side: _kidney_blob(rng, side) for side in sides}
+    for side, blob in kidneys.items():
+        _paint_kidney(image, labels, grid, blob, side, tissue, enh, rng)
+    if min_radius is None:
+        min_radius = 2.0 * max(grid.spacing) if max(grid.spacing) > 1.5 else 4.0
+    inside = cavity_test(grid, body)
+    count = 1 if rng.random() < 0.85 else 2
+    painted = 0
+    for _ in range(20):
+        side = int(rng.choice(sides))
+        radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(60.0))))
+        blob = _tumour_blob(rng, kidneys[side], side, radius)
+        done = paint(image, grid, blob, _tumour_fill(rng, grid, enh, radius),
+                     where=lambda box: inside(box) & (image[box] < BONE_HU))
+        if done is None:
+            continue
+        box, mask = done
+        labels[box][mask] = 2
+        painted += 1
+        if painted >= count and (labels == 1).any():
+            break
+    return labels
+
+
+def paint_from_labels(image, labels, grid, tissue, rng):
+    """Kidney and tumour intensities following a real label volume.
+
+    Cortex = kidney voxels within 5-8 mm of the background; the rest is
+    medulla broken into pyramids by a smooth random field; tumours get the
+    same texture and necrosis as synthetic ones; a 3-7 mm fat rim separates
+    the labels from whatever organ was painted around them.
+    """
+    fg = labels > 0
+    if not fg.any():
+        return
+    margin = [int(np.ceil(15.0 / sp)) for sp in grid.spacing]
+    idx = np.nonzero(fg.any(axis=(1, 2))), np.nonzero(fg.any(axis=(0, 2))), \
+        np.nonzero(fg.any(axis=(0, 1)))
+    box = tuple(slice(max(int(i[0][0]) - m, 0), min(int(i[0][-1]) + m + 1, n))
+                for i, m, n in zip(idx, margin, labels.shape))
+    sub = labels[box]
+    target = image[box]
+    fg = sub > 0
+    enh = sample_enhancement(rng)
+    outside = ndimage.distance_transform_edt(~fg, sampling=grid.spacing)
+    rim = (outside > 0) & (outside <= rng.uniform(3.0, 7.0))
+    target[rim & (target < BONE_HU)] = tissue["fat"]
+    depth = ndimage.distance_transform_edt(fg, sampling=grid.spacing)
+    shape = box_shape(box)
+    pyramid = smooth_noise(rng, shape, grid.spacing, 7.0) > 0.1
+    cortex = depth < rng.uniform(5.0, 8.0)
+    kidney = sub == 1
+    values = np.where(cortex | ~pyramid, enh["cortex"], enh["medulla"])
+    values = values + 5.0 * smooth_noise(rng, shape, grid.spacing, 6.0)
+    target[kidney] = values[kidney]
+    tumour = sub == 2
+    if tumour.any():
+        radius = float(np.cbrt(tumour.sum() * np.prod(grid.spacing) * 0.24))
+        core = ndimage.distance_transform_edt(tumour, sampling=grid.spacing)
+        d = 1.0 - core / max(core.max(), 1e-6)  # 0 deep inside, 1 at edge
+        fill = _tumour_fill(rng, grid, enh, radius)(box, d.astype(np.float32),
+                                                    None)
+        target[tumour] = fill[tumour]

@@ -1,0 +1,143 @@
+"""PNG views of volumes: axial, coronal and sagittal planes with outlines.
+
+Matplotlib runs on the Agg canvas directly (no pyplot state), so this works
+headless and from threads. Files are written with :func:`io.atomic_write`.
+
+Display convention for ``(z, y, x)`` arrays in the KiTS19 layout: axial
+slices with the front of the patient at the top and the patient's right on
+the viewer's left (radiological view), coronal and sagittal planes with the
+head at the top. Pixel aspect follows the voxel spacing.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from kits_keras import io
+
+CT_WINDOW = (40.0, 400.0)  # (level, width) HU: abdominal soft tissue
+LABEL_COLOURS = {1: "#ffd21f", 2: "#ff3030"}  # kidney yellow, tumour red
+
+
+def default_center(image_shape, labels=None):
+    """Voxel ``(z, y, x)`` through the largest tumour, else kidney.
+
+    Picks the component's voxel nearest its centroid (so the point lies in
+    the structure even when it is curved); the volume centre without labels.
+    """
+    if labels is not None:
+        for value in (2, 1):
+            mask = labels == value
+            if not mask.any():
+                continue
+            comps, n = ndimage.label(mask)
+            sizes = ndimage.sum_labels(mask, comps, range(1, n + 1))
+            largest = comps == int(np.argmax(sizes)) + 1
+            centre = np.array(ndimage.center_of_mass(largest))
+            points = np.argwhere(largest)
+            best = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
+            return tuple(int(v) for v in best)
+    return tuple(int(n // 2) for n in image_shape)
+
+
+def _window_limits(image, window):
+    if window is None:
+        # Normalised or unknown intensities: robust percentiles.
+        sample = image[:: max(1, image.shape[0] // 32)]
+        lo, hi = np.percentile(sample, (1.0, 99.0))
+        return float(lo), float(max(hi, lo + 1e-6))
+    level, width = window
+    return level - width / 2.0, level + width / 2.0
+
+
+def _planes(array, center):
+    z, y, x = center
+    return (array[z], array[:, y, :], array[:, :, x])
+
+
+def save_orthogonal_views(path, image, spacing, overlays=None, center=None,
+                          title="", window=CT_WINDOW):
+    """Writes a PNG with axial, coronal and sagittal planes of a volume.
+
+    Args:
+        path: str. Destination ``.png`` (written atomically).
+        image: ``(z, y, x)`` array, HU by default.
+        spacing: ``(z, y, x)`` voxel size in mm (sets the pixel aspect).
+        overlays: list of ``(label_array, {label: colour}, name)``; each
+            label is drawn as an outline. Defaults to none.
+        center: ``(z, y, x)`` voxel the planes pass through. Defaults to the
+            largest tumour (else kidney) of the first overlay, else the
+            volume centre.
+        title: str. Figure title.
+        window: ``(level, width)`` in the image's units, or None for the
+            1st-99th percentiles (for normalised images). Defaults to the
+            abdominal window 40/400 HU.
+
+    Returns:
+        str: ``path``.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    image = np.asarray(image)
+    if image.ndim != 3:
+        raise ValueError(f"image must be 3-D (z, y, x). Received: "
+                         f"{image.shape}")
+    overlays = list(overlays or [])
+    if center is None:
+        center = default_center(image.shape, overlays[0][0] if overlays
+                                else None)
+    center = tuple(int(np.clip(c, 0, n - 1))
+                   for c, n in zip(center, image.shape))
+    sz, sy, sx = (float(v) for v in spacing)
+    vmin, vmax = _window_limits(image, window)
+    names = ("axial", "coronal", "sagittal")
+    # Physical (width, height) of each panel in mm.
+    extents = [(image.shape[2] * sx, image.shape[1] * sy),
+               (image.shape[2] * sx, image.shape[0] * sz),
+               (image.shape[1] * sy, image.shape[0] * sz)]
+    aspects = [sy / sx, sz / sx, sz / sy]
+    height = max(e[1] for e in extents)
+    fig = Figure(figsize=(4.2 * sum(e[0] for e in extents) / height + 0.4,
+                          4.8), dpi=110)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(1, 3, width_ratios=[e[0] for e in extents],
+                            wspace=0.04, left=0.01, right=0.99, bottom=0.02,
+                            top=0.86)
+    image_planes = _planes(image, center)
+    legend = []
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(grid[0, i])
+        ax.imshow(image_planes[i], cmap="gray", vmin=vmin, vmax=vmax,
+                  aspect=aspects[i], interpolation="bilinear")
+        for labels, colours, _ in overlays:
+            plane = _planes(np.asarray(labels), center)[i]
+            for value, colour in colours.items():
+                mask = (plane == value).astype(np.float32)
+                if mask.any() and not mask.all():
+                    ax.contour(mask, levels=[0.5], colors=[colour],
+                               linewidths=0.9)
+        ax.set_title(f"{name} {center[i]}", fontsize=8)
+        ax.set_axis_off()
+    for labels, colours, overlay_name in overlays:
+        for value, colour in colours.items():
+            label = (io.CLASS_NAMES[value] if 0 <= value < 3 else value)
+            legend.append(Line2D([0], [0], color=colour,
+                                 label=f"{overlay_name} {label}"))
+    if legend:
+        fig.legend(handles=legend, loc="upper right", fontsize=7, ncol=2,
+                   frameon=False)
+    level_text = ("auto window" if window is None
+                  else f"window {window[0]:g}/{window[1]:g}")
+    fig.suptitle(f"{title}  spacing {sz:g}x{sy:.2f}x{sx:.2f} mm, "
+                 f"{level_text}".strip(), fontsize=9, x=0.01, ha="left")
+    return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def save_case_preview(path, case, window=CT_WINDOW):
+    """Orthogonal views of an ``io.Case`` with its label outlines."""
+    overlays = []
+    if case.labels is not None:
+        overlays = [(case.labels.array, dict(LABEL_COLOURS), "label")]
+    return save_orthogonal_views(path, case.image.array, case.spacing,
+                                 overlays, title=case.case_id, window=window)
