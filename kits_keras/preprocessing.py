@@ -195,6 +195,11 @@ def axis_weights(n_in, n_out, order=1):
     return matrix.astype(np.float32)
 
 
+def usable_cores():
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
 def _slabs(wz, slab_out):
     """Yields (k0, k1, lo, hi): output slices k0:k1 need input lo:hi."""
     nonzero = wz != 0
@@ -253,7 +258,7 @@ def _resample(volume, shape, order, value_fns, threads=None):
                 out[k0:k1] = _apply(w, _inplane(src, wy, wx))
 
     slabs = list(_slabs(wz_dense, slab_out))
-    threads = threads or min(len(os.sched_getaffinity(0)), 4)
+    threads = threads or min(usable_cores(), 4)
     if threads > 1 and len(slabs) > 1:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, slabs))
@@ -274,7 +279,7 @@ def _resolve_shape(shape_in, spacing, target_spacing, shape):
 
 
 def resample_image(image, spacing, target_spacing=None, shape=None, order=1,
-                   stats=None):
+                   stats=None, threads=None):
     """Resamples a CT volume; returns float32.
 
     Args:
@@ -285,6 +290,7 @@ def resample_image(image, spacing, target_spacing=None, shape=None, order=1,
         order: 1 (linear, default) or 3 (Keys cubic).
         stats: IntensityStats. If given, clip + z-score on the fly (slab by
             slab, before interpolation), as :func:`preprocess_image`.
+        threads: int. Worker threads (default: usable cores, at most 4).
 
     Example:
 
@@ -297,11 +303,11 @@ def resample_image(image, spacing, target_spacing=None, shape=None, order=1,
         fn = lambda slab: np.asarray(slab, np.float32)  # noqa: E731
     else:
         fn = lambda slab: normalise(slab, stats)  # noqa: E731
-    return _resample(image, shape, order, [fn])[0]
+    return _resample(image, shape, order, [fn], threads)[0]
 
 
 def resample_labels(labels, spacing, target_spacing=None, shape=None,
-                    num_classes=3):
+                    num_classes=3, threads=None):
     """Resamples a label volume; returns uint8 ``(z, y, x)``.
 
     Linear interpolation of the one-hot of each foreground class, background
@@ -311,7 +317,7 @@ def resample_labels(labels, spacing, target_spacing=None, shape=None,
     shape = _resolve_shape(labels.shape, spacing, target_spacing, shape)
     fns = [lambda slab, c=c: (slab == c).astype(np.float32)
            for c in range(1, num_classes)]
-    probs = _resample(labels, shape, 1, fns)
+    probs = _resample(labels, shape, 1, fns, threads)
     best = 1.0 - sum(probs)  # background probability
     out = np.zeros(shape, np.uint8)
     for c, p in enumerate(probs, start=1):
@@ -321,7 +327,7 @@ def resample_labels(labels, spacing, target_spacing=None, shape=None,
     return out
 
 
-def resample_probabilities(probs, shape):
+def resample_probabilities(probs, shape, threads=None):
     """Brings class probabilities ``(z, y, x, C)`` to ``shape`` (z, y, x).
 
     Linear, channel by channel and slab by slab in float32, so the memory on
@@ -336,11 +342,13 @@ def resample_probabilities(probs, shape):
     for c in range(probs.shape[-1]):
         out[..., c] = _resample(
             probs[..., c], shape, 1,
-            [lambda slab: np.ascontiguousarray(slab, np.float32)])[0]
+            [lambda slab: np.ascontiguousarray(slab, np.float32)],
+            threads)[0]
     return out
 
 
-def preprocess_image(image, spacing, stats, target_spacing, order=1):
+def preprocess_image(image, spacing, stats, target_spacing, order=1,
+                     threads=None):
     """THE image preprocessing of training data and inference input.
 
     Clips to the stats' HU percentiles, z-scores, and resamples to
@@ -348,16 +356,16 @@ def preprocess_image(image, spacing, stats, target_spacing, order=1):
     ``(z', y', x') = target_shape(image.shape, spacing, target_spacing)``.
     """
     return resample_image(image, spacing, target_spacing, order=order,
-                          stats=stats)
+                          stats=stats, threads=threads)
 
 
-def preprocess_case(case, stats, target_spacing):
+def preprocess_case(case, stats, target_spacing, threads=None):
     """``(image float32 normalised, labels uint8)`` of an :class:`io.Case`
     on the ``target_spacing`` grid (labels None if the case has none)."""
     image = preprocess_image(case.image.array, case.spacing, stats,
-                             target_spacing)
+                             target_spacing, threads=threads)
     labels = None
     if case.labels is not None:
         labels = resample_labels(case.labels.array, case.spacing,
-                                 shape=image.shape)
+                                 shape=image.shape, threads=threads)
     return image, labels

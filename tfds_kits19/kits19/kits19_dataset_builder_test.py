@@ -1,0 +1,34 @@
+"""kits19 dataset builder test over the tiny cases in dummy_data/."""
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from tfds_kits19.kits19 import kits19_dataset_builder
+
+
+class Kits19Test(tfds.testing.DatasetBuilderTestCase):
+    """Builds every config from dummy_data/ (5 cases: 4 train, 1 test)."""
+
+    DATASET_CLASS = kits19_dataset_builder.Builder
+    SPLITS = {"train": 4, "test": 1}  # case_00004 is index 4 -> test
+    SKIP_TF1_GRAPH_MODE = True
+
+    def test_metadata(self):
+        builder = self.builder
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                manual_dir=self.dummy_data))
+        meta = builder.info.metadata
+        self.assertEqual(meta["test_case_ids"], ["case_00004"])
+        self.assertEqual(len(meta["train_case_ids"]), 4)
+        self.assertGreater(meta["intensity_stats"]["std"], 0)
+        for ex in tfds.as_numpy(builder.as_dataset(split="train")):
+            self.assertEqual(ex["image"].shape, ex["labels"].shape)
+            shape = np.asarray(ex["labels"].shape)
+            self.assertTrue(np.all(ex["foreground_coords"] < shape))
+            self.assertTrue(np.all(ex["labels"][tuple(
+                ex["foreground_coords"].T)] > 0))
+
+
+if __name__ == "__main__":
+    tfds.testing.test_main()
