@@ -1,0 +1,222 @@
+"""The trained-model artifact and run directories.
+
+A run directory (one training run) holds::
+
+    RUN/model.keras          best model: weights + config + IntensityStats
+    RUN/config.json          the experiment config
+    RUN/checkpoints/         last checkpoint (weights, optimizer) + state.json
+    RUN/history.csv          one row per epoch (losses, Dice, learning rate)
+    RUN/logs/                TensorBoard logs (when TensorFlow is installed)
+    RUN/loss_curves.png      training/validation loss, validation Dice
+
+``model.keras`` is a normal Keras archive (``keras.saving.load_model`` reads
+it) with one extra member, ``kits_keras.json``, carrying the experiment config
+and the intensity statistics of the training set, so that
+:func:`load_artifact` needs nothing else to preprocess a new CT.
+
+This module imports Keras but never TensorFlow.
+"""
+
+import dataclasses
+import json
+import os
+import time
+import zipfile
+
+import numpy as np
+
+from kits_keras import io
+from kits_keras.config import ExperimentConfig
+
+MODEL_FILE = "model.keras"
+METADATA_MEMBER = "kits_keras.json"
+FORMAT_VERSION = 1
+
+
+def default_runs_root():
+    """Where runs go by default: ``$KITS_KERAS_RUNS`` or ``./runs``."""
+    return os.environ.get("KITS_KERAS_RUNS") or os.path.abspath("runs")
+
+
+def new_run_dir(root, name):
+    """A new, not yet existing ``root/<YYYYmmdd-HHMMSS>-<name>`` path."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(root, f"{stamp}-{name}")
+    suffix = 1
+    while os.path.exists(path):
+        path = os.path.join(root, f"{stamp}-{name}-{suffix}")
+        suffix += 1
+    return path
+
+
+def latest_run(root=None, member=MODEL_FILE):
+    """The run under ``root`` whose ``member`` file was written last.
+
+    Args:
+        root: str. Runs folder. Defaults to :func:`default_runs_root`.
+        member: str. File a run must hold to count (relative path).
+
+    Raises:
+        FileNotFoundError: when no run under ``root`` holds ``member``.
+    """
+    root = root or default_runs_root()
+    candidates = []
+    if os.path.isdir(root):
+        for entry in os.scandir(root):
+            path = os.path.join(entry.path, member)
+            if entry.is_dir() and os.path.isfile(path):
+                candidates.append((os.path.getmtime(path), entry.path))
+    if not candidates:
+        raise FileNotFoundError(
+            f"{root}: no training run with {member} found. Train one with "
+            "`kits-keras fit` or pass the run folder / model file explicitly."
+        )
+    return max(candidates)[1]
+
+
+def save_artifact(model, config, stats, path, extra=None):
+    """Writes ``model`` as a Keras archive with the config and statistics.
+
+    Atomic: written to a temporary file beside ``path`` and renamed.
+
+    Args:
+        model: keras.Model. The (multi-output) U-Net; save an uncompiled
+            model to keep optimizer state out of the artifact.
+        config: ExperimentConfig.
+        stats: IntensityStats, a dict of its fields, or None.
+        path: str. Target ``.keras`` file.
+        extra: dict or None. More JSON-serialisable metadata (epoch, Dice).
+    """
+    if hasattr(stats, "to_dict"):
+        stats = stats.to_dict()
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "intensity_stats": stats,
+        **(extra or {}),
+    }
+
+    def write(tmp):
+        # atomic_write keeps the .keras suffix, which Keras insists on.
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(METADATA_MEMBER, json.dumps(metadata))
+
+    io.atomic_write(path, write)
+
+
+def read_metadata(path):
+    """The ``kits_keras.json`` dict of a model archive."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read(METADATA_MEMBER))
+    except (zipfile.BadZipFile, KeyError, OSError) as err:
+        raise io.CaseError(
+            f"{path}: not a kits-keras model archive ({err})."
+        ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    """A trained model with everything needed to segment a new CT.
+
+    Attributes:
+        model: keras.Model. The multi-output U-Net (full resolution first).
+        config: ExperimentConfig.
+        stats: IntensityStats (or its dict if that module is unavailable),
+            or None for a model trained on in-memory data.
+        path: str. The ``.keras`` file it came from.
+        metadata: dict. Everything stored with it (epoch, validation Dice).
+    """
+
+    model: object
+    config: ExperimentConfig
+    stats: object
+    path: str
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def full_resolution(self):
+        if "_full" not in self.__dict__:
+            from kits_keras.model import full_resolution_model
+
+            object.__setattr__(
+                self, "_full", full_resolution_model(self.model)
+            )
+        return self.__dict__["_full"]
+
+    def network(self, batch):
+        """Full-resolution class probabilities of a batch of patches.
+
+        Args:
+            batch: np.ndarray float32 ``(B, z, y, x, 1)``, normalised
+                intensities; spatial sizes divisible by the total stride.
+
+        Returns:
+            np.ndarray float32 ``(B, z, y, x, C)``. Compiled (jit) once per
+            input shape.
+        """
+        batch = np.asarray(batch, dtype=np.float32)
+        if batch.ndim != 5 or batch.shape[-1] != 1:
+            raise ValueError(
+                "Expected a batch of shape (B, z, y, x, 1). Received: "
+                f"shape={batch.shape}"
+            )
+        probs = self.full_resolution.predict_on_batch(batch)
+        return np.asarray(probs, dtype=np.float32)
+
+
+def _model_path(path):
+    if os.path.isdir(path):
+        path = os.path.join(path, MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path}: no model file. Pass a run folder holding {MODEL_FILE} "
+            "or the .keras file itself."
+        )
+    return path
+
+
+def load_artifact(path=None):
+    """Loads a model archive, or the best model of a run folder.
+
+    The network is rebuilt from the stored config under the host's dtype
+    policy (float32 on CPU even if it was trained in bfloat16 on a GPU)
+    and the stored weights are loaded into it.
+
+    Args:
+        path: str or None. A run folder, a ``.keras`` file, or None for the
+            latest run under :func:`default_runs_root`.
+
+    Returns:
+        Artifact.
+    """
+    from kits_keras.model import build_unet
+
+    path = _model_path(path or latest_run())
+    metadata = read_metadata(path)
+    config = ExperimentConfig.from_dict(metadata["config"])
+    model = build_unet(config)
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError, OSError) as err:
+        raise io.CaseError(
+            f"{path}: weights do not fit the stored config ({err})."
+        ) from None
+    return Artifact(
+        model=model,
+        config=config,
+        stats=_stats(metadata.get("intensity_stats")),
+        path=path,
+        metadata=metadata,
+    )
+
+
+def _stats(d):
+    if d is None:
+        return None
+    try:
+        from kits_keras.preprocessing import IntensityStats
+    except ImportError:
+        return d
+    return IntensityStats.from_dict(d)

@@ -1,0 +1,254 @@
+"""Training callbacks whose state survives ``kits-keras fit --resume``.
+
+Each stateful callback has ``get_state()`` / ``set_state(state)`` returning
+or taking a JSON-serialisable dict; :class:`RunCheckpoint` stores them in
+``checkpoints/state.json`` next to the weights-and-optimizer checkpoint.
+Callback order matters (they share one ``logs`` dict per epoch):
+``ValidationSummary`` first (adds ``val_dice`` and its moving average), then
+the LR schedule, the loggers, the curves and last :class:`RunCheckpoint`.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+
+import keras
+import numpy as np
+
+from kits_keras import io
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+
+
+class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
+    """``ReduceLROnPlateau`` whose counters can be saved and restored.
+
+    Keras resets ``wait``, ``best`` and ``cooldown_counter`` at the start of
+    every ``fit``; a restored state is applied after that reset.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._restored = None
+
+    def get_state(self):
+        return {
+            "wait": int(self.wait),
+            "best": float(self.best),
+            "cooldown_counter": int(self.cooldown_counter),
+        }
+
+    def set_state(self, state):
+        self._restored = dict(state)
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._restored:
+            self.wait = self._restored["wait"]
+            self.best = self._restored["best"]
+            self.cooldown_counter = self._restored["cooldown_counter"]
+
+
+def _find(logs, prefix, suffix):
+    for key, value in logs.items():
+        if key.startswith(prefix) and key.endswith(suffix):
+            return float(value)
+    return None
+
+
+class ValidationSummary(keras.callbacks.Callback):
+    """Adds the KiTS19 validation metric and its moving average to ``logs``.
+
+    ``val_dice`` = mean of the validation kidney and tumour Dice (from the
+    :class:`kits_keras.metrics.RegionDice` metrics of the full-resolution
+    output), ``val_dice_ma`` = its mean over the last ``window`` validated
+    epochs. Keras names multi-output metrics ``val_<output>_kidney_dice``;
+    they are also copied to the plain ``val_kidney_dice`` /
+    ``val_tumour_dice`` keys.
+
+    Args:
+        window: int. Epochs in the moving average.
+        volume_validator: callable ``(model, epoch) -> dict`` or None. Hook
+            for full-volume (sliding-window) validation, called every
+            ``volume_every`` epochs; its values are added to ``logs`` with a
+            ``val_volume_`` prefix.
+        volume_every: int. 0 disables the hook.
+    """
+
+    def __init__(self, window, volume_validator=None, volume_every=0):
+        super().__init__()
+        self.window = int(window)
+        self.volume_validator = volume_validator
+        self.volume_every = int(volume_every)
+        self.dice_history = []
+
+    def get_state(self):
+        return {"dice_history": list(self.dice_history)}
+
+    def set_state(self, state):
+        self.dice_history = list(state["dice_history"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        kidney = _find(logs, "val_", "kidney_dice")
+        tumour = _find(logs, "val_", "tumour_dice")
+        if kidney is not None and tumour is not None:
+            logs["val_kidney_dice"] = kidney
+            logs["val_tumour_dice"] = tumour
+            logs["val_dice"] = (kidney + tumour) / 2.0
+            self.dice_history.append(logs["val_dice"])
+            recent = self.dice_history[-self.window:]
+            logs["val_dice_ma"] = float(np.mean(recent))
+        if self.volume_validator and self.volume_every > 0:
+            if (epoch + 1) % self.volume_every == 0:
+                for key, value in self.volume_validator(self.model, epoch).items():
+                    logs[f"val_volume_{key}"] = float(value)
+
+
+class LossCurves(keras.callbacks.Callback):
+    """Redraws ``loss_curves.png`` from ``history.csv`` after every epoch.
+
+    Like the paper's Fig. 3: training and validation loss (left axis) and
+    the moving average of the validation Dice (right axis). Must come after
+    the ``CSVLogger`` that writes ``csv_path``.
+    """
+
+    def __init__(self, csv_path, png_path):
+        super().__init__()
+        self.csv_path = csv_path
+        self.png_path = png_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        plot_loss_curves(self.csv_path, self.png_path)
+
+
+def _column(rows, key):
+    values = []
+    for row in rows:
+        try:
+            values.append(float(row.get(key, "nan")))
+        except ValueError:  # "NA" on epochs without validation
+            values.append(math.nan)
+    return np.asarray(values)
+
+
+def plot_loss_curves(csv_path, png_path):
+    """Draws the curves of a ``history.csv`` into ``png_path`` (atomic)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = _column(rows, "epoch") + 1
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(epochs, _column(rows, "loss"), label="training loss")
+    val_loss = _column(rows, "val_loss")
+    ok = np.isfinite(val_loss)
+    ax.plot(epochs[ok], val_loss[ok], label="validation loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right = ax.twinx()
+    ma = _column(rows, "val_dice_ma")
+    ok = np.isfinite(ma)
+    right.plot(epochs[ok], ma[ok], color="tab:green",
+               label="validation Dice (moving average)")
+    right.set_ylabel("mean kidney/tumour Dice")
+    right.set_ylim(0.0, 1.0)
+    handles = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(handles[0] + more[0], handles[1] + more[1], loc="center right")
+    ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(csv_path))))
+    fig.tight_layout()
+    io.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100))
+    plt.close(fig)
+
+
+class RunCheckpoint(keras.callbacks.Callback):
+    """Checkpoints every epoch and keeps the best model artifact.
+
+    After each epoch: the compiled model (weights and optimizer state,
+    learning rate and iteration count included) goes to
+    ``checkpoints/epoch_XXXX.keras``; then, if ``val_dice_ma`` improved, the
+    best model to ``model.keras`` via ``save_best``; then
+    ``checkpoints/state.json`` (epochs done, the checkpoint's file name, the
+    other callbacks' states) is written atomically, and only then the
+    previous checkpoint deleted. A crash at any point leaves a consistent
+    ``state.json`` pointing at a complete checkpoint.
+
+    Args:
+        checkpoint_dir: str.
+        save_best: callable ``(model, epoch, logs)`` writing the artifact.
+        stateful: dict name -> callback with ``get_state``/``set_state``.
+        extra_state: dict. Stored as is (seed, config name).
+    """
+
+    def __init__(self, checkpoint_dir, save_best, stateful, extra_state):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self.save_best = save_best
+        self.stateful = stateful
+        self.extra_state = dict(extra_state)
+        self.best = -math.inf
+        self.best_epoch = None
+
+    def restore(self, state):
+        for name, callback in self.stateful.items():
+            callback.set_state(state[name])
+        self.best = state["best"]
+        self.best_epoch = state["best_epoch"]
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        name = f"epoch_{epoch + 1:04d}.keras"
+        path = os.path.join(self.checkpoint_dir, name)
+        io.atomic_write(path, self.model.save)
+        score = logs.get("val_dice_ma")
+        if score is not None and score > self.best:
+            self.best, self.best_epoch = float(score), epoch + 1
+            self.save_best(self.model, epoch, logs)
+            log.info("Epoch %d: best validation Dice (moving average) %.4f",
+                     epoch + 1, score)
+        previous = read_state(self.checkpoint_dir)
+        state = {
+            **self.extra_state,
+            "epochs_done": epoch + 1,
+            "checkpoint": name,
+            "learning_rate": float(self.model.optimizer.learning_rate),
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            **{k: c.get_state() for k, c in self.stateful.items()},
+        }
+        write_json(os.path.join(self.checkpoint_dir, STATE_FILE), state)
+        if previous and previous["checkpoint"] != name:
+            old = os.path.join(self.checkpoint_dir, previous["checkpoint"])
+            if os.path.exists(old):
+                os.remove(old)
+
+
+def write_json(path, obj):
+    """Writes ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=2)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    io.atomic_write(path, write)
+
+
+def read_state(checkpoint_dir):
+    """The ``state.json`` dict of a checkpoint folder, or None."""
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,404 @@
+"""Training the multi-scale supervised U-Net: ``kits-keras fit``.
+
+Small functions, one job each: :func:`setup_distribution` (data parallel over
+devices, multi-host), :func:`build_dataset`, :func:`build_model`,
+:func:`compile_model`, :func:`make_callbacks`, :func:`train` (the loop on any
+data) and :func:`fit` (everything from a prepared dataset folder).
+
+Schedule (paper): Adam 3e-4, x0.2 when the training loss has not improved for
+``lr_patience`` epochs, ``steps_per_epoch`` iterations per epoch. Epoch ``e``
+draws its patches from a data stream seeded by ``(seed, e)`` alone, so a
+resumed run sees the same batches as an uninterrupted one.
+
+Keras must be imported after the backend is chosen
+(:func:`kits_keras.backend.select_backend`); the CLI imports this module
+lazily for that reason. Nothing here imports TensorFlow except through the
+data pipeline and the optional TensorBoard logger.
+"""
+
+import csv
+import dataclasses
+import importlib.util
+import logging
+import os
+
+import keras
+import numpy as np
+
+from kits_keras import artifact
+from kits_keras import backend as backend_lib
+from kits_keras import callbacks as cb
+from kits_keras.config import ExperimentConfig
+from kits_keras.config import override
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Multi-host training on JAX's distributed runtime.
+
+    Attributes:
+        coordinator_address: str. ``host:port`` of process 0.
+        num_processes: int. Processes (hosts) in the job.
+        process_id: int. This process, ``0 .. num_processes - 1``.
+    """
+
+    coordinator_address: str
+    num_processes: int
+    process_id: int
+
+
+def epoch_seed(seed, epoch):
+    """The data seed of epoch ``epoch``: depends on ``(seed, epoch)`` only."""
+    state = np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)
+    return int(state[0] % (2**31 - 1))
+
+
+def setup_distribution(gpus, cluster=None):
+    """Sets ``keras.distribution.DataParallel`` over ``gpus`` devices.
+
+    Args:
+        gpus: int. Devices of this process to train on; 1 means no
+            distribution (unless ``cluster`` is given).
+        cluster: Cluster or None. With several processes, the mesh spans
+            ``gpus`` devices of every process.
+
+    Returns:
+        The distribution, or None.
+    """
+    if gpus < 1:
+        raise ValueError(f"--gpus must be at least 1. Received: gpus={gpus}")
+    if cluster is not None:
+        keras.distribution.initialize(
+            cluster.coordinator_address, cluster.num_processes,
+            cluster.process_id,
+        )
+    processes = cluster.num_processes if cluster else 1
+    if gpus * processes == 1:
+        return None
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            "Data-parallel training (--gpus > 1 or several processes) needs "
+            f"the JAX backend. Received: backend={keras.backend.backend()!r}"
+        )
+    import jax
+
+    local = jax.local_devices()
+    if gpus > len(local):
+        raise ValueError(
+            f"--gpus {gpus} asks for more devices than this host has: "
+            f"{len(local)} ({', '.join(str(d) for d in local)})."
+        )
+    by_process = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    chosen = [d for p in sorted(by_process) for d in by_process[p][:gpus]]
+    names = [f"{d.platform}:{d.id}" for d in chosen]
+    distribution = keras.distribution.DataParallel(devices=names)
+    keras.distribution.set_distribution(distribution)
+    log.info("Data parallel over %d devices: %s", len(names), names)
+    return distribution
+
+
+def describe_sharding(distribution, batch_shape):
+    """``[(device, shard shape)]`` of a batch laid out as fit lays it out.
+
+    Uses the distribution's data layout, the one Keras' JAX trainer applies
+    to every batch.
+    """
+    layout = distribution.get_data_layout(batch_shape)
+    array = keras.distribution.distribute_tensor(
+        np.zeros(batch_shape, np.float32), layout
+    )
+    return [(str(s.device), tuple(s.data.shape))
+            for s in array.addressable_shards]
+
+
+def set_precision():
+    """mixed_bfloat16 when JAX has a GPU/TPU, float32 otherwise."""
+    use_bf16 = (keras.backend.backend() == "jax"
+                and backend_lib.has_accelerator())
+    policy = "mixed_bfloat16" if use_bf16 else "float32"
+    keras.config.set_dtype_policy(policy)
+    return policy
+
+
+def build_dataset(config, data_dir, seed, devices=1):
+    """Per-epoch training datasets and the validation dataset.
+
+    Args:
+        config: ExperimentConfig.
+        data_dir: str. TFDS data folder prepared by ``kits-keras prepare``.
+        seed: int.
+        devices: int. Devices the batch is split over; validation batches
+            are then kept full (a short last batch cannot be split).
+
+    Returns:
+        ``(epoch_dataset, validation)``: ``epoch_dataset(epoch)`` gives the
+        training ``tf.data.Dataset`` of that epoch; ``validation`` is finite.
+    """
+    from kits_keras import data
+
+    def epoch_dataset(epoch):
+        return data.make_train_dataset(config, data_dir,
+                                       seed=epoch_seed(seed, epoch))
+
+    validation = data.make_validation_dataset(config, data_dir)
+    if devices > 1:
+        validation = validation.unbatch().batch(
+            config.train.batch_size, drop_remainder=True)
+    return epoch_dataset, validation
+
+
+def epoch_batches(epoch_dataset, initial_epoch, epochs, steps):
+    """Yields ``steps`` numpy batches of each epoch from ``initial_epoch``."""
+    for epoch in range(initial_epoch, epochs):
+        ds = epoch_dataset(epoch).repeat().take(steps)
+        yield from ds.as_numpy_iterator()
+
+
+def intensity_stats(config, data_dir):
+    """The training set's IntensityStats dict from the TFDS metadata."""
+    import tensorflow_datasets as tfds
+
+    import tfds_kits19  # noqa: F401  (registers the builder)
+
+    builder = tfds.builder(f"kits19/{config.data.dataset}", data_dir=data_dir)
+    return (builder.info.metadata or {}).get("intensity_stats")
+
+
+def build_model(config, seed):
+    """The U-Net of ``config`` with weights initialised from ``seed``."""
+    from kits_keras.model import build_unet
+
+    keras.utils.set_random_seed(int(seed))
+    return build_unet(config)
+
+
+def compile_model(model, config):
+    """Adam, the multi-scale exp-log loss, region Dice on the full-res output.
+
+    The loss of output ``i`` is weighted by ``deep_supervision_weights``
+    (halving per level, normalised).
+    """
+    from kits_keras.losses import ExpLogLoss
+    from kits_keras.losses import deep_supervision_weights
+    from kits_keras.metrics import RegionDice
+
+    n = len(model.outputs)
+    model.compile(
+        optimizer=keras.optimizers.Adam(config.train.learning_rate),
+        loss=[ExpLogLoss.from_loss_config(config.loss) for _ in range(n)],
+        loss_weights=deep_supervision_weights(n),
+        metrics=[[RegionDice("kidney"), RegionDice("tumour")]]
+        + [[] for _ in range(n - 1)],
+    )
+    return model
+
+
+def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
+                   volume_every=0):
+    """The callbacks of a run, in the order they must run.
+
+    Returns ``(callbacks, checkpoint)``; ``checkpoint.restore(state)``
+    restores every stateful one.
+    """
+    from kits_keras.model import build_unet
+
+    summary = cb.ValidationSummary(config.train.metric_smoothing,
+                                   volume_validator, volume_every)
+    plateau = cb.ResumableReduceLROnPlateau(
+        monitor="loss", factor=config.train.lr_factor,
+        patience=config.train.lr_patience, verbose=1,
+    )
+    csv_path = os.path.join(run_dir, "history.csv")
+    loggers = [keras.callbacks.CSVLogger(csv_path, append=True)]
+    # keras' TensorBoard logger writes through tf.summary, which needs both
+    # TensorFlow and the tensorboard package; without them only CSV.
+    if all(importlib.util.find_spec(m) for m in ("tensorflow", "tensorboard")):
+        backend_lib.import_tensorflow()
+        loggers.append(keras.callbacks.TensorBoard(
+            os.path.join(run_dir, "logs"), write_graph=False,
+            profile_batch=0))
+    curves = cb.LossCurves(csv_path, os.path.join(run_dir, "loss_curves.png"))
+    export = []
+
+    def save_best(model, epoch, logs):
+        # An uncompiled twin keeps the optimizer state out of the artifact.
+        if not export:
+            export.append(build_unet(config))
+        export[0].set_weights(model.get_weights())
+        extra = {k: float(v) for k, v in logs.items() if k.startswith("val")}
+        artifact.save_artifact(
+            export[0], config, stats,
+            os.path.join(run_dir, artifact.MODEL_FILE),
+            extra={"epoch": epoch + 1, **extra},
+        )
+
+    checkpoint = cb.RunCheckpoint(
+        os.path.join(run_dir, "checkpoints"), save_best,
+        {"plateau": plateau, "summary": summary},
+        {"seed": int(seed), "config": config.name},
+    )
+    return [summary, plateau, *loggers, curves, checkpoint], checkpoint
+
+
+def train(config, model, epoch_dataset, validation, run_dir, stats=None,
+          seed=0, state=None, verbose="auto", volume_validator=None,
+          volume_every=0):
+    """Trains a compiled ``model`` into ``run_dir``; the core of :func:`fit`.
+
+    Args:
+        config: ExperimentConfig. ``train`` gives epochs and steps.
+        model: compiled keras.Model (see :func:`compile_model`).
+        epoch_dataset: callable ``epoch -> tf.data.Dataset`` of
+            ``(image (B, z, y, x, 1), labels tuple)`` batches; must depend on
+            the epoch only (exact resume).
+        validation: finite dataset of the same structure, or None.
+        run_dir: str. Created if needed.
+        stats: IntensityStats (or dict) stored in the artifact.
+        seed: int. Recorded in ``state.json``.
+        state: dict from ``checkpoints/state.json`` to resume from, or None.
+        verbose: Keras verbosity ("auto": a progress bar per epoch).
+        volume_validator: hook ``(model, epoch) -> dict`` for full-volume
+            validation every ``volume_every`` epochs (0: never).
+
+    Returns:
+        keras.callbacks.History of this call.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    callbacks, checkpoint = make_callbacks(
+        run_dir, config, stats, seed, volume_validator, volume_every)
+    initial_epoch = 0
+    if state is not None:
+        initial_epoch = restore(model, run_dir, state, checkpoint)
+    _truncate_history(os.path.join(run_dir, "history.csv"), initial_epoch)
+    steps = config.train.steps_per_epoch
+    return model.fit(
+        epoch_batches(epoch_dataset, initial_epoch, config.train.epochs,
+                      steps),
+        epochs=config.train.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps,
+        validation_data=validation,
+        validation_freq=config.train.validation_every,
+        shuffle=False,  # the stream is shuffled and seeded per epoch
+        callbacks=callbacks,
+        verbose=verbose,
+    )
+
+
+def restore(model, run_dir, state, checkpoint):
+    """Loads weights, optimizer and callback states; returns epochs done."""
+    path = os.path.join(run_dir, "checkpoints", state["checkpoint"])
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(path)
+    checkpoint.restore(state)
+    log.info("Resuming %s after epoch %d (learning rate %.3g)", run_dir,
+             state["epochs_done"], float(model.optimizer.learning_rate))
+    return int(state["epochs_done"])
+
+
+def _truncate_history(csv_path, epochs_done):
+    """Drops rows of epochs after the checkpoint (a crash mid-way)."""
+    if not os.path.isfile(csv_path):
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [r for r in rows[1:] if r and int(r[0]) < epochs_done]
+    if len(kept) == len(rows) - 1:
+        return
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows[:1] + kept)
+
+    from kits_keras import io
+
+    io.atomic_write(csv_path, write)
+
+
+def prepare_run(config, out_dir, resume):
+    """``(run_dir, config, state)`` for a new or resumed run.
+
+    Resuming takes the run's stored config; ``config`` may only differ from
+    it in ``train.epochs`` (to train longer). A new run refuses a folder
+    that already holds checkpoints.
+    """
+    if resume:
+        run_dir = out_dir or artifact.latest_run(
+            member=os.path.join("checkpoints", cb.STATE_FILE))
+        state = cb.read_state(os.path.join(run_dir, "checkpoints"))
+        if state is None:
+            raise FileNotFoundError(
+                f"{run_dir}: no checkpoints/{cb.STATE_FILE} to resume from.")
+        with open(os.path.join(run_dir, "config.json")) as f:
+            stored = ExperimentConfig.from_json(f.read())
+        if config is not None:
+            wanted = override(config, train={"epochs": stored.train.epochs})
+            if wanted != stored:
+                raise ValueError(
+                    f"{run_dir}: config differs from the run's config.json "
+                    "(only --epochs may change on --resume).")
+            stored = override(stored, train={"epochs": config.train.epochs})
+        return run_dir, stored, state
+    if config is None:
+        raise ValueError("A config is needed to start a run.")
+    run_dir = out_dir or artifact.new_run_dir(artifact.default_runs_root(),
+                                              config.name)
+    if cb.read_state(os.path.join(run_dir, "checkpoints")) is not None:
+        raise ValueError(
+            f"{run_dir}: already holds a run; pass --resume to continue it "
+            "or choose another --out.")
+    return run_dir, config, None
+
+
+def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
+        cluster=None, verbose="auto"):
+    """Trains on a prepared dataset; the library side of ``kits-keras fit``.
+
+    Args:
+        config: ExperimentConfig, or None to resume with the run's own.
+        data_dir: str. TFDS data folder (``kits-keras prepare``).
+        out_dir: str or None. Run folder; default a new dated folder under
+            :func:`kits_keras.artifact.default_runs_root` (resume: the
+            latest run there).
+        gpus: int. Devices per process for data parallelism.
+        resume: bool. Continue the run in ``out_dir`` from its checkpoint.
+        seed: int or None. Overrides ``config.train.seed``.
+        cluster: Cluster or None. Multi-host training.
+        verbose: Keras verbosity.
+
+    Returns:
+        str. The run folder.
+    """
+    if seed is not None and config is not None:
+        config = override(config, train={"seed": int(seed)})
+    run_dir, config, state = prepare_run(config, out_dir, resume)
+    seed = config.train.seed
+    processes = cluster.num_processes if cluster else 1
+    if config.train.batch_size % (gpus * processes):
+        raise ValueError(
+            f"The batch ({config.train.batch_size}) must split evenly over "
+            f"{gpus * processes} devices. Received: gpus={gpus}")
+    distribution = setup_distribution(gpus, cluster)
+    log.info("Run folder: %s; precision %s", run_dir, set_precision())
+    cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
+    data_config, data_seed = config, seed
+    if processes > 1:  # each process feeds its share of the global batch
+        data_config = override(config, train={
+            "batch_size": config.train.batch_size // processes})
+        data_seed = seed + 1000003 * cluster.process_id
+    epoch_dataset, validation = build_dataset(data_config, data_dir,
+                                              data_seed, gpus * processes)
+    if distribution is not None:
+        shape = ((data_config.train.batch_size,)
+                 + tuple(config.data.patch_size) + (1,))
+        log.info("Batch %s sharded as %s", shape,
+                 describe_sharding(distribution, shape))
+    model = compile_model(build_model(config, seed), config)
+    train(config, model, epoch_dataset, validation, run_dir,
+          stats=intensity_stats(config, data_dir), seed=seed, state=state,
+          verbose=verbose)
+    return run_dir
