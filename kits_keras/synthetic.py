@@ -237,7 +237,9 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
     for case_id, _ in pairs:
         target = os.path.join(out_dir, case_id)
         if os.path.exists(target) and not overwrite:
-            raise io.CaseError(f"{target}: already exists (use overwrite)")
+            raise io.CaseError(
+                f"{target}: already exists (--overwrite / overwrite=True "
+                "replaces it)")
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".synth-", dir=out_dir)
     written = []
