@@ -1,0 +1,49 @@
+"""Shared pytest fixtures.
+
+``synthetic_cases_dir``: a session-wide folder with 3 small synthetic KiTS19
+cases (``case_00000`` .. ``case_00002``, seed 0), written once by
+:func:`kits_keras.synthetic.write_cases`. Treat it as read-only; copy it
+(``shutil.copytree``) before modifying anything.
+
+``kits19_labels_dir``: the real KiTS19 label volumes shared on this machine
+(``$KITS19_LABELS``, default ``<repo>/../shared/data/kits19-labels``); the
+test is skipped when the folder is absent. Never copy them into the repo.
+"""
+
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYNTHETIC_SEED = 0
+SYNTHETIC_CASES = 3
+
+
+def kits19_labels_path():
+    """Where the real label volumes are expected (may not exist)."""
+    return os.environ.get(
+        "KITS19_LABELS",
+        os.path.join(os.path.dirname(REPO), "shared", "data",
+                     "kits19-labels"),
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_cases_dir(tmp_path_factory):
+    """Folder holding 3 small synthetic cases (seed 0); do not modify."""
+    from kits_keras import synthetic
+
+    out = tmp_path_factory.mktemp("synthetic_cases")
+    synthetic.write_cases(str(out), SYNTHETIC_CASES, seed=SYNTHETIC_SEED,
+                          size="small")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def kits19_labels_dir():
+    """Folder of real ``case_XXXXX/segmentation.nii.gz``; skips if absent."""
+    path = kits19_labels_path()
+    if not os.path.isdir(path):
+        pytest.skip(f"real KiTS19 labels not found at {path} "
+                    "(set KITS19_LABELS)")
+    return path
