@@ -1,0 +1,195 @@
+"""Tests of kits_keras/model.py and kits_keras/layers.py."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from kits_keras.config import get_config
+from kits_keras.config import output_strides
+from kits_keras.config import override
+from kits_keras.layers import InstanceNormalization
+from kits_keras.model import build_unet
+from kits_keras.model import count_flops
+from kits_keras.model import full_resolution_model
+from kits_keras.model import level_filters
+from kits_keras.model import total_stride
+
+# The strides of the PlainConvUNet measured in benchmarks/train_step.py.
+PEER_STRIDES = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    keras.utils.set_random_seed(0)
+    cfg = get_config("tiny")
+    return cfg, build_unet(cfg)
+
+
+def test_tiny_outputs_per_decoder_level(tiny):
+    cfg, model = tiny
+    x = np.random.default_rng(0).normal(size=(2, 16, 32, 32, 1))
+    outs = model(x.astype("float32"))
+    factors = output_strides(cfg)
+    assert len(outs) == len(factors) == cfg.model.num_levels - 1
+    for out, f in zip(outs, factors):
+        assert tuple(out.shape) == (2, 16 // f[0], 32 // f[1], 32 // f[2], 3)
+        assert keras.backend.standardize_dtype(out.dtype) == "float32"
+        out = np.asarray(out)
+        np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
+        assert np.all(out >= 0)
+
+
+def test_layer_names_by_level(tiny):
+    _, model = tiny
+    names = {layer.name for layer in model.layers}
+    for name in ["enc0_conv1", "enc2_conv1_norm", "enc3_conv2_act",
+                 "dec1_up", "dec0_concat", "dec2_conv2", "head0",
+                 "head0_conv", "head2"]:
+        assert name in names, name
+    assert model.output_names == ["head0", "head1", "head2"]
+    stride = model.get_layer("enc1_conv1").strides
+    assert tuple(stride) == (2, 2, 2)
+    assert tuple(model.get_layer("enc1_conv2").strides) == (1, 1, 1)
+
+
+def test_paper_shapes_match_plainconvunet():
+    cfg = override(get_config("paper"), model={"strides": PEER_STRIDES})
+    model = build_unet(cfg)
+    # dynamic_network_architectures' PlainConvUNet with these settings has
+    # exactly this many parameters (benchmarks/train_step.py prints both).
+    assert model.count_params() == 14_733_342
+    assert level_filters(cfg.model) == (30, 60, 120, 240, 320)
+    assert total_stride(cfg) == (4, 16, 16)
+    paper = get_config("paper")
+    assert total_stride(paper) == (8, 16, 16)
+    assert len(output_strides(paper)) == 4
+
+
+def test_full_resolution_model_shares_weights(tiny):
+    _, model = tiny
+    single = full_resolution_model(model)
+    x = np.random.default_rng(1).normal(size=(1, 8, 16, 16, 1))
+    x = x.astype("float32")
+    np.testing.assert_allclose(
+        np.asarray(single(x)), np.asarray(model(x)[0]), rtol=1e-5, atol=1e-6
+    )
+    assert single.count_params() < model.count_params()
+    head = model.get_layer("head0_conv")
+    assert single.get_layer("head0_conv") is head
+
+
+def test_save_load_round_trip(tiny, tmp_path):
+    _, model = tiny
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    x = np.random.default_rng(2).normal(size=(1, 8, 16, 16, 1))
+    x = x.astype("float32")
+    for a, b in zip(model(x), restored(x)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_invalid_strides():
+    cfg = override(get_config("tiny"), model={"strides": ((2, 2, 2),) * 4})
+    with pytest.raises(ValueError, match="strides"):
+        build_unet(cfg)
+    with pytest.raises(ValueError, match="norm"):
+        build_unet(override(get_config("tiny"), model={"norm": "layer"}))
+
+
+def test_instance_norm_matches_group_norm():
+    x = np.random.default_rng(3).normal(2.0, 3.0, (2, 6, 5, 4, 7))
+    x = x.astype("float32")
+    ours = InstanceNormalization()
+    ref = keras.layers.GroupNormalization(groups=-1, epsilon=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(ours(x)), np.asarray(ref(x)), atol=1e-5
+    )
+    restored = InstanceNormalization.from_config(ours.get_config())
+    assert restored.epsilon == ours.epsilon
+    with pytest.raises(ValueError):
+        InstanceNormalization(epsilon=0.0)
+
+
+def test_instance_norm_bfloat16_statistics_in_float32():
+    # An offset well above the spread; the input itself is rounded to
+    # bfloat16 (8 bits of mantissa) before the layer sees it.
+    x = np.random.default_rng(4).normal(4.0, 1.0, (1, 8, 8, 8, 2))
+    layer = InstanceNormalization(dtype="mixed_bfloat16")
+    y = layer(x.astype("float32"))
+    assert keras.backend.standardize_dtype(y.dtype) == "bfloat16"
+    y = np.asarray(keras.ops.cast(y, "float32"))
+    assert np.abs(y.mean(axis=(1, 2, 3))).max() < 0.05
+    assert np.abs(y.std(axis=(1, 2, 3)) - 1).max() < 0.05
+
+
+def test_mixed_bfloat16_model_outputs_float32():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = build_unet(get_config("tiny"))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    outs = model(np.zeros((1, 8, 16, 16, 1), "float32"))
+    assert all(
+        keras.backend.standardize_dtype(o.dtype) == "float32" for o in outs
+    )
+
+
+def test_count_flops_by_hand():
+    # Two levels, stride 2, 4 -> 8 features, 2 classes, patch 4x4x4.
+    cfg = override(
+        get_config("tiny"),
+        model={"num_levels": 2, "base_filters": 4, "max_filters": 8,
+               "num_classes": 2, "strides": ((1, 1, 1), (2, 2, 2))},
+    )
+    v0, v1 = 64, 8
+    macs = (v0 * 27 * 1 * 4 + v0 * 27 * 16      # enc0
+            + v1 * 27 * 4 * 8 + v1 * 27 * 64    # enc1
+            + v0 * 8 * 4                        # dec0_up
+            + v0 * 27 * 8 * 4 + v0 * 27 * 16    # dec0 convs
+            + v0 * 4 * 2)                       # head0
+    assert count_flops(cfg, (4, 4, 4)) == 2 * macs
+    with pytest.raises(ValueError, match="multiple"):
+        count_flops(cfg, (5, 4, 4))
+
+
+def test_runs_without_tensorflow(tmp_path):
+    """Model, loss and gradient on JAX with TensorFlow made unimportable."""
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["tensorflow"] = None
+        import jax
+        import numpy as np
+        import keras
+        from kits_keras.config import get_config
+        from kits_keras.losses import multi_scale_loss
+        from kits_keras.model import build_unet
+        assert keras.backend.backend() == "jax"
+        cfg = get_config("tiny")
+        model = build_unet(cfg)
+        x = np.zeros((1, 8, 16, 16, 1), "float32")
+        ys = [np.zeros((1, 8 // f, 16 // f, 16 // f), "int32")
+              for f in (1, 2, 4)]
+        tv = [v.value for v in model.trainable_variables]
+        def loss(tv):
+            outs, _ = model.stateless_call(tv, [], x, training=True)
+            return multi_scale_loss(ys, outs, cfg.loss)
+        value, grads = jax.value_and_grad(loss)(tv)
+        assert np.isfinite(float(value))
+        assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)
+        assert "tensorflow" not in [m.split(".")[0] for m in sys.modules
+                                    if sys.modules[m] is not None]
+        print("OK", float(value))
+    """)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True,
+        text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout
