@@ -1,0 +1,195 @@
+"""Tests of kits_keras/export.py: SavedModel parity with the Keras model."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kits_keras import config as config_lib
+from kits_keras import export
+from kits_keras.backend import import_tensorflow
+from kits_keras.preprocessing import IntensityStats
+
+STATS = IntensityStats(clip_low=-79.0, clip_high=304.0, mean=101.0, std=76.9)
+
+
+def _console_script(name):
+    """A console script of this environment (installed with tensorflow)."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.exists(path) else shutil.which(name)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return config_lib.get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    import keras
+
+    from kits_keras.model import build_unet
+
+    keras.utils.set_random_seed(0)
+    return build_unet(config)
+
+
+@pytest.fixture(scope="module")
+def exported(model, config, tmp_path_factory):
+    base = tmp_path_factory.mktemp("exports") / "kits"
+    path = export.export_saved_model(
+        model, str(base), config=config, stats=STATS
+    )
+    return base, path
+
+
+def _keras_probs(model, batch):
+    return np.asarray(model(batch, training=False)[0], dtype=np.float32)
+
+
+def _random_patch(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_layout_and_metadata(exported, config):
+    base, path = exported
+    assert path == os.path.join(str(base), "1")
+    assert sorted(os.listdir(base)) == ["1"]  # no temporary folder left
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    assert os.listdir(os.path.join(path, "variables"))
+    with open(os.path.join(path, "assets", "kits_keras.json")) as fh:
+        meta = json.load(fh)
+    assert meta["intensity_stats"] == STATS.to_dict()
+    assert meta["target_spacing"] == list(config.data.target_spacing)
+    assert meta["patch_size"] == list(config.data.patch_size)
+    assert meta["class_names"] == ["background", "kidney", "tumour"]
+    assert meta["signature"]["spatial_multiple"] == [8, 8, 8]
+    assert config_lib.ExperimentConfig.from_dict(meta["config"]) == config
+
+
+@pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), (1, 16, 24, 40, 1)])
+def test_saved_model_matches_keras(exported, model, shape):
+    tf = import_tensorflow()
+    loaded = tf.saved_model.load(exported[1])
+    batch = _random_patch(shape)
+    out = loaded.signatures["serving_default"](image=tf.constant(batch))
+    probs = out["probabilities"].numpy()
+    expected = _keras_probs(model, batch)
+    assert probs.shape == shape[:4] + (3,)
+    assert probs.dtype == np.float32
+    assert expected.std() > 0.05  # not a near-uniform softmax
+    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+
+
+def test_signature_rejects_bad_spatial_size(exported):
+    tf = import_tensorflow()
+    loaded = tf.saved_model.load(exported[1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of"):
+        loaded.signatures["serving_default"](
+            image=tf.zeros((1, 12, 64, 64, 1), tf.float32)
+        )
+
+
+def test_refuses_existing_version(exported, model, config):
+    base, path = exported
+    before = os.path.getmtime(os.path.join(path, "saved_model.pb"))
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_saved_model(model, base, config=config, stats=STATS)
+    assert os.path.getmtime(os.path.join(path, "saved_model.pb")) == before
+
+
+def test_bad_version_rejected(model, config, tmp_path):
+    with pytest.raises(ValueError, match="positive integer"):
+        export.export_saved_model(
+            model, tmp_path, version=0, config=config, stats=STATS
+        )
+
+
+def test_failed_export_leaves_nothing(model, config, tmp_path, monkeypatch):
+    def fail(path, meta):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "_write_metadata", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_saved_model(model, tmp_path, config=config, stats=STATS)
+    assert os.listdir(tmp_path) == []
+
+
+def test_fixed_size_export(model, config, tmp_path):
+    path = export.export_saved_model(
+        model, tmp_path, version=2, config=config, stats=STATS,
+        fixed_size=True,
+    )
+    tf = import_tensorflow()
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    spec = signature.structured_input_signature[1]["image"]
+    assert tuple(spec.shape) == (None, 32, 64, 64, 1)
+    batch = _random_patch((1, 32, 64, 64, 1), seed=1)
+    np.testing.assert_allclose(
+        signature(image=tf.constant(batch))["probabilities"].numpy(),
+        _keras_probs(model, batch), atol=1e-5, rtol=0,
+    )
+
+
+def test_saved_model_cli_show(exported):
+    cli = _console_script("saved_model_cli")
+    assert cli, "saved_model_cli (installed with tensorflow) not found"
+    out = subprocess.run(
+        [cli, "show", "--dir", exported[1], "--all"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    block = out.split("signature_def['serving_default']:")[1]
+    block = block.split("signature_def[")[0]
+    inputs, outputs = block.split("The given SavedModel SignatureDef contains "
+                                  "the following output(s):")
+    assert "inputs['image'] tensor_info:" in inputs
+    assert "dtype: DT_FLOAT" in inputs
+    assert "shape: (-1, -1, -1, -1, 1)" in inputs
+    assert "outputs['probabilities'] tensor_info:" in outputs
+    assert "dtype: DT_FLOAT" in outputs
+    assert "shape: (-1, -1, -1, -1, 3)" in outputs
+
+
+def test_saved_model_cli_run(exported, model, tmp_path):
+    cli = _console_script("saved_model_cli")
+    batch = _random_patch((1, 16, 32, 32, 1), seed=2)
+    np.save(tmp_path / "patch.npy", batch)
+    subprocess.run(
+        [cli, "run", "--dir", exported[1], "--tag_set", "serve",
+         "--signature_def", "serving_default",
+         "--inputs", f"image={tmp_path / 'patch.npy'}",
+         "--outdir", str(tmp_path / "out")],
+        capture_output=True, text=True, check=True,
+    )
+    probs = np.load(tmp_path / "out" / "probabilities.npy")
+    np.testing.assert_allclose(
+        probs, _keras_probs(model, batch), atol=1e-5, rtol=0
+    )
+
+
+def test_load_saved_model_network(exported, model, config):
+    base, _ = exported
+    # The model base path resolves to its highest version, like TF Serving.
+    network, loaded_config, stats = export.load_saved_model_network(base)
+    assert loaded_config == config
+    assert stats == STATS
+    batch = _random_patch((2, 16, 32, 32, 1), seed=3)
+    probs = network(batch)
+    assert probs.dtype == np.float32
+    np.testing.assert_allclose(
+        probs, _keras_probs(model, batch), atol=1e-5, rtol=0
+    )
+    with pytest.raises(ValueError, match="B, z, y, x, 1"):
+        network(batch[..., 0])
+
+
+def test_load_rejects_foreign_folders(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no saved_model.pb"):
+        export.load_saved_model_network(tmp_path)
+    (tmp_path / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(ValueError, match="not exported by kits-keras"):
+        export.load_saved_model_network(tmp_path)
