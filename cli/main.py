@@ -17,7 +17,9 @@ COMMANDS = (
     ("postprocess", "postprocess"),
     ("evaluate", "evaluate"),
     ("synth", "synth"),
+    ("prepare", "prepare"),
     ("export", "export"),
+    ("fit", "fit"),
 )
 
 

@@ -1,0 +1,38 @@
+"""``kits-keras prepare``: build the kits19 TFDS dataset from case folders."""
+
+import click
+
+from cli.common import user_errors
+
+
+@click.command()
+@click.option("--manual-dir", required=True,
+              type=click.Path(exists=True, file_okay=False),
+              help="Folder of case_XXXXX/ (KiTS19 data/ or `kits-keras "
+                   "synth` output).")
+@click.option("--data-dir", default=None, type=click.Path(file_okay=False),
+              help="TFDS data directory [$TFDS_DATA_DIR or "
+                   "~/tensorflow_datasets].")
+@click.option("--config", "config_name", default="interp_3.0x0.78mm",
+              show_default=True,
+              help="Dataset config (interp_3.0x0.78mm, coarse_3.22x1.62mm, "
+                   "demo_4.0x3.2mm) or experiment name (paper, coarse, "
+                   "tiny).")
+@click.option("--workers", type=int, default=None,
+              help="Cases processed in parallel [usable cores].")
+@click.option("--skip-bad-cases", is_flag=True,
+              help="Skip unreadable cases and list them at the end instead "
+                   "of stopping.")
+@user_errors
+def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases):
+    """Resample and normalise KiTS19 cases into a TFDS dataset."""
+    from kits_keras import dataset
+
+    result = dataset.prepare(manual_dir, data_dir, config_name, workers,
+                             skip_bad_cases)
+    state = "built" if result.built else "already prepared, nothing to do"
+    splits = ", ".join(f"{k} {v}" for k, v in sorted(
+        result.num_examples.items()))
+    click.echo(f"{result.name}: {state} ({splits}) in {result.path}")
+    for case_id, reason in sorted(result.skipped_cases.items()):
+        click.echo(f"skipped {case_id}: {reason}", err=True)
