@@ -108,7 +108,8 @@ def read_volume(path, dtype=np.float32):
 
     Args:
         path: str. A ``.nii`` or ``.nii.gz`` file.
-        dtype: numpy dtype of the returned array. Defaults to float32.
+        dtype: numpy dtype of the returned array, or None to keep the
+            file's (scaled) dtype. Defaults to float32.
 
     Raises:
         CaseError: unreadable, truncated or non-3-D file, or a degenerate
@@ -133,9 +134,9 @@ def read_volume(path, dtype=np.float32):
     if not np.all(np.isfinite(file_spacing)) or np.any(file_spacing <= 0):
         raise CaseError(f"{path}: degenerate affine, voxel size {file_spacing}")
     axes = slice_axis_order(affine)
-    array = np.ascontiguousarray(np.transpose(data, axes)).astype(
-        dtype, copy=False
-    )
+    array = np.ascontiguousarray(np.transpose(data, axes))
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
     spacing = tuple(float(file_spacing[a]) for a in axes)
     return Volume(array, spacing, affine, img.header, axes, path)
 
@@ -151,17 +152,24 @@ def read_image(path):
 
 def read_labels(path):
     """Reads a label volume and checks its values are in {0, 1, 2}."""
-    volume = read_volume(path, np.float32)
+    # Keep the stored dtype: KiTS19 labels are uint8, and a min/max check
+    # on them is ~50x faster than np.unique on a float copy (834x512x512).
+    volume = read_volume(path, None)
     values = volume.array
-    if not np.all(np.isfinite(values)) or np.any(values != np.round(values)):
-        raise CaseError(f"{volume.path}: labels must be integers 0, 1, 2")
-    found = np.unique(values.astype(np.int64))
-    unexpected = sorted(set(found.tolist()) - set(LABEL_VALUES))
-    if unexpected:
+    if not np.issubdtype(values.dtype, np.integer):
+        if not np.all(np.isfinite(values)) or np.any(
+            values != np.round(values)
+        ):
+            raise CaseError(f"{volume.path}: labels must be integers 0, 1, 2")
+    lo, hi = min(LABEL_VALUES), max(LABEL_VALUES)
+    if values.min() < lo or values.max() > hi:
+        bad = values[(values < lo) | (values > hi)]
+        unexpected = [int(v) for v in np.unique(bad)[:10]]
         raise CaseError(
             f"{volume.path}: label values {unexpected} outside {{0, 1, 2}}"
         )
-    return dataclasses.replace(volume, array=values.astype(np.uint8))
+    return dataclasses.replace(volume, array=values.astype(np.uint8,
+                                                           copy=False))
 
 
 def check_same_grid(image, labels):
