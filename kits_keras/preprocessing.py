@@ -174,7 +174,7 @@ def _kernel(x, order):
         np.where(x < 2, ((-0.5 * x + 2.5) * x - 4) * x + 2, 0.0))
 
 
-def axis_weights(n_in, n_out, order=1):
+def axis_weights(n_in, n_out, order=1, antialias=True):
     """Dense ``(n_out, n_in)`` float32 matrix resampling one axis.
 
     Rows sum to 1. When downsampling the kernel is widened by
@@ -183,11 +183,12 @@ def axis_weights(n_in, n_out, order=1):
     if order not in (1, 3):
         raise ValueError(f"order must be 1 or 3. Received: order={order}")
     scale = n_in / n_out
-    support = (1.0 if order == 1 else 2.0) * max(scale, 1.0)
+    widen = max(scale, 1.0) if antialias else 1.0
+    support = (1.0 if order == 1 else 2.0) * widen
     centres = (np.arange(n_out) + 0.5) * scale - 0.5
     first = np.floor(centres - support).astype(np.int64) + 1
     taps = first[:, None] + np.arange(int(np.ceil(2 * support)) + 1)
-    w = _kernel((taps - centres[:, None]) / max(scale, 1.0), order)
+    w = _kernel((taps - centres[:, None]) / widen, order)
     w /= w.sum(axis=1, keepdims=True)
     matrix = np.zeros((n_out, n_in), np.float64)
     rows = np.broadcast_to(np.arange(n_out)[:, None], taps.shape)
@@ -226,7 +227,8 @@ def _inplane(stack, wy, wx):
         n, wy.shape[0], wx.shape[0])
 
 
-def _resample(volume, shape, order, value_fns, threads=None):
+def _resample(volume, shape, order, value_fns, threads=None,
+              antialias=True):
     """Separable resampling of ``volume (z, y, x)`` to ``shape``.
 
     ``value_fns`` turn an input slab into float32 (e.g. clip + z-score, or
@@ -238,10 +240,10 @@ def _resample(volume, shape, order, value_fns, threads=None):
     import scipy.sparse
 
     nz, ny, nx = volume.shape
-    wz_dense = axis_weights(nz, shape[0], order)
+    wz_dense = axis_weights(nz, shape[0], order, antialias)
     wz = scipy.sparse.csr_matrix(wz_dense)
-    wy = scipy.sparse.csr_matrix(axis_weights(ny, shape[1], order))
-    wx = scipy.sparse.csr_matrix(axis_weights(nx, shape[2], order))
+    wy = scipy.sparse.csr_matrix(axis_weights(ny, shape[1], order, antialias))
+    wx = scipy.sparse.csr_matrix(axis_weights(nx, shape[2], order, antialias))
     # Reduce z first when it shrinks (fewer in-plane passes), else last.
     z_first = shape[0] <= nz
     slab_out = max(1, int(_SLAB_VOXELS / (ny * nx) * shape[0] / nz))
@@ -307,7 +309,7 @@ def resample_image(image, spacing, target_spacing=None, shape=None, order=1,
 
 
 def resample_labels(labels, spacing, target_spacing=None, shape=None,
-                    num_classes=3, threads=None):
+                    num_classes=3, threads=None, antialias=True):
     """Resamples a label volume; returns uint8 ``(z, y, x)``.
 
     Linear interpolation of the one-hot of each foreground class, background
@@ -317,7 +319,7 @@ def resample_labels(labels, spacing, target_spacing=None, shape=None,
     shape = _resolve_shape(labels.shape, spacing, target_spacing, shape)
     fns = [lambda slab, c=c: (slab == c).astype(np.float32)
            for c in range(1, num_classes)]
-    probs = _resample(labels, shape, 1, fns, threads)
+    probs = _resample(labels, shape, 1, fns, threads, antialias)
     best = 1.0 - sum(probs)  # background probability
     out = np.zeros(shape, np.uint8)
     for c, p in enumerate(probs, start=1):
