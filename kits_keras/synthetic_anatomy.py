@@ -55,13 +55,16 @@ def sample_body(rng, kidney_extent=None, fov_mm=None):
 
 def sample_tissue(rng):
     """Per-case HU of each tissue (portal-venous phase, some spread)."""
+    # Renal cortex and blood pool enhance together (same contrast bolus).
+    cortex = rng.uniform(140.0, 200.0)
     return {
+        "cortex": cortex,
         "fat": rng.uniform(-115.0, -85.0),
         "muscle": rng.uniform(40.0, 60.0),
-        "liver": rng.uniform(70.0, 115.0),
-        "spleen": rng.uniform(95.0, 135.0),
-        "aorta": rng.uniform(140.0, 210.0),
-        "ivc": rng.uniform(110.0, 160.0),
+        "liver": rng.uniform(70.0, 125.0),
+        "spleen": rng.uniform(95.0, 150.0),
+        "aorta": cortex + rng.uniform(-30.0, 25.0),
+        "ivc": cortex - rng.uniform(10.0, 50.0),
         "bone": rng.uniform(650.0, 950.0),
         "marrow": rng.uniform(180.0, 300.0),
         "disc": rng.uniform(70.0, 100.0),

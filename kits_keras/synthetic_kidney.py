@@ -28,11 +28,11 @@ from kits_keras.synthetic_shapes import smooth_noise
 BONE_HU = 300.0  # tumours and fat margins never overwrite bone
 
 
-def sample_enhancement(rng):
-    cortex = rng.uniform(150.0, 220.0)
+def sample_enhancement(rng, tissue):
+    cortex = tissue["cortex"]
     return {
         "cortex": cortex,
-        "medulla": max(cortex - rng.uniform(50.0, 95.0), 70.0),
+        "medulla": max(cortex - rng.uniform(40.0, 90.0), 70.0),
         "tumour_max": cortex - 45.0,
     }
 
@@ -79,7 +79,7 @@ def _paint_kidney(image, labels, grid, blob, side, tissue, enh, rng):
     angle = np.arctan2(u[2], u[1])
     pyramids = (np.cos(7.0 * angle + rng.uniform(0, 6.3))
                 * np.cos(np.pi * 2.5 * u[0] / norm + rng.uniform(0, 6.3))
-                > -0.15) & (d < 1.0 - cortex_depth) & (d > 0.42)
+                > -0.45) & (d < 1.0 - cortex_depth) & (d > 0.36)
     values = np.where(pyramids, enh["medulla"], enh["cortex"])
     values = values + 5.0 * smooth_noise(rng, box_shape(box), grid.spacing,
                                          6.0)
@@ -128,7 +128,7 @@ def _tumour_fill(rng, grid, enh, radius):
 def paint_kidneys(image, grid, body, tissue, rng, min_radius=None):
     """Paints one or two kidneys and 1-2 tumours; returns uint8 labels."""
     labels = np.zeros(grid.shape, np.uint8)
-    enh = sample_enhancement(rng)
+    enh = sample_enhancement(rng, tissue)
     sides = [-1, 1]
     if rng.random() < 0.15:
         sides = [int(rng.choice(sides))]  # the other one was removed
@@ -175,7 +175,7 @@ def paint_from_labels(image, labels, grid, tissue, rng):
     sub = labels[box]
     target = image[box]
     fg = sub > 0
-    enh = sample_enhancement(rng)
+    enh = sample_enhancement(rng, tissue)
     outside = ndimage.distance_transform_edt(~fg, sampling=grid.spacing)
     rim = (outside > 0) & (outside <= rng.uniform(3.0, 7.0))
     target[rim & (target < BONE_HU)] = tissue["fat"]

@@ -1,0 +1,221 @@
+"""Tests for kits_keras/synthetic.py and the ``kits-keras synth`` command."""
+
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from cli.main import main
+from kits_keras import io
+from kits_keras import synthetic
+
+
+@pytest.fixture(scope="module")
+def cli_cases(tmp_path_factory):
+    """``kits-keras synth OUT --cases 3 --seed 0 --preview``."""
+    out = tmp_path_factory.mktemp("synth") / "synth-out"
+    result = CliRunner().invoke(
+        main, ["synth", str(out), "--cases", "3", "--seed", "0", "--preview"])
+    assert result.exit_code == 0, result.output
+    return str(out), result.output
+
+
+def _arrays(case_dir):
+    return tuple(np.asarray(nib.load(os.path.join(case_dir, f)).dataobj)
+                 for f in (io.IMAGE_FILE, io.LABELS_FILE))
+
+
+def test_cli_writes_cases_nibabel_opens(cli_cases):
+    out, output = cli_cases
+    assert sorted(os.listdir(out)) == [
+        "case_00000", "case_00001", "case_00002"]
+    assert output.count("\n") == 4  # one line per case, then a summary
+    for name in os.listdir(out):
+        image, labels = _arrays(os.path.join(out, name))
+        assert image.shape == labels.shape and image.ndim == 3
+        assert image.dtype == np.int16 and labels.dtype == np.uint8
+        assert set(np.unique(labels).tolist()) == {0, 1, 2}
+
+
+def test_small_geometry_is_kits19_like(cli_cases):
+    out, _ = cli_cases
+    for name in sorted(os.listdir(out)):
+        case = io.load_case(os.path.join(out, name))
+        nz, ny, nx = case.image.array.shape
+        sz, sy, sx = case.spacing
+        assert 24 <= nz <= 64 and 76 <= ny <= 160 and 96 <= nx <= 160
+        assert 3.0 <= sz <= 5.0 and 2.2 <= sy == sx <= 3.2
+        assert case.image.axes == (0, 1, 2)
+        # KiTS19 affine: voxel axis 0 -> -z, 1 -> -y, 2 -> -x.
+        np.testing.assert_allclose(case.image.affine,
+                                   synthetic.kits19_affine(case.spacing))
+        # Field of view of a real abdomen (mm).
+        assert 280 <= nx * sx <= 520 and 120 <= nz * sz <= 320
+
+
+def test_same_seed_byte_identical_different_seed_differs(
+        cli_cases, synthetic_cases_dir):
+    out, _ = cli_cases
+    for name in ("case_00000", "case_00002"):
+        a = _arrays(os.path.join(out, name))
+        b = _arrays(os.path.join(synthetic_cases_dir, name))
+        for x, y in zip(a, b):
+            assert x.tobytes() == y.tobytes()
+    c1 = synthetic.make_case(5)
+    c2 = synthetic.make_case(5)
+    c3 = synthetic.make_case(6)
+    assert c1.image.array.tobytes() == c2.image.array.tobytes()
+    assert c1.labels.array.tobytes() == c2.labels.array.tobytes()
+    assert (c1.image.array.shape != c3.image.array.shape
+            or not np.array_equal(c1.image.array, c3.image.array))
+
+
+def test_preview_png_written(cli_cases):
+    from matplotlib import image as mpimg
+
+    out, _ = cli_cases
+    png = os.path.join(out, "case_00000", "preview.png")
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    pixels = mpimg.imread(png)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 600
+    assert pixels[..., :3].std() > 0.1  # an image, not a blank canvas
+
+
+def _tissue_stats(case):
+    image, labels = case.image.array, case.labels.array
+    body = image > -500
+    kidney = image[labels == 1]
+    tumour = image[labels == 2]
+    other = image[body & (labels == 0)]
+    return image, body, kidney, tumour, other
+
+
+@pytest.fixture(scope="module")
+def small_cases():
+    return [synthetic.make_case(seed) for seed in range(10)]
+
+
+def test_ct_intensities_look_like_contrast_ct(small_cases):
+    overlap = {"kidney": [], "tumour": []}
+    for case in small_cases:
+        image, body, kidney, tumour, other = _tissue_stats(case)
+        labels = case.labels.array
+        assert (labels == 1).any() and (labels == 2).any()
+        assert image.dtype == np.float32 and np.all(image == np.rint(image))
+        assert -1024 <= image.min() and image.max() <= 3071
+        assert np.mean(image < -900) > 0.1  # air around the body
+        assert 0.25 < body.mean() < 0.9
+        assert np.mean(other < -50) > 0.15  # fat
+        assert np.sum(image > 400) > 50  # bone
+        assert 100 < np.median(kidney) < 230  # enhanced parenchyma
+        assert 20 < np.median(tumour) < 140
+        assert np.median(tumour) < np.median(kidney)
+        # Noise: flat air in the corner still fluctuates.
+        assert 3 < image[:, :3, :3].std() < 30
+        for name, voxels in (("kidney", kidney), ("tumour", tumour)):
+            lo, hi = np.percentile(voxels, (10, 90))
+            overlap[name].append(
+                np.sum((other > lo) & (other < hi)) / voxels.size)
+    # Not separable by HU alone: other tissue (liver, spleen, vessels,
+    # bowel, marrow) falls in the labels' intensity ranges. The enhancing
+    # cortex is brighter than most organs on real scans too, so the kidney
+    # overlaps less than the tumour.
+    assert np.median(overlap["tumour"]) > 3.0
+    assert np.median(overlap["kidney"]) > 0.5
+
+
+def test_cases_vary(small_cases):
+    from scipy import ndimage
+
+    shapes, kidneys, tumour_ml = set(), set(), []
+    for case in small_cases:
+        shapes.add(case.image.array.shape)
+        labels = case.labels.array
+        kidneys.add(min(ndimage.label(labels > 0)[1], 2))
+        tumour_ml.append((labels == 2).sum() * case.image.voxel_volume_ml)
+    assert len(shapes) == len(small_cases)
+    assert min(tumour_ml) < 10.0 and max(tumour_ml) > 100.0
+
+
+def test_full_geometry_ranges():
+    geometries = [synthetic.sample_geometry(np.random.default_rng(s), "full")
+                  for s in range(60)]
+    slice_mm = [sp[0] for _, sp in geometries]
+    assert min(slice_mm) == 0.5 and max(slice_mm) == 5.0
+    for shape, spacing in geometries:
+        assert 29 <= shape[0] <= synthetic.MAX_FULL_SLICES
+        assert shape[1] == 512 and shape[2] in (512, 796)
+        assert 0.5 <= spacing[1] == spacing[2] <= 1.0
+    assert any(s[2] == 796 for s, _ in geometries)
+    with pytest.raises(ValueError, match="size"):
+        synthetic.sample_geometry(np.random.default_rng(0), "huge")
+
+
+def test_full_case_real_size():
+    case = synthetic.make_case(26, "full")  # 47 x 512 x 796 at 4 mm
+    assert case.image.array.shape == (47, 512, 796)
+    assert case.labels.array.shape == (47, 512, 796)
+    assert set(np.unique(case.labels.array).tolist()) == {0, 1, 2}
+    kidney = case.image.array[case.labels.array == 1]
+    assert 100 < np.median(kidney) < 230
+
+
+def test_labels_from_real_volume(tmp_path, kits19_labels_dir):
+    src = tmp_path / "labels"
+    os.makedirs(src / "case_00021")
+    shutil.copy(os.path.join(kits19_labels_dir, "case_00021", io.LABELS_FILE),
+                src / "case_00021" / io.LABELS_FILE)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["synth", str(out), "--labels-from", str(src), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert os.listdir(out) == ["case_00021"]
+    case = io.load_case(str(out / "case_00021"))
+    real = io.read_labels(str(src / "case_00021" / io.LABELS_FILE))
+    np.testing.assert_array_equal(case.labels.array, real.array)
+    np.testing.assert_allclose(case.image.affine, real.affine)
+    assert case.image.array.shape == (38, 512, 512)
+    image, _, kidney, tumour, _ = _tissue_stats(case)
+    assert 100 < np.median(kidney) < 230
+    assert 20 < np.median(tumour) < 140
+    assert np.mean(image < -900) > 0.1
+
+
+def test_labels_from_array_needs_spacing():
+    labels = np.zeros((8, 40, 40), np.uint8)
+    labels[3:5, 10:20, 10:20] = 1
+    labels[4, 12:14, 12:14] = 2
+    with pytest.raises(ValueError, match="spacing"):
+        synthetic.make_case(0, labels=labels)
+    case = synthetic.make_case(0, labels=labels, spacing=(5.0, 4.0, 4.0))
+    np.testing.assert_array_equal(case.labels.array, labels)
+    assert case.image.array.shape == labels.shape
+
+
+def test_existing_case_needs_overwrite(tmp_path):
+    out = str(tmp_path)
+    synthetic.write_cases(out, 1, seed=0)
+    before = _arrays(os.path.join(out, "case_00000"))
+    result = CliRunner().invoke(main, ["synth", out, "--cases", "1",
+                                       "--seed", "1"])
+    assert result.exit_code == 1
+    assert "already exists" in result.output
+    after = _arrays(os.path.join(out, "case_00000"))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(before, after))
+    result = CliRunner().invoke(main, ["synth", out, "--cases", "1",
+                                       "--seed", "1", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert _arrays(os.path.join(out, "case_00000"))[0].tobytes() != before[
+        0].tobytes()
+    assert sorted(os.listdir(out)) == ["case_00000"]  # no staging left
+
+
+def test_write_cases_validates_arguments(tmp_path):
+    with pytest.raises(ValueError, match="size"):
+        synthetic.write_cases(str(tmp_path), 1, size="medium")
+    with pytest.raises(ValueError, match="num_cases"):
+        synthetic.write_cases(str(tmp_path), 0)
