@@ -194,10 +194,10 @@ def paint_organs(image, grid, body, tissue, rng):
     """Liver (right, with gallbladder), spleen (left), lungs, bowel."""
     inside = cavity_test(grid, body)
     lat = body["lateral"]
-    liver = Blob((rng.uniform(55, 85), rng.uniform(-45, -20),
-                  -lat * rng.uniform(0.38, 0.5)),
-                 (rng.uniform(95, 120), rng.uniform(75, 95),
-                  lat * rng.uniform(0.5, 0.62)),
+    liver = Blob((rng.uniform(65, 95), rng.uniform(-40, -15),
+                  -lat * rng.uniform(0.4, 0.5)),
+                 (rng.uniform(90, 115), rng.uniform(65, 85),
+                  lat * rng.uniform(0.45, 0.58)),
                  rotation(angles=(rng.normal(0, 0.2), rng.normal(0, 0.15),
                                   rng.normal(0, 0.1))),
                  random_bumps(rng, 4, 0.14))

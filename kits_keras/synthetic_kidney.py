@@ -140,18 +140,26 @@ def paint_kidneys(image, grid, body, tissue, rng, min_radius=None):
     inside = cavity_test(grid, body)
     count = 1 if rng.random() < 0.85 else 2
     painted = 0
-    for _ in range(20):
+    kidney_voxels = int((labels == 1).sum())
+    for _ in range(30):
         side = int(rng.choice(sides))
-        radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(60.0))))
+        radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(55.0))))
         blob = _tumour_blob(rng, kidneys[side], side, radius)
-        done = paint(image, grid, blob, _tumour_fill(rng, grid, enh, radius),
-                     where=lambda box: inside(box) & (image[box] < BONE_HU))
-        if done is None:
+        field = blob_field(grid, blob)
+        if field is None:
             continue
-        box, mask = done
+        box, d, u = field
+        mask = (d < 1.0) & inside(box) & (image[box] < BONE_HU)
+        # Keep most of the kidney visible: a tumour that would swallow more
+        # than 40% of the parenchyma is redrawn (smaller on average).
+        if not mask.any() or (labels[box][mask] == 1).sum() > (
+                0.4 * kidney_voxels):
+            continue
+        fill = _tumour_fill(rng, grid, enh, radius)(box, d, u)
+        image[box][mask] = fill[mask]
         labels[box][mask] = 2
         painted += 1
-        if painted >= count and (labels == 1).any():
+        if painted >= count:
             break
     return labels
 
