@@ -136,7 +136,7 @@ def paint_kidneys(image, grid, body, tissue, rng, min_radius=None):
     for side, blob in kidneys.items():
         _paint_kidney(image, labels, grid, blob, side, tissue, enh, rng)
     if min_radius is None:
-        min_radius = 2.0 * max(grid.spacing) if max(grid.spacing) > 1.5 else 4.0
+        min_radius = max(1.5 * max(grid.spacing), 4.0)
     inside = cavity_test(grid, body)
     count = 1 if rng.random() < 0.85 else 2
     painted = 0

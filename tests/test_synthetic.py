@@ -112,7 +112,7 @@ def test_ct_intensities_look_like_contrast_ct(small_cases):
         assert np.mean(other < -50) > 0.15  # fat
         assert np.sum(image > 400) > 50  # bone
         assert 100 < np.median(kidney) < 230  # enhanced parenchyma
-        assert 20 < np.median(tumour) < 140
+        assert 10 < np.median(tumour) < 140  # necrotic cores are ~10-30
         assert np.median(tumour) < np.median(kidney)
         # Noise: flat air in the corner still fluctuates.
         assert 3 < image[:, :3, :3].std() < 30
@@ -138,7 +138,7 @@ def test_cases_vary(small_cases):
         kidneys.add(min(ndimage.label(labels > 0)[1], 2))
         tumour_ml.append((labels == 2).sum() * case.image.voxel_volume_ml)
     assert len(shapes) == len(small_cases)
-    assert min(tumour_ml) < 10.0 and max(tumour_ml) > 100.0
+    assert min(tumour_ml) < 20.0 and max(tumour_ml) > 100.0
 
 
 def test_full_geometry_ranges():
