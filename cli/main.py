@@ -20,6 +20,7 @@ COMMANDS = (
     ("prepare", "prepare"),
     ("export", "export"),
     ("fit", "fit"),
+    ("demo", "demo"),
 )
 
 
