@@ -230,7 +230,7 @@ def case_split(config, builder):
     return (ids[:-n], ids[-n:]) if n > 0 else (ids, [])
 
 
-def _volume_dataset(config, data_dir, split, shuffle=False, seed=0):
+def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
     """TFDS examples of ``split``: "train" (without the validation cases),
     "validation" (the held-out training cases) or "test"."""
     import tensorflow_datasets as tfds
@@ -271,7 +271,7 @@ def make_train_dataset(config, data_dir, seed=None):
         int32 (B, z/f, y/f, x/f))`` with ``B = config.train.batch_size``.
     """
     seed = config.train.seed if seed is None else int(seed)
-    volumes = _volume_dataset(config, data_dir, "train", shuffle=True,
+    volumes = volume_dataset(config, data_dir, "train", shuffle=True,
                               seed=seed)
     patches = patch_dataset(volumes, config, seed, training=True)
     return batch(patches, config.train.batch_size, drop_remainder=True)
@@ -284,7 +284,7 @@ def make_validation_dataset(config, data_dir):
     ``config.train.seed`` (foreground oversampling as in training), the same
     on every pass.
     """
-    volumes = _volume_dataset(config, data_dir, "validation")
+    volumes = volume_dataset(config, data_dir, "validation")
     patches = patch_dataset(volumes, config, config.train.seed,
                             training=False)
     return batch(patches, config.train.batch_size, drop_remainder=False)
@@ -296,7 +296,7 @@ def load_volumes(config, data_dir, split):
     ``split``: "train" (minus validation cases), "validation" or "test".
     ``case_id`` comes back as ``str``.
     """
-    ds = _volume_dataset(config, data_dir, split)
+    ds = volume_dataset(config, data_dir, split)
     for example in ds.as_numpy_iterator():
         example["case_id"] = example["case_id"].decode()
         yield example

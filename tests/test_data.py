@@ -42,7 +42,7 @@ def synthetic_volume(shape=(14, 48, 40), seed=0, tumour=True):
     }
 
 
-def volume_dataset(volumes):
+def in_memory_volumes(volumes):
     signature = {
         "case_id": tf.TensorSpec([], tf.string),
         "image": tf.TensorSpec([None, None, None], tf.float16),
@@ -97,7 +97,7 @@ def test_foreground_share_of_pipeline_patches_matches_config():
         v["labels"][2:4, 2:5, 2:5] = 1
         v["tumour_coords"] = np.zeros((0, 3), np.int32)
         v["foreground_coords"] = np.argwhere(v["labels"] > 0).astype(np.int32)
-    ds = data.patch_dataset(volume_dataset(vols), cfg, seed=1,
+    ds = data.patch_dataset(in_memory_volumes(vols), cfg, seed=1,
                             with_kind=True).take(240)
     has_fg, kinds = [], []
     for _, labels, kind in ds.as_numpy_iterator():
@@ -116,7 +116,7 @@ def test_pipeline_shapes_dtypes_pyramid_and_padding():
     strides = config_lib.output_strides(cfg)
     small = synthetic_volume((5, 12, 14), seed=1)  # smaller than the patch
     vols = [synthetic_volume(seed=0), small]
-    ds = data.batch(data.patch_dataset(volume_dataset(vols), cfg, seed=0),
+    ds = data.batch(data.patch_dataset(in_memory_volumes(vols), cfg, seed=0),
                     cfg.train.batch_size, drop_remainder=True)
     image, labels = next(iter(ds))
     assert image.shape == (2,) + PATCH + (1,) and image.dtype == tf.float32
@@ -129,7 +129,7 @@ def test_pipeline_shapes_dtypes_pyramid_and_padding():
             level.numpy(),
             labels[0].numpy()[:, ::factors[0], ::factors[1], ::factors[2]])
     # Validation patches of the small volume: padded, image with its min.
-    val = data.patch_dataset(volume_dataset([small]), cfg, seed=0,
+    val = data.patch_dataset(in_memory_volumes([small]), cfg, seed=0,
                              training=False)
     for image, labels in val.as_numpy_iterator():
         assert image.shape == PATCH + (1,)
@@ -144,7 +144,7 @@ def test_same_seed_same_batches_other_seed_other_batches():
     vols = [synthetic_volume(seed=s) for s in range(3)]
 
     def first_batches(seed):
-        ds = data.batch(data.patch_dataset(volume_dataset(vols), cfg, seed),
+        ds = data.batch(data.patch_dataset(in_memory_volumes(vols), cfg, seed),
                         2, drop_remainder=True)
         return [b[0] for b in ds.take(3).as_numpy_iterator()]
 
