@@ -21,6 +21,7 @@ COMMANDS = (
     ("export", "export"),
     ("fit", "fit"),
     ("demo", "demo"),
+    ("show_batch", "show_batch"),
 )
 
 
