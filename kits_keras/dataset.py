@@ -107,6 +107,7 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     return PrepareResult(
         name=name, data_dir=data_dir, path=os.fspath(builder.data_dir),
         built=built,
-        num_examples={k: v.num_examples for k, v in builder.info.splits.items()},
+        num_examples={k: v.num_examples
+                      for k, v in builder.info.splits.items()},
         skipped_cases=skipped,
     )

@@ -71,8 +71,9 @@ class BuilderConfig(tfds.core.BuilderConfig):
 def split_case_ids(case_ids):
     """``(train_ids, test_ids)``: sorted ids, index % 5 == 4 -> test."""
     ordered = sorted(case_ids)
-    test = [c for i, c in enumerate(ordered) if i % TEST_EVERY == TEST_EVERY - 1]
-    train = [c for i, c in enumerate(ordered) if i % TEST_EVERY != TEST_EVERY - 1]
+    is_test = [i % TEST_EVERY == TEST_EVERY - 1 for i in range(len(ordered))]
+    test = [c for c, t in zip(ordered, is_test) if t]
+    train = [c for c, t in zip(ordered, is_test) if not t]
     return train, test
 
 
