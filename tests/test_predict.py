@@ -175,3 +175,45 @@ def test_label_volumes_ml():
     vols = predict.label_volumes_ml(labels, (2.0, 1.0, 0.5))
     assert vols == {"kidney_ml": 0.003, "tumour_ml": 0.001,
                     "kidney_and_tumour_ml": 0.004}
+
+
+def threshold_network(batch):
+    """Per-voxel 'model': kidney where the normalised intensity is > 1."""
+    x = batch[..., 0]
+    fg = np.clip((x - 1.0) * 4.0, -30, 30)
+    p1 = 1.0 / (1.0 + np.exp(-fg))
+    return np.stack([1 - p1, p1, np.zeros_like(p1)], -1).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape,spacing", [
+    ((261, 512, 512), (1.0, 0.94, 0.94)),    # thin slices
+    ((38, 512, 512), (5.0, 0.82, 0.82)),     # thick slices
+    ((64, 512, 796), (4.0, 0.70, 0.70)),     # wide field of view
+])
+def test_predict_case_output_on_input_grid(shape, spacing):
+    from kits_keras import io
+    from kits_keras.config import get_config
+    from kits_keras.config import override
+    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.synthetic import kits19_affine
+
+    image = np.full(shape, -100.0, dtype=np.float32)
+    # A bright ellipsoid of about 60 x 80 x 80 mm.
+    zz, yy, xx = [np.arange(n, dtype=np.float32) * s - n * s / 2
+                  for n, s in zip(shape, spacing)]
+    inside = ((zz[:, None, None] / 30) ** 2 + (yy[None, :, None] / 40) ** 2
+              + (xx[None, None, :] / 40) ** 2) < 1
+    image[inside] = 300.0
+    volume = io.Volume(image, spacing, kits19_affine(spacing))
+    config = override(get_config("tiny"), infer={"tta": "flip"})
+    stats = IntensityStats(clip_low=-200.0, clip_high=400.0, mean=100.0,
+                           std=100.0)
+    pred = predict.predict_case(volume, threshold_network, config, stats)
+    assert pred.labels.shape == shape and pred.labels.dtype == np.uint8
+    found = pred.labels == 1
+    dice = 2 * np.count_nonzero(found & inside) / (found.sum() + inside.sum())
+    assert dice > 0.95
+    assert pred.qc["mirroring_disagreement"] == 0.0
+    assert not pred.qc["flagged"]
+    assert set(pred.timings) >= {"preprocess", "network", "resample",
+                                 "total"}
