@@ -234,6 +234,23 @@ class RunCheckpoint(keras.callbacks.Callback):
                 os.remove(old)
 
 
+def truncate_history(csv_path, epochs_done):
+    """Drops rows of epochs after the checkpoint (a crash mid-way)."""
+    if not os.path.isfile(csv_path):
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [r for r in rows[1:] if r and int(r[0]) < epochs_done]
+    if len(kept) == len(rows) - 1:
+        return
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows[:1] + kept)
+
+    io.atomic_write(csv_path, write)
+
+
 def write_json(path, obj):
     """Writes ``obj`` as indented JSON, atomically."""
     text = json.dumps(obj, indent=2)

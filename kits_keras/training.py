@@ -16,7 +16,6 @@ lazily for that reason. Nothing here imports TensorFlow except through the
 data pipeline and the optional TensorBoard logger.
 """
 
-import csv
 import dataclasses
 import importlib.util
 import logging
@@ -55,7 +54,7 @@ def epoch_seed(seed, epoch):
     return int(state[0] % (2**31 - 1))
 
 
-def setup_distribution(gpus, cluster=None):
+def setup_distribution(gpus, cluster=None, batch_size=None):
     """Sets ``keras.distribution.DataParallel`` over ``gpus`` devices.
 
     Args:
@@ -63,6 +62,7 @@ def setup_distribution(gpus, cluster=None):
             distribution (unless ``cluster`` is given).
         cluster: Cluster or None. With several processes, the mesh spans
             ``gpus`` devices of every process.
+        batch_size: int or None. Global batch; must split evenly.
 
     Returns:
         The distribution, or None.
@@ -94,6 +94,10 @@ def setup_distribution(gpus, cluster=None):
     for device in jax.devices():
         by_process.setdefault(device.process_index, []).append(device)
     chosen = [d for p in sorted(by_process) for d in by_process[p][:gpus]]
+    if batch_size is not None and batch_size % len(chosen):
+        raise ValueError(
+            f"The batch ({batch_size}) must split evenly over {len(chosen)} "
+            f"devices. Received: gpus={gpus}, batch_size={batch_size}")
     names = [f"{d.platform}:{d.id}" for d in chosen]
     distribution = keras.distribution.DataParallel(devices=names)
     keras.distribution.set_distribution(distribution)
@@ -124,15 +128,15 @@ def set_precision():
     return policy
 
 
-def build_dataset(config, data_dir, seed, devices=1):
+def build_dataset(config, data_dir, seed, full_batches=False):
     """Per-epoch training datasets and the validation dataset.
 
     Args:
         config: ExperimentConfig.
         data_dir: str. TFDS data folder prepared by ``kits-keras prepare``.
         seed: int.
-        devices: int. Devices the batch is split over; validation batches
-            are then kept full (a short last batch cannot be split).
+        full_batches: bool. Drop a short last validation batch (data
+            parallel: it could not be split evenly over the devices).
 
     Returns:
         ``(epoch_dataset, validation)``: ``epoch_dataset(epoch)`` gives the
@@ -145,7 +149,7 @@ def build_dataset(config, data_dir, seed, devices=1):
                                        seed=epoch_seed(seed, epoch))
 
     validation = data.make_validation_dataset(config, data_dir)
-    if devices > 1:
+    if full_batches:
         validation = validation.unbatch().batch(
             config.train.batch_size, drop_remainder=True)
     return epoch_dataset, validation
@@ -273,7 +277,7 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
     initial_epoch = 0
     if state is not None:
         initial_epoch = restore(model, run_dir, state, checkpoint)
-    _truncate_history(os.path.join(run_dir, "history.csv"), initial_epoch)
+    cb.truncate_history(os.path.join(run_dir, "history.csv"), initial_epoch)
     steps = config.train.steps_per_epoch
     return model.fit(
         epoch_batches(epoch_dataset, initial_epoch, config.train.epochs,
@@ -298,25 +302,6 @@ def restore(model, run_dir, state, checkpoint):
     log.info("Resuming %s after epoch %d (learning rate %.3g)", run_dir,
              state["epochs_done"], float(model.optimizer.learning_rate))
     return int(state["epochs_done"])
-
-
-def _truncate_history(csv_path, epochs_done):
-    """Drops rows of epochs after the checkpoint (a crash mid-way)."""
-    if not os.path.isfile(csv_path):
-        return
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = [r for r in rows[1:] if r and int(r[0]) < epochs_done]
-    if len(kept) == len(rows) - 1:
-        return
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(rows[:1] + kept)
-
-    from kits_keras import io
-
-    io.atomic_write(csv_path, write)
 
 
 def prepare_run(config, out_dir, resume):
@@ -355,7 +340,7 @@ def prepare_run(config, out_dir, resume):
 
 
 def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
-        cluster=None, verbose="auto"):
+        cluster=None, verbose="auto", epochs=None):
     """Trains on a prepared dataset; the library side of ``kits-keras fit``.
 
     Args:
@@ -369,6 +354,8 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
         seed: int or None. Overrides ``config.train.seed``.
         cluster: Cluster or None. Multi-host training.
         verbose: Keras verbosity.
+        epochs: int or None. Overrides ``train.epochs`` (resuming without
+            a config).
 
     Returns:
         str. The run folder.
@@ -376,29 +363,30 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
     if seed is not None and config is not None:
         config = override(config, train={"seed": int(seed)})
     run_dir, config, state = prepare_run(config, out_dir, resume)
+    if epochs:
+        config = override(config, train={"epochs": int(epochs)})
     seed = config.train.seed
-    processes = cluster.num_processes if cluster else 1
-    if config.train.batch_size % (gpus * processes):
-        raise ValueError(
-            f"The batch ({config.train.batch_size}) must split evenly over "
-            f"{gpus * processes} devices. Received: gpus={gpus}")
-    distribution = setup_distribution(gpus, cluster)
-    log.info("Run folder: %s; precision %s", run_dir, set_precision())
-    cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
+    distribution = setup_distribution(gpus, cluster, config.train.batch_size)
     data_config, data_seed = config, seed
-    if processes > 1:  # each process feeds its share of the global batch
+    if cluster is not None:  # each process feeds its share of the batch
         data_config = override(config, train={
-            "batch_size": config.train.batch_size // processes})
+            "batch_size": config.train.batch_size // cluster.num_processes})
         data_seed = seed + 1000003 * cluster.process_id
-    epoch_dataset, validation = build_dataset(data_config, data_dir,
-                                              data_seed, gpus * processes)
+    # Before anything is written: a missing dataset leaves no empty run.
+    epoch_dataset, validation = build_dataset(
+        data_config, data_dir, data_seed, distribution is not None)
+    log.info("Run folder: %s; precision %s", run_dir, set_precision())
+    os.makedirs(run_dir, exist_ok=True)
+    cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
+    model = compile_model(build_model(config, seed), config)
     if distribution is not None:
-        shape = ((data_config.train.batch_size,)
-                 + tuple(config.data.patch_size) + (1,))
+        shape = (data_config.train.batch_size, *config.data.patch_size, 1)
         log.info("Batch %s sharded as %s", shape,
                  describe_sharding(distribution, shape))
-    model = compile_model(build_model(config, seed), config)
     train(config, model, epoch_dataset, validation, run_dir,
           stats=intensity_stats(config, data_dir), seed=seed, state=state,
           verbose=verbose)
+    if distribution is not None:
+        devices = model.trainable_weights[0].value.sharding.device_set
+        log.info("Weights replicated on %s", sorted(map(str, devices)))
     return run_dir
