@@ -347,6 +347,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--peers-python", default=common.default_peers_python())
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tta-repeats", type=int, default=1,
+                        help="Repeats of the 8x mirroring runs (each ~8x "
+                        "longer).")
     parser.add_argument("--work", default=os.path.join(
         tempfile.gettempdir(), "kits_keras_bench_inference"))
     parser.add_argument("--paper-network", action="store_true")
@@ -360,10 +363,11 @@ def main():
     sliding = {}
     for tta in (False, True):
         tag = "_tta" if tta else ""
+        repeats = args.tta_repeats if tta else args.repeats
         res = common.call_in_subprocess(
             here, "sliding_ours", {"volume_path": volume,
                                    "tta": "all" if tta else "none",
-                                   "repeats": args.repeats})
+                                   "repeats": repeats})
         sliding[f"ours{tag}"] = {**res["result"],
                                  "peak_rss_mb": res["peak_rss_mb"]}
         if args.peers_python:
@@ -371,7 +375,7 @@ def main():
                 res = common.call_in_subprocess(
                     here, "sliding_peer", {"volume_path": volume, "lib": lib,
                                            "tta": tta,
-                                           "repeats": args.repeats},
+                                           "repeats": repeats},
                     python=args.peers_python)
                 sliding[f"{lib}{tag}"] = {**res["result"],
                                           "peak_rss_mb": res["peak_rss_mb"]}

@@ -142,15 +142,17 @@ def mirroring_disagreement(probabilities, disagreement):
 
     Args:
         probabilities: float32 ``(z, y, x, C)``.
-        disagreement: float32 ``(z, y, x)`` from
-            :func:`kits_keras.sliding_window.sliding_window`, or None.
+        disagreement: float32 map of
+            :func:`kits_keras.sliding_window.sliding_window` (every 2nd
+            voxel of ``probabilities``), or None.
 
     Returns:
         float in [0, 1], or None when there was no mirroring.
     """
     if disagreement is None:
         return None
-    foreground = probabilities.argmax(-1) > 0
+    # The disagreement map samples every 2nd voxel (sliding_window).
+    foreground = sw._labels(probabilities[::2, ::2, ::2]) > 0
     count = int(np.count_nonzero(foreground))
     if count == 0:
         return 0.0

@@ -13,6 +13,7 @@ References: Isensee et al., nnU-Net, Nature Methods 2021
 """
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -29,8 +30,9 @@ class WindowResult:
 
     Attributes:
         probabilities: float32 ``(z, y, x, C)`` on the input's grid.
-        disagreement: float32 ``(z, y, x)`` in [0, 1]: Gaussian-weighted share
-            of covering tiles in which the mirrored predictions did not all
+        disagreement: float32 in [0, 1] on every 2nd voxel along each axis
+            (``probabilities[::2, ::2, ::2]``): Gaussian-weighted share of
+            the covering tiles in which the mirrored predictions did not all
             give the same label; None without mirroring.
         tiles: number of tiles.
         network_calls: number of calls of the network.
@@ -81,6 +83,54 @@ def compute_steps(image_size, patch_size, overlap):
     return steps
 
 
+@functools.lru_cache(maxsize=8)
+def _gaussian_lines(patch_size, sigma_scale):
+    """The 1-D factors of the importance map, each with maximum 1.
+
+    ``gaussian_filter`` of an impulse (nnU-Net's construction) is separable,
+    so the map is the outer product of three 1-D filtered impulses. Each
+    factor is positive everywhere (the filter's 4-sigma support reaches the
+    patch border), so no weight is 0.
+    """
+    lines = []
+    for p in patch_size:
+        impulse = np.zeros(p, dtype=np.float64)
+        impulse[p // 2] = 1.0
+        line = ndimage.gaussian_filter1d(impulse, p * sigma_scale,
+                                         mode="constant")
+        line /= line.max()
+        line[line <= 0] = line[line > 0].min()
+        lines.append(line)
+    return tuple(lines)
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_cached(patch_size, sigma_scale):
+    z, y, x = _gaussian_lines(patch_size, sigma_scale)
+    weights = (z[:, None, None] * y[None, :, None] * x[None, None, :])
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)
+    return weights
+
+
+def _inverse_weight(shape, patch_size, sigma_scale, steps, crop):
+    """1 / (sum of the importance maps of all tiles) over ``crop``.
+
+    The tiles form a grid and the map is separable, so the sum is the outer
+    product of per-axis sums: no per-tile accumulation is needed.
+    """
+    factors = []
+    for n, p, line, axis_steps, c in zip(
+            shape, patch_size, _gaussian_lines(patch_size, sigma_scale),
+            steps, crop):
+        total = np.zeros(n, dtype=np.float64)
+        for st in axis_steps:
+            total[st:st + p] += line
+        factors.append((1.0 / total[c]).astype(np.float32))
+    z, y, x = factors
+    return (z[:, None] * y[None, :])[:, :, None] * x
+
+
 def gaussian_importance_map(patch_size, sigma_scale=0.125):
     """Gaussian weights over a patch, max 1, smallest weight strictly > 0.
 
@@ -90,17 +140,10 @@ def gaussian_importance_map(patch_size, sigma_scale=0.125):
             Defaults to 1/8 (nnU-Net).
 
     Returns:
-        float32 array of shape ``patch_size``.
+        float32 array of shape ``patch_size`` (read-only, cached).
     """
-    impulse = np.zeros(patch_size, dtype=np.float64)
-    impulse[tuple(p // 2 for p in patch_size)] = 1.0
-    sigmas = [p * sigma_scale for p in patch_size]
-    weights = ndimage.gaussian_filter(impulse, sigmas, mode="constant")
-    weights /= weights.max()
-    # Zeros at the corners would give 0/0 where only one tile covers a voxel.
-    positive = weights[weights > 0]
-    weights[weights <= 0] = positive.min()
-    return weights.astype(np.float32)
+    return _gaussian_cached(tuple(int(p) for p in patch_size),
+                            float(sigma_scale))
 
 
 def mirror_axes(tta):
@@ -135,7 +178,11 @@ def pad_to_patch(image, patch_size):
 
 
 def _tile_slices(shape, patch_size, overlap):
-    steps = compute_steps(shape, patch_size, overlap)
+    return _tiles_from_steps(compute_steps(shape, patch_size, overlap),
+                             patch_size)
+
+
+def _tiles_from_steps(steps, patch_size):
     return [
         tuple(slice(s, s + p) for s, p in zip(start, patch_size))
         for start in itertools.product(*steps)
@@ -158,30 +205,58 @@ class _TimedNetwork:
         return out
 
 
-def _predict_batch(network, batch, flips, track_disagreement):
-    """Mean probabilities over mirrorings, and whether the labels agreed."""
+def _labels(probs):
+    """argmax over the last (class) axis, as uint8; faster than argmax for
+    a handful of classes (no per-voxel inner loop)."""
+    best = probs[..., 0].copy()
+    labels = np.zeros(best.shape, dtype=np.uint8)
+    for c in range(1, probs.shape[-1]):
+        wins = probs[..., c] > best
+        labels[wins] = c
+        np.maximum(best, probs[..., c], out=best)
+    return labels
+
+
+def _predict_batch(network, batch, flips, qc_views):
+    """Mean probabilities over mirrorings; per tile, whether the mirrored
+    predictions' labels disagree on the QC sample (``qc_views``: one tuple
+    of slices per tile, or None)."""
     mean = None
-    first_labels, disagree = None, None
+    first, disagree = None, None
     for axes in flips:
         spatial = tuple(a + 1 for a in axes)
         inputs = np.flip(batch, spatial) if axes else batch
         probs = np.asarray(network(inputs[..., None]), dtype=np.float32)
         if axes:
             probs = np.flip(probs, spatial)
-        if track_disagreement:
-            labels = probs.argmax(-1)
-            if first_labels is None:
-                first_labels = labels
-                disagree = np.zeros(labels.shape, dtype=bool)
+        if qc_views is not None:
+            labels = [_labels(probs[i][v]) for i, v in enumerate(qc_views)]
+            if first is None:
+                first = labels
+                disagree = [np.zeros(l.shape, dtype=bool) for l in labels]
             else:
-                disagree |= labels != first_labels
+                for d, l, f in zip(disagree, labels, first):
+                    d |= l != f
         if mean is None:
-            mean = np.array(probs, dtype=np.float32, copy=True)
+            mean = probs if len(flips) == 1 else probs.copy()
         else:
             mean += probs
     if len(flips) > 1:
         mean *= np.float32(1.0 / len(flips))
     return mean, disagree
+
+
+def _qc_view(tile, origin):
+    """Every 2nd voxel of a tile on the QC grid (voxels ``origin + 2k`` of
+    the padded volume): the view into the tile and the slices of the QC
+    accumulator it lands on."""
+    inner, outer = [], []
+    for s, o in zip(tile, origin):
+        first = s.start + (o - s.start) % 2
+        count = len(range(first, s.stop, 2))
+        inner.append(slice(first - s.start, None, 2))
+        outer.append(slice((first - o) // 2, (first - o) // 2 + count))
+    return tuple(inner), tuple(outer)
 
 
 def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
@@ -214,33 +289,50 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     flips = mirror_axes(tta)
     timed = _TimedNetwork(network)
     padded, crop = pad_to_patch(image, patch_size)
-    tiles = _tile_slices(padded.shape, patch_size, overlap)
+    steps = compute_steps(padded.shape, patch_size, overlap)
+    tiles = _tiles_from_steps(steps, patch_size)
     gauss = gaussian_importance_map(patch_size, sigma_scale)
     gauss4 = gauss[..., None]
     track = len(flips) > 1
-    accum = None
-    weight = np.zeros(padded.shape, dtype=np.float32)
-    disagree = np.zeros(padded.shape, dtype=np.float32) if track else None
+    # QC on every 2nd voxel along each axis, counted from the first voxel of
+    # the unpadded volume: 1/8 of the cost, an unbiased sample of the share.
+    origin = tuple(c.start % 2 for c in crop)
+    qc_shape = tuple(len(range(o, n, 2)) for o, n in zip(origin,
+                                                         padded.shape))
+    accum, weighted = None, None
+    if track:
+        disagree = np.zeros(qc_shape, dtype=np.float32)
+        qc_weight = np.zeros(qc_shape, dtype=np.float32)
     for first in range(0, len(tiles), batch_size):
         group = tiles[first:first + batch_size]
         batch = np.stack([padded[s] for s in group])
-        probs, dis = _predict_batch(timed, batch, flips, track)
+        views = [_qc_view(s, origin) for s in group] if track else None
+        probs, dis = _predict_batch(timed, batch, flips,
+                                    [v[0] for v in views] if track else None)
         if accum is None:
             accum = np.zeros(padded.shape + (probs.shape[-1],), np.float32)
+            weighted = np.empty(probs.shape[1:], np.float32)
         for i, s in enumerate(group):
-            tile = probs[i]
-            tile *= gauss4
-            accum[s] += tile
-            weight[s] += gauss
+            np.multiply(probs[i], gauss4, out=weighted)
+            accum[s] += weighted
             if track:
-                disagree[s] += dis[i] * gauss
+                inner, outer = views[i]
+                disagree[outer] += dis[i] * gauss[inner]
+                qc_weight[outer] += gauss[inner]
         if progress is not None:
             progress(min(first + batch_size, len(tiles)), len(tiles))
-    inverse = np.reciprocal(weight[crop])
     probabilities = accum[crop]
-    probabilities *= inverse[..., None]
+    probabilities *= _inverse_weight(padded.shape, patch_size, sigma_scale,
+                                     steps, crop)[..., None]
+    if crop != tuple(slice(0, n) for n in padded.shape):
+        probabilities = np.ascontiguousarray(probabilities)
     if track:
-        disagree = disagree[crop] * inverse
+        qc_crop = tuple(slice((c.start - o) // 2,
+                              (c.start - o) // 2 + len(range(0, n, 2)))
+                        for c, o, n in zip(crop, origin, image.shape))
+        disagree = disagree[qc_crop] / qc_weight[qc_crop]
+    else:
+        disagree = None
     return WindowResult(
         probabilities=probabilities,
         disagreement=disagree,
