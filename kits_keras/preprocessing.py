@@ -248,7 +248,11 @@ def _resample(volume, shape, order, value_fns, threads=None,
     wx = scipy.sparse.csr_matrix(axis_weights(nx, shape[2], order, antialias))
     # Reduce z first when it shrinks (fewer in-plane passes), else last.
     z_first = shape[0] <= nz
-    slab_out = max(1, int(_SLAB_VOXELS / (ny * nx) * shape[0] / nz))
+    threads = threads or min(usable_cores(), 4)
+    # Slabs: at most ~_SLAB_VOXELS input voxels, and enough of them to keep
+    # every thread busy.
+    slab_out = max(1, min(int(_SLAB_VOXELS / (ny * nx) * shape[0] / nz),
+                          -(-shape[0] // (4 * threads))))
     outs = [np.empty(shape, np.float32) for _ in value_fns]
 
     def work(slab):
@@ -262,7 +266,6 @@ def _resample(volume, shape, order, value_fns, threads=None,
                 out[k0:k1] = _apply(w, _inplane(src, wy, wx))
 
     slabs = list(_slabs(wz_dense, slab_out))
-    threads = threads or min(usable_cores(), 4)
     if threads > 1 and len(slabs) > 1:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             list(pool.map(work, slabs))
