@@ -12,17 +12,21 @@ muscle, visceral fat, vertebrae with cortical rims and discs, psoas and
 paraspinal muscles, aorta and IVC, a textured liver with vessels, spleen,
 lung bases, bowel loops (fluid, gas, oral contrast), one or two kidneys with
 a bright cortex, darker medullary pyramids and a fat-filled sinus, and one or
-two tumours attached to a kidney (5 mm to 9 cm, heterogeneous, necrotic core
-when large). HU of liver, spleen, bowel and vessels overlap those of kidney
-and tumour, so position, shape and texture matter. Correlated noise
-(10-20 HU) and a slight in-plane blur finish the image.
+two tumours attached to a kidney (radius 4-55 mm, at least 1.5 voxels of
+the coarsest spacing; heterogeneous, necrotic core when large; never more
+than 40% of the kidney swallowed). 15% of cases have a single kidney. HU of
+liver, spleen, bowel, vessels and marrow overlap those of kidney and tumour,
+so position, shape and texture matter. Correlated noise (10-20 HU) and a
+slight in-plane blur (0.6-1 mm) finish the image.
 
 Sizes:
-    "small": 24-64 slices 3-5 mm apart, 96-160 px at 2.2-3.2 mm in plane
-        (a real abdomen's field of view, coarsely sampled): ~0.2 s a case.
+    "small": 24-64 slices 3-5 mm apart, 96-160 px wide (AP: the same or
+        0.8x) at 2.2-3.2 mm in plane, i.e. a real abdomen's field of view
+        coarsely sampled: well under a second a case.
     "full": KiTS19 sizes: 512 x 512 (1 in 10: 512 x 796) at 0.5-1.0 mm in
         plane, 0.5-5 mm slices over 150-320 mm of body, capped at
-        ``MAX_FULL_SLICES`` (300; KiTS19 goes to 1059) to bound memory.
+        ``MAX_FULL_SLICES`` (300; KiTS19 goes to 1059) to bound memory
+        and time (~5-15 s a case on one core).
 
 Determinism: ``make_case(seed)`` draws everything from
 ``np.random.default_rng(seed)``; ``write_cases(seed=S)`` gives case ``i``
