@@ -47,6 +47,11 @@ class _Progress:
 @click.option("--model", type=click.Path(exists=True, path_type=str),
               help="Run folder or .keras file. Default: the latest run "
               "under $KITS_KERAS_RUNS or ./runs.")
+@click.option("--saved-model", type=click.Path(exists=True, file_okay=False,
+                                               path_type=str),
+              help="Run a `kits-keras export` folder (model base path or "
+              "version folder) instead of --model, to check an export "
+              "before deploying it (TensorFlow runs it on the CPU).")
 @click.option("--overlap", type=click.FloatRange(0, 1, max_open=True),
               help="Tile overlap as a share of the patch (default: the "
               "model's config, 0.5).")
@@ -72,8 +77,9 @@ class _Progress:
               "with the prediction outlined.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @user_errors
-def infer(inputs, output, model, overlap, tta, batch_size, device, backend,
-          save_probabilities, no_postprocess, preview, overwrite):
+def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
+          device, backend, save_probabilities, no_postprocess, preview,
+          overwrite):
     """Segment kidneys and kidney tumours in CT volumes.
 
     INPUTS: NIfTI files, KiTS19 case folders (imaging.nii.gz inside), or
@@ -82,6 +88,8 @@ def infer(inputs, output, model, overlap, tta, batch_size, device, backend,
     volumes (mL), timings and a quality-control flag. Exits with 1 if any
     input failed (the others are still segmented).
     """
+    if model and saved_model:
+        raise UserError("--model and --saved-model exclude each other")
     _set_device(device)
     from kits_keras.backend import has_accelerator
     from kits_keras.backend import select_backend
@@ -93,7 +101,7 @@ def infer(inputs, output, model, overlap, tta, batch_size, device, backend,
     from kits_keras.predict import run_inference
 
     summary = run_inference(
-        list(inputs), output=output, model=model,
+        list(inputs), output=output, model=model, saved_model=saved_model,
         infer_overrides={"overlap": overlap, "tta": tta,
                          "batch_size": batch_size},
         options=InferOptions(postprocess=not no_postprocess,

@@ -420,7 +420,7 @@ def load_model(model=None):
 
 
 def run_inference(inputs, output=None, model=None, infer_overrides=None,
-                  options=InferOptions(), progress=None):
+                  options=InferOptions(), progress=None, saved_model=None):
     """Segments every input; a bad input is reported and skipped.
 
     Args:
@@ -428,6 +428,9 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         output: str or None. A ``.nii.gz`` file (one input), a folder, or
             None for ``<stem>_seg.nii.gz`` beside each input.
         model: str or None. Run folder or ``.keras`` file; None = latest run.
+        saved_model: str or None. A ``kits-keras export`` folder (model base
+            path or version folder) to run instead of ``model``, through
+            :func:`kits_keras.export.load_saved_model` (TensorFlow, CPU).
         infer_overrides: dict of :class:`InferenceConfig` fields to change
             (``overlap``, ``tta``, ``batch_size``), None values ignored.
         options: :class:`InferOptions`.
@@ -454,7 +457,12 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
             todo.append(job)
     reports = []
     if todo:
-        art = load_model(model)
+        if saved_model is not None:
+            from kits_keras.export import load_saved_model
+
+            art = load_saved_model(saved_model)
+        else:
+            art = load_model(model)
         changes = {k: v for k, v in (infer_overrides or {}).items()
                    if v is not None}
         config = override(art.config, infer=changes) if changes else art.config
