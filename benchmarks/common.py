@@ -73,6 +73,8 @@ def machine_info():
         "cpu_model": platform.processor() or "unknown",
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
+        # Others' work inflates timings; record how busy the machine was.
+        "load_avg_1m_at_write": round(os.getloadavg()[0], 2),
     }
     try:
         with open("/proc/cpuinfo") as fh:
