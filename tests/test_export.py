@@ -193,3 +193,80 @@ def test_load_rejects_foreign_folders(tmp_path):
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
         export.load_saved_model_network(tmp_path)
+
+
+# --- CLI: kits-keras export, and infer --saved-model against --model -------
+
+
+@pytest.fixture(scope="module")
+def run_dir(model, config, tmp_path_factory):
+    from kits_keras import artifact
+
+    run = tmp_path_factory.mktemp("run")
+    artifact.save_artifact(model, config, STATS,
+                           str(run / artifact.MODEL_FILE))
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_ct(tmp_path_factory):
+    """A synthetic CT cut to one tile of the tiny model (fast to segment)."""
+    from kits_keras import io
+    from kits_keras import synthetic
+
+    image = synthetic.make_case(0).image
+    z0 = image.array.shape[0] // 2 - 8
+    crop = image.array[z0:z0 + 16, 24:88, 40:104]
+    path = str(tmp_path_factory.mktemp("ct") / "ct.nii.gz")
+    io.save_nifti(path, crop, image.affine, image.header, image.axes)
+    return path
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_export_run_dir(run_dir, tmp_path):
+    result = _cli("export", run_dir, tmp_path / "served", "--version", 3)
+    assert result.exit_code == 0, result.output
+    path = tmp_path / "served" / "3"
+    assert result.output.strip().endswith(str(path))
+    meta = export.read_metadata(tmp_path / "served")
+    assert meta["source"] == str(run_dir / "model.keras")
+    assert meta["intensity_stats"] == STATS.to_dict()
+    again = _cli("export", run_dir, tmp_path / "served", "--version", 3)
+    assert again.exit_code == 1
+    assert "already exists" in again.output
+
+
+def test_infer_saved_model_matches_model(run_dir, exported, small_ct,
+                                         tmp_path):
+    from kits_keras import io
+
+    segs = {}
+    for flag, source in (("--model", run_dir),
+                         ("--saved-model", exported[0])):
+        out = tmp_path / f"{flag.strip('-')}.nii.gz"
+        result = _cli("infer", small_ct, flag, source, "-o", out,
+                      "--no-postprocess")
+        assert result.exit_code == 0, result.output
+        segs[flag] = io.read_labels(str(out)).array
+    keras_seg, served_seg = segs["--model"], segs["--saved-model"]
+    counts = np.bincount(keras_seg.ravel(), minlength=3)
+    assert (counts > 100).sum() >= 2, counts  # a non-trivial segmentation
+    # Identical up to float32 noise: with random weights a few voxels sit on
+    # an argmax tie (top-2 probabilities within ~1e-5), which TF's and JAX's
+    # XLA may break differently; a trained model has (almost) none.
+    mismatch = int((keras_seg != served_seg).sum())
+    assert mismatch <= 1e-4 * keras_seg.size, mismatch
+
+
+def test_infer_rejects_model_and_saved_model(run_dir, exported, small_ct):
+    result = _cli("infer", small_ct, "--model", run_dir, "--saved-model",
+                  exported[0])
+    assert result.exit_code == 1
+    assert "exclude each other" in result.output
