@@ -26,7 +26,10 @@ for ``--seconds`` after one warm-up patch.
 
 Also reported: the rate a GPU training step needs (``--batch`` patches every
 ``--step-seconds``; default 8 per 0.25 s = 32 patches/s) and the cores our
-pipeline needs for it (needed rate / our one-core rate).
+pipeline needs for it (needed rate / our one-core rate; and needed rate x
+CPU seconds per patch, which other processes on the machine disturb less).
+The machine's load average at start and end is recorded: on a shared
+machine every rate drops, compare ratios measured in the same run.
 
 Run: ``/work/venv/bin/python benchmarks/input_pipeline.py`` (about 7 min;
 writes ``benchmarks/results/input_pipeline.json``).
@@ -260,6 +263,10 @@ def main():
         summary[f"ours_patches_per_s_per_core_{probs}"] = per_core
         summary[f"cores_needed_for_gpu_step_{probs}"] = round(
             needed / per_core, 1)
+        # The same from CPU seconds per patch (one-core run): robust when
+        # other processes share the machine; equal to the above when quiet.
+        summary[f"cores_needed_for_gpu_step_cpu_time_{probs}"] = round(
+            needed * raw[f"ours_1core_{probs}"]["cpu_s_per_patch"], 1)
         peers = {lib: raw[f"{lib}_{probs}"]["patches_per_s"]
                  for lib in ("bg_v1", "monai") if f"{lib}_{probs}" in raw}
         for lib, rate in peers.items():
