@@ -79,7 +79,8 @@ class AugmentConfig:
         gamma_range: gamma range, intensities rescaled to [0, 1] first and
             back afterwards (mean and std retained).
         p_mirror: probability of mirroring along each of (z, y, x).
-        image_interpolation: "linear" or "cubic".
+        image_interpolation: "linear" (trilinear; the only one implemented:
+            cubic would need 8x the gathers).
     """
 
     p_rotation: float = 0.2
