@@ -142,7 +142,8 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
 
 def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
     run = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "cli.main", "fit", "--config", "tiny",
+    cmd = [sys.executable, "-c", "from cli.main import main; main()",
+           "fit", "--config", "tiny",
            "--gpus", "2", "--epochs", "2", "--steps-per-epoch", "3",
            "--patch-size", "16", "32", "32", "--data-dir", data_dir,
            "--out", run]
