@@ -328,13 +328,16 @@ def run_infer(args):
     import json
 
     code = "from cli.infer import infer; infer(prog_name='kits-keras infer')"
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *args],
-                            cwd=common.REPO, env=common.thread_env(2),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    output = proc.stdout.read().decode(errors="replace")
+    # Output to a file, not a pipe: a full pipe would block the child.
+    with tempfile.TemporaryFile() as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", code, *args],
+                                cwd=common.REPO, env=common.thread_env(2),
+                                stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        log.seek(0)
+        output = log.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"kits-keras infer {args} failed:\n{output[-3000:]}")
     seg = [a for a in args if a.endswith(".nii.gz") and "_pred" in a][0]

@@ -114,3 +114,24 @@ def test_real_labels_with_false_positives(case):
     noisy = add_false_positives(truth)
     assert np.count_nonzero(noisy != truth) > 0
     assert np.array_equal(pp.postprocess(noisy), truth)
+
+
+def test_cli_postprocess(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.postprocess import postprocess as command
+    from kits_keras import io
+    from kits_keras.synthetic import kits19_affine
+
+    seg = two_kidneys()
+    seg[30:38, 40:58, 30:45] = 1
+    src, dst = str(tmp_path / "in.nii.gz"), str(tmp_path / "out.nii.gz")
+    io.save_nifti(src, seg, kits19_affine((2.0, 0.8, 0.8)))
+    result = CliRunner().invoke(command, [src, dst])
+    assert result.exit_code == 0, result.output
+    assert "2160 voxels removed" in result.output
+    out = io.read_labels(dst)
+    assert np.array_equal(out.array, two_kidneys())
+    assert np.array_equal(io.read_labels(src).array, seg)
+    result = CliRunner().invoke(command, [src, dst])
+    assert result.exit_code == 1 and "exists" in result.output
