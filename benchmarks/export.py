@@ -19,6 +19,7 @@ There is no peer: nnU-Net and MONAI ship no TF Serving export.
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -101,11 +102,17 @@ def main():
 
         cli = os.path.join(os.path.dirname(sys.executable), "kits-keras")
         out_cli = os.path.join(tmp, "served_cli")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         subprocess.run([cli, "export", run_dir, out_cli], check=True,
                        env=common.thread_env(args.threads),
                        capture_output=True)
         cli_seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds of the export process alone: a load-independent figure
+        # when other jobs share the cores.
+        cli_cpu = (after.ru_utime - before.ru_utime) + (
+            after.ru_stime - before.ru_stime)
         cli_sizes = sizes(os.path.join(out_cli, "1"))
 
         lib = common.call_in_subprocess(
@@ -116,6 +123,7 @@ def main():
     summary = {
         "config": args.config,
         "cli_export_seconds": round(cli_seconds, 2),
+        "cli_export_cpu_seconds": round(cli_cpu, 2),
         "library_export_seconds": round(lib["result"]["seconds"], 2),
         "saved_model_mb": cli_sizes["total_mb"],
         "model_keras_mb": round(setup["model_keras_bytes"] / 1e6, 2),
@@ -126,7 +134,9 @@ def main():
     path = common.write_results("export", {
         "raw": {
             "setup": setup,
-            "cli": {"seconds": cli_seconds, "sizes": cli_sizes,
+            "cli": {"seconds": cli_seconds, "cpu_seconds": cli_cpu,
+                    "load_average_1min": os.getloadavg()[0],
+                    "sizes": cli_sizes,
                     "command": "kits-keras export RUN OUT"},
             "library": lib,
             "threads": args.threads,

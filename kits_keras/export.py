@@ -22,6 +22,7 @@ mm, patch size, class names and label values, and the whole experiment config.
 (:func:`kits_keras.predict.predict_case`) runs unchanged on the exported model.
 """
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -57,10 +58,9 @@ def spatial_multiple(config):
         >>> spatial_multiple(get_config("paper"))
         (8, 16, 16)
     """
-    multiple = [1, 1, 1]
-    for stride in config_lib.model_strides(config):
-        multiple = [m * s for m, s in zip(multiple, stride)]
-    return tuple(multiple)
+    from kits_keras.model import total_stride
+
+    return total_stride(config)
 
 
 def input_shape(config, fixed_size=False):
@@ -169,6 +169,11 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         artifact = load_artifact(model)
         model, config, stats = artifact.model, artifact.config, artifact.stats
         source = artifact.path
+        if stats is None:
+            raise ValueError(
+                f"{source}: holds no intensity statistics (trained on "
+                "in-memory data?); a served model needs them to normalise CT"
+            )
     if config is None or stats is None:
         raise ValueError(
             "config and stats are required when exporting a keras.Model. "
@@ -327,23 +332,33 @@ def read_metadata(path):
     return meta
 
 
-def load_saved_model_network(path):
-    """Loads an export as a network callable for the NumPy predictor.
+@dataclasses.dataclass(frozen=True)
+class SavedModelArtifact:
+    """An export loaded for local inference; used like ``Artifact``.
 
-    Args:
-        path: str. A version folder or a model base path (highest version).
+    Attributes:
+        network: callable. float32 ``(B, z, y, x, 1)`` -> float32
+            ``(B, z, y, x, C)`` full-resolution probabilities, computed by
+            TensorFlow on the CPU through ``serving_default``.
+        config: ExperimentConfig stored with the export.
+        stats: IntensityStats stored with the export.
+        path: str. The version folder.
+        metadata: dict. The whole ``assets/kits_keras.json``.
+    """
+
+    network: object
+    config: config_lib.ExperimentConfig
+    stats: object
+    path: str
+    metadata: dict
+
+
+def load_saved_model(path):
+    """Loads an export (version folder or model base path) for inference.
 
     Returns:
-        ``(network, config, stats)``: ``network(batch)`` maps float32
-        ``(B, z, y, x, 1)`` to float32 full-resolution probabilities
-        ``(B, z, y, x, C)`` (the contract of ``Artifact.network``), computed
-        by TensorFlow on the CPU through the ``serving_default`` signature;
-        ``config`` is the exported ExperimentConfig; ``stats`` the
-        IntensityStats.
-
-    Example:
-        network, config, stats = load_saved_model_network("exports/kits")
-        prediction = predict_case(volume, network, config, stats)
+        SavedModelArtifact. ``predict_case(volume, art.network, art.config,
+        art.stats)`` runs the predictor on the exported model.
     """
     from kits_keras.preprocessing import IntensityStats
 
@@ -368,5 +383,19 @@ def load_saved_model_network(path):
     # The signature holds only weak references to the variables: keep the
     # loaded object alive as long as the callable.
     network.saved_model = loaded
-    network.path = folder
-    return network, config, stats
+    log.info("Loaded SavedModel %s", folder)
+    return SavedModelArtifact(network, config, stats, folder, meta)
+
+
+def load_saved_model_network(path):
+    """``(network, config, stats)`` of an export; see :func:`load_saved_model`.
+
+    ``network`` follows the contract of ``Artifact.network``: float32
+    ``(B, z, y, x, 1)`` -> float32 ``(B, z, y, x, C)``.
+
+    Example:
+        network, config, stats = load_saved_model_network("exports/kits")
+        prediction = predict_case(volume, network, config, stats)
+    """
+    art = load_saved_model(path)
+    return art.network, art.config, art.stats
