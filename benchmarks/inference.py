@@ -164,7 +164,8 @@ def sliding_peer(volume_path, lib, tta, repeats):
                                          overlap=0.5, mode="gaussian")
     else:
         predictor = _nnunet_predictor(torch, net, tta)
-        fn = lambda: predictor.predict_logits_from_preprocessed_data(x[None])  # noqa: E731
+        def fn():
+            predictor.predict_logits_from_preprocessed_data(x[None])
     with torch.inference_mode():
         net(torch.zeros((1, 1) + ROI))
     return _median_run(fn, repeats, counter)

@@ -1,4 +1,4 @@
-"""``kits-keras postprocess``: connected-component clean-up of a segmentation."""
+"""``kits-keras postprocess``: connected-component clean-up of labels."""
 
 import click
 

@@ -282,7 +282,8 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     start = time.perf_counter()
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3:
-        raise ValueError(f"Expected a (z, y, x) volume. Received: {image.shape}")
+        raise ValueError(
+            f"Expected a (z, y, x) volume. Received: {image.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
     patch_size = tuple(int(p) for p in patch_size)
