@@ -20,6 +20,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -64,8 +65,7 @@ def setup_distribution(gpus, cluster=None, batch_size=None):
             ``gpus`` devices of every process.
         batch_size: int or None. Global batch; must split evenly.
 
-    Returns:
-        The distribution, or None.
+    Returns the distribution, or None.
     """
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1. Received: gpus={gpus}")
@@ -106,11 +106,8 @@ def setup_distribution(gpus, cluster=None, batch_size=None):
 
 
 def describe_sharding(distribution, batch_shape):
-    """``[(device, shard shape)]`` of a batch laid out as fit lays it out.
-
-    Uses the distribution's data layout, the one Keras' JAX trainer applies
-    to every batch.
-    """
+    """``[(device, shard shape)]`` of a batch under the distribution's
+    data layout, the one Keras' JAX trainer applies to every batch."""
     layout = distribution.get_data_layout(batch_shape)
     array = keras.distribution.distribute_tensor(
         np.zeros(batch_shape, np.float32), layout
@@ -278,6 +275,16 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
     if state is not None:
         initial_epoch = restore(model, run_dir, state, checkpoint)
     cb.truncate_history(os.path.join(run_dir, "history.csv"), initial_epoch)
+    # The validation set is finite with unknown length: Keras finds its end
+    # by running out and warns as if the training stream had.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Your input ran out of")
+        return _fit_epochs(model, epoch_dataset, validation, config,
+                           initial_epoch, callbacks, verbose)
+
+
+def _fit_epochs(model, epoch_dataset, validation, config, initial_epoch,
+                callbacks, verbose):
     steps = config.train.steps_per_epoch
     return model.fit(
         epoch_batches(epoch_dataset, initial_epoch, config.train.epochs,

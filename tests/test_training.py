@@ -133,8 +133,8 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     for a, b in zip(arrays_whole, arrays_split):
         np.testing.assert_array_equal(a, b)
     # The run folder holds everything the issue lists.
-    for name in ("model.keras", "config.json", "loss_curves.png"):
-        assert os.path.isfile(os.path.join(split, name)), name
+    for name in ("model.keras", "config.json", "loss_curves.png", "logs"):
+        assert os.path.exists(os.path.join(split, name)), name
     art = artifact.load_artifact(split)
     assert art.config == config and art.stats is not None
     assert art.metadata["epoch"] in (1, 2)
