@@ -91,28 +91,42 @@ def _frame_from_labels(labels, spacing):
     """Frame origin (spine at kidney level) and kidney extent from labels.
 
     The spine goes midway between the two largest label components when
-    they lie on either side (two kidneys), else 60 mm medial of the one
-    kidney towards the middle of the field of view.
+    they lie on either side (two kidneys); behind a single component that
+    crosses the middle of the field of view (horseshoe kidney); else 60 mm
+    medial of the one kidney, towards the middle of the field of view.
     """
     step = (max(1, int(round(4.0 / spacing[0]))), 4, 4)
     small = labels[:: step[0], :: step[1], :: step[2]] > 0
     comps, n = ndimage.label(small)
     sizes = ndimage.sum_labels(small, comps, range(1, n + 1))
-    order = np.argsort(sizes)[::-1][:2]
+    order = [i for i in np.argsort(sizes)[::-1][:2]
+             if sizes[i] >= 0.05 * sizes.max()]  # ignore specks
     centres = [np.multiply(ndimage.center_of_mass(comps == i + 1), step)
                for i in order]
     nz, ny, nx = labels.shape
     centres = [c for c in centres] or [np.array([nz / 2, ny / 2, nx / 2])]
     k = [c[2] for c in centres]
+    behind = 5.0  # mm from the kidneys' centre back to the spine's
     if len(k) == 2 and abs(k[0] - k[1]) * spacing[2] > 60.0:
         k0 = float(np.mean(k))
         centres_used = centres
+    elif abs(k[0] - nx / 2) * spacing[2] < 40.0:
+        # One component across the midline (horseshoe kidney): its isthmus
+        # lies in front of the spine.
+        k0, centres_used, behind = nx / 2, centres[:1], 30.0
     else:
+        # One kidney: the spine goes 60 mm medial of its centre, and at
+        # least 25 mm medial of its medial edge (case_00005's fused kidney
+        # reaches the midline).
         side = 1.0 if k[0] > nx / 2 else -1.0
+        columns = np.nonzero(small.any(axis=(0, 1)))[0] * step[2]
+        edge = columns.min() if side > 0 else columns.max()
         k0 = k[0] - side * 60.0 / spacing[2]
+        k0 = min(k0, edge - 25.0 / spacing[2]) if side > 0 else max(
+            k0, edge + 25.0 / spacing[2])
         centres_used = centres[:1]
     i0 = float(np.mean([c[0] for c in centres_used]))
-    j0 = float(np.mean([c[1] for c in centres_used])) + 5.0 / spacing[1]
+    j0 = float(np.mean([c[1] for c in centres_used])) + behind / spacing[1]
     grid = Grid(labels.shape, tuple(spacing), (i0, j0, k0))
     idx = np.nonzero(small)
     if idx[0].size:
