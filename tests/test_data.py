@@ -63,7 +63,8 @@ def test_sample_patch_start_kinds_and_containment_eager_and_in_map():
     def fn(i):
         return data.sample_patch_start(
             vol["labels"].shape, PATCH, vol["foreground_coords"],
-            vol["tumour_coords"], cfg.data, tf.stack([tf.constant(3, tf.int64), i]))
+            vol["tumour_coords"], cfg.data,
+            tf.stack([tf.constant(3, tf.int64), i]))
 
     mapped = list(tf.data.Dataset.range(n).map(fn).as_numpy_iterator())
     eager = [tuple(t.numpy() for t in fn(tf.constant(i, tf.int64)))
