@@ -12,6 +12,8 @@ References: Isensee et al., nnU-Net, Nature Methods 2021
 (``compute_steps_for_sliding_window``, ``compute_gaussian``).
 """
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -217,33 +219,56 @@ def _labels(probs):
     return labels
 
 
-def _predict_batch(network, batch, flips, qc_views):
-    """Mean probabilities over mirrorings; per tile, whether the mirrored
-    predictions' labels disagree on the QC sample (``qc_views``: one tuple
-    of slices per tile, or None)."""
-    mean = None
-    first, disagree = None, None
-    for axes in flips:
-        spatial = tuple(a + 1 for a in axes)
-        inputs = np.flip(batch, spatial) if axes else batch
-        probs = np.asarray(network(inputs[..., None]), dtype=np.float32)
-        if axes:
-            probs = np.flip(probs, spatial)
+class _Aggregator:
+    """Sums Gaussian-weighted tile probabilities over the padded volume.
+
+    Fed one network output at a time, in order, from a single worker
+    thread, so that the aggregation of one batch overlaps the network call
+    of the next (NumPy and the backends release the GIL).
+    """
+
+    def __init__(self, shape, gauss, num_flips, qc_shape):
+        self.shape, self.gauss, self.num_flips = shape, gauss, num_flips
+        self.accum = self.weighted = None
+        self.mean = self.first = self.differs = None
+        self.disagree = self.qc_weight = None
+        if qc_shape is not None:
+            self.disagree = np.zeros(qc_shape, dtype=np.float32)
+            self.qc_weight = np.zeros(qc_shape, dtype=np.float32)
+
+    def add(self, group, flip, probs, qc_views):
+        """``probs``: mirrored back, batch of tiles ``group`` (slices)."""
+        if self.accum is None:
+            self.accum = np.zeros(self.shape + probs.shape[-1:], np.float32)
+            self.weighted = np.empty(probs.shape[1:], np.float32)
         if qc_views is not None:
-            labels = [_labels(probs[i][v]) for i, v in enumerate(qc_views)]
-            if first is None:
-                first = labels
-                disagree = [np.zeros(l.shape, dtype=bool) for l in labels]
+            labels = [_labels(probs[i][v[0]]) for i, v in enumerate(qc_views)]
+            if flip == 0:
+                self.first = labels
+                self.differs = [np.zeros(l.shape, bool) for l in labels]
             else:
-                for d, l, f in zip(disagree, labels, first):
+                for d, l, f in zip(self.differs, labels, self.first):
                     d |= l != f
-        if mean is None:
-            mean = probs if len(flips) == 1 else probs.copy()
+        if flip == 0:
+            # Never write into the network's own output.
+            self.mean = probs if self.num_flips == 1 else probs.copy()
         else:
-            mean += probs
-    if len(flips) > 1:
-        mean *= np.float32(1.0 / len(flips))
-    return mean, disagree
+            self.mean += probs
+        if flip == self.num_flips - 1:
+            self._accumulate(group, qc_views)
+
+    def _accumulate(self, group, qc_views):
+        scale = np.float32(1.0 / self.num_flips)
+        gauss4 = self.gauss[..., None]
+        for i, s in enumerate(group):
+            np.multiply(self.mean[i], gauss4, out=self.weighted)
+            if self.num_flips > 1:
+                self.weighted *= scale
+            self.accum[s] += self.weighted
+            if qc_views is not None:
+                inner, outer = qc_views[i]
+                self.disagree[outer] += self.differs[i] * self.gauss[inner]
+                self.qc_weight[outer] += self.gauss[inner]
 
 
 def _qc_view(tile, origin):
@@ -293,35 +318,36 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     steps = compute_steps(padded.shape, patch_size, overlap)
     tiles = _tiles_from_steps(steps, patch_size)
     gauss = gaussian_importance_map(patch_size, sigma_scale)
-    gauss4 = gauss[..., None]
     track = len(flips) > 1
     # QC on every 2nd voxel along each axis, counted from the first voxel of
     # the unpadded volume: 1/8 of the cost, an unbiased sample of the share.
     origin = tuple(c.start % 2 for c in crop)
     qc_shape = tuple(len(range(o, n, 2)) for o, n in zip(origin,
                                                          padded.shape))
-    accum, weighted = None, None
-    if track:
-        disagree = np.zeros(qc_shape, dtype=np.float32)
-        qc_weight = np.zeros(qc_shape, dtype=np.float32)
-    for first in range(0, len(tiles), batch_size):
-        group = tiles[first:first + batch_size]
-        batch = np.stack([padded[s] for s in group])
-        views = [_qc_view(s, origin) for s in group] if track else None
-        probs, dis = _predict_batch(timed, batch, flips,
-                                    [v[0] for v in views] if track else None)
-        if accum is None:
-            accum = np.zeros(padded.shape + (probs.shape[-1],), np.float32)
-            weighted = np.empty(probs.shape[1:], np.float32)
-        for i, s in enumerate(group):
-            np.multiply(probs[i], gauss4, out=weighted)
-            accum[s] += weighted
-            if track:
-                inner, outer = views[i]
-                disagree[outer] += dis[i] * gauss[inner]
-                qc_weight[outer] += gauss[inner]
-        if progress is not None:
-            progress(min(first + batch_size, len(tiles)), len(tiles))
+    agg = _Aggregator(padded.shape, gauss, len(flips),
+                      qc_shape if track else None)
+    pending = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        for first in range(0, len(tiles), batch_size):
+            group = tiles[first:first + batch_size]
+            batch = np.stack([padded[s] for s in group])
+            views = [_qc_view(s, origin) for s in group] if track else None
+            for index, axes in enumerate(flips):
+                spatial = tuple(a + 1 for a in axes)
+                inputs = np.flip(batch, spatial) if axes else batch
+                probs = np.asarray(timed(inputs[..., None]), np.float32)
+                if axes:
+                    probs = np.flip(probs, spatial)
+                pending.append(worker.submit(agg.add, group, index, probs,
+                                             views))
+                # At most two outputs wait: bounded memory.
+                while len(pending) > 2:
+                    pending.popleft().result()
+            if progress is not None:
+                progress(min(first + batch_size, len(tiles)), len(tiles))
+        while pending:
+            pending.popleft().result()
+    accum, disagree, qc_weight = agg.accum, agg.disagree, agg.qc_weight
     probabilities = accum[crop]
     probabilities *= _inverse_weight(padded.shape, patch_size, sigma_scale,
                                      steps, crop)[..., None]
