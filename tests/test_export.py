@@ -260,9 +260,10 @@ def test_infer_saved_model_matches_model(run_dir, exported, small_ct,
     assert (counts > 100).sum() >= 2, counts  # a non-trivial segmentation
     # Identical up to float32 noise: with random weights a few voxels sit on
     # an argmax tie (top-2 probabilities within ~1e-5), which TF's and JAX's
-    # XLA may break differently; a trained model has (almost) none.
+    # XLA may break differently (2 of 65536 voxels when written); a trained
+    # model has (almost) none. A wrong export differs in a large share.
     mismatch = int((keras_seg != served_seg).sum())
-    assert mismatch <= 1e-4 * keras_seg.size, mismatch
+    assert mismatch <= 1e-3 * keras_seg.size, mismatch
 
 
 def test_infer_rejects_model_and_saved_model(run_dir, exported, small_ct):
