@@ -182,6 +182,7 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
     model = _full_resolution(model)
 
     start = time.perf_counter()
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=out_dir)
     try:
@@ -195,6 +196,8 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)
         raise
     log.info(
         "Exported %s in %.1f s (%.1f MB).", target,

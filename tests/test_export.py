@@ -117,6 +117,11 @@ def test_failed_export_leaves_nothing(model, config, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         export.export_saved_model(model, tmp_path, config=config, stats=STATS)
     assert os.listdir(tmp_path) == []
+    # A base path the export created is removed again.
+    with pytest.raises(OSError, match="disk full"):
+        export.export_saved_model(model, tmp_path / "new", config=config,
+                                  stats=STATS)
+    assert os.listdir(tmp_path) == []
 
 
 def test_fixed_size_export(model, config, tmp_path):
