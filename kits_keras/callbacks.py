@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import keras
 import numpy as np
@@ -108,6 +109,29 @@ class ValidationSummary(keras.callbacks.Callback):
             if (epoch + 1) % self.volume_every == 0:
                 for key, value in self.volume_validator(self.model, epoch).items():
                     logs[f"val_volume_{key}"] = float(value)
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stops training after the first epoch that ends past a time budget.
+
+    The run stays resumable: the epoch that crossed the budget is
+    checkpointed like any other, and ``--resume`` continues from it.
+    """
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = float(seconds)
+        self.start = None
+
+    def on_train_begin(self, logs=None):
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.monotonic() - self.start
+        if elapsed > self.seconds:
+            log.info("Time budget of %.0f s used (%.0f s) after epoch %d: "
+                     "stopping.", self.seconds, elapsed, epoch + 1)
+            self.model.stop_training = True
 
 
 class LossCurves(keras.callbacks.Callback):

@@ -75,3 +75,38 @@ class InstanceNormalization(keras.layers.Layer):
         config = super().get_config()
         config.update({"epsilon": self.epsilon})
         return config
+
+
+@keras.saving.register_keras_serializable(package="kits_keras")
+class HeNormal(keras.initializers.Initializer):
+    """He (Kaiming) normal initialisation for leaky-ReLU nets, drawn by NumPy.
+
+    ``std = sqrt(2 / ((1 + a**2) * fan_in))`` with ``fan_in`` the product of
+    all kernel dimensions but the last (for ``Conv3D`` kernels
+    ``(k, k, k, in, out)`` that is ``k**3 * in``; for ``Conv3DTranspose``
+    kernels ``(k, k, k, out, in)`` it is ``k**3 * out``, as PyTorch computes
+    it). This is nnU-Net's ``InitWeights_He(1e-2)``.
+
+    The draw happens on the host with NumPy's global generator (seeded by
+    ``keras.utils.set_random_seed``) because on the JAX backend every weight
+    shape would otherwise compile its own XLA random kernel: about 30 s of
+    start-up for the paper network on a CPU, paid again by every
+    ``load_artifact`` before the weights are overwritten.
+
+    Args:
+        negative_slope: float. Leaky ReLU slope ``a``. Defaults to 0.01.
+    """
+
+    def __init__(self, negative_slope=0.01):
+        self.negative_slope = float(negative_slope)
+
+    def __call__(self, shape, dtype=None):
+        import numpy as np
+
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        std = (2.0 / ((1.0 + self.negative_slope**2) * fan_in)) ** 0.5
+        values = np.random.standard_normal(tuple(shape)) * std
+        return ops.convert_to_tensor(values.astype("float32"), dtype=dtype)
+
+    def get_config(self):
+        return {"negative_slope": self.negative_slope}

@@ -18,6 +18,7 @@ The model imports and runs without TensorFlow (JAX backend).
 import keras
 
 from kits_keras import config as config_lib
+from kits_keras.layers import HeNormal
 from kits_keras.layers import InstanceNormalization
 
 
@@ -54,7 +55,8 @@ def apply_conv_norm_act(x, filters, stride, name, norm="instance",
     ``PlainConvUNet``) although the normalisation makes it redundant.
     """
     x = keras.layers.Conv3D(
-        filters, 3, strides=stride, padding="same", name=name
+        filters, 3, strides=stride, padding="same", name=name,
+        kernel_initializer=HeNormal(negative_slope),
     )(x)
     x = _norm_layer(norm, f"{name}_norm")(x)
     return keras.layers.LeakyReLU(
@@ -81,7 +83,8 @@ def apply_up_block(x, skip, filters, stride, name, norm="instance",
                    negative_slope=0.01):
     """Transposed conv (kernel = stride) -> concat with the skip -> block."""
     x = keras.layers.Conv3DTranspose(
-        filters, kernel_size=stride, strides=stride, name=f"{name}_up"
+        filters, kernel_size=stride, strides=stride, name=f"{name}_up",
+        kernel_initializer=HeNormal(negative_slope),
     )(x)
     x = keras.layers.Concatenate(axis=-1, name=f"{name}_concat")([x, skip])
     return apply_conv_block(x, filters, 1, name, norm, negative_slope)
@@ -93,7 +96,9 @@ def apply_head(x, num_classes, name):
     Under a ``mixed_bfloat16`` policy the logits are bfloat16 but the
     probabilities (and hence the loss) are float32.
     """
-    x = keras.layers.Conv3D(num_classes, 1, name=f"{name}_conv")(x)
+    x = keras.layers.Conv3D(
+        num_classes, 1, name=f"{name}_conv", kernel_initializer=HeNormal()
+    )(x)
     return keras.layers.Activation("softmax", dtype="float32", name=name)(x)
 
 

@@ -247,7 +247,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
 
 def train(config, model, epoch_dataset, validation, run_dir, stats=None,
           seed=0, state=None, verbose="auto", volume_validator=None,
-          volume_every=0):
+          volume_every=0, time_budget_s=None):
     """Trains a compiled ``model`` into ``run_dir``; the core of :func:`fit`.
 
     Args:
@@ -264,6 +264,8 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         verbose: Keras verbosity ("auto": a progress bar per epoch).
         volume_validator: hook ``(model, epoch) -> dict`` for full-volume
             validation every ``volume_every`` epochs (0: never).
+        time_budget_s: float or None. Stop after the first epoch that ends
+            past this many seconds of training.
 
     Returns:
         keras.callbacks.History of this call.
@@ -271,6 +273,9 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
     os.makedirs(run_dir, exist_ok=True)
     callbacks, checkpoint = make_callbacks(
         run_dir, config, stats, seed, volume_validator, volume_every)
+    if time_budget_s:
+        # Before the checkpoint callback, so the last epoch is still saved.
+        callbacks.insert(-1, cb.TimeBudget(time_budget_s))
     initial_epoch = 0
     if state is not None:
         initial_epoch = restore(model, run_dir, state, checkpoint)
@@ -347,7 +352,7 @@ def prepare_run(config, out_dir, resume):
 
 
 def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
-        cluster=None, verbose="auto", epochs=None):
+        cluster=None, verbose="auto", epochs=None, time_budget_s=None):
     """Trains on a prepared dataset; the library side of ``kits-keras fit``.
 
     Args:
@@ -363,6 +368,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
         verbose: Keras verbosity.
         epochs: int or None. Overrides ``train.epochs`` (resuming without
             a config).
+        time_budget_s: float or None. Training time budget in seconds.
 
     Returns:
         str. The run folder.
@@ -392,7 +398,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
                  describe_sharding(distribution, shape))
     train(config, model, epoch_dataset, validation, run_dir,
           stats=intensity_stats(config, data_dir), seed=seed, state=state,
-          verbose=verbose)
+          verbose=verbose, time_budget_s=time_budget_s)
     if distribution is not None:
         devices = model.trainable_weights[0].value.sharding.device_set
         log.info("Weights replicated on %s", sorted(map(str, devices)))
