@@ -9,10 +9,10 @@ from cli.common import user_errors
 @click.option("--out", "out_dir", default="demo-out", show_default=True,
               type=click.Path(file_okay=False, path_type=str),
               help="Folder for cases, dataset, run, predictions and scores.")
-@click.option("--minutes", default=8.0, show_default=True,
+@click.option("--minutes", default=10.0, show_default=True,
               type=click.FloatRange(min=0.1),
               help="Training budget in minutes.")
-@click.option("--cases", "num_cases", default=15, show_default=True,
+@click.option("--cases", "num_cases", default=25, show_default=True,
               type=click.IntRange(min=5),
               help="Synthetic cases; every 5th is held out for testing.")
 @click.option("--seed", default=0, show_default=True, type=int)

@@ -41,8 +41,8 @@ class DemoOptions:
     """
 
     out_dir: str = "demo-out"
-    minutes: float = 8.0
-    num_cases: int = 15
+    minutes: float = 10.0
+    num_cases: int = 25
     seed: int = 0
     config: str = "tiny"
     overwrite: bool = False

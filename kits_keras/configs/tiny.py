@@ -18,6 +18,9 @@ def get_config():
             base.data,
             dataset="demo_4.0x3.2mm",
             patch_size=(32, 64, 64),
+            # Half the patches on foreground: minutes of training must see
+            # enough tumour.
+            foreground_fraction=0.5,
             patches_per_volume=4,
             shuffle_volumes=4,
             validation_cases=1,
