@@ -221,17 +221,11 @@ def write_results(name, payload, peers_python=None):
             ("numpy", "scipy", "torch", "monai", "nnunetv2", "scikit-image",
              "connected-components-3d", "batchgenerators"), peers_python)
     record.update(payload)
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".json",
-                               dir=RESULTS_DIR)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    from kits_keras.io import atomic_write
+
+    def dump(tmp):
+        with open(tmp, "w") as fh:
             json.dump(record, fh, indent=2, sort_keys=False)
             fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(os.path.join(RESULTS_DIR, f"{name}.json"), dump)
