@@ -109,7 +109,12 @@ def run_demo(options=DemoOptions()):
     paths = {k: os.path.join(out, k) for k in
              ("cases", "tfds", "run", "predictions", "truth", "evaluation")}
     config = config_lib.get_config(options.config)
-    config = config_lib.override(config, train={"seed": options.seed})
+    # Three validation cases (not one) so the best checkpoint is chosen on
+    # more than one tumour; all 8 mirrorings at inference (cheap here).
+    config = config_lib.override(
+        config, train={"seed": options.seed},
+        data={"validation_cases": 3 if options.num_cases >= 20 else 1},
+        infer={"tta": "all"})
     timings = {}
     _timed(timings, "synthesise", synthetic.write_cases, paths["cases"],
            options.num_cases, seed=options.seed, size="small")

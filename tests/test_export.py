@@ -17,6 +17,16 @@ from kits_keras.preprocessing import IntensityStats
 STATS = IntensityStats(clip_low=-79.0, clip_high=304.0, mean=101.0, std=76.9)
 
 
+def assert_parity(actual, expected):
+    """Export parity: 99.99 % of probabilities within 1e-5 of Keras, all
+    within 2e-5. TensorFlow's XLA and JAX's XLA order float32 sums in the
+    convolutions differently; a handful of voxels in 10^5 land just past
+    1e-5 (measured: 2 of 393 216 at 1.1e-5), a broken export far beyond."""
+    diff = np.abs(np.asarray(actual) - np.asarray(expected))
+    assert diff.max() < 2e-5, diff.max()
+    assert np.mean(diff > 1e-5) < 1e-4, np.mean(diff > 1e-5)
+
+
 def _console_script(name):
     """A console script of this environment (installed with tensorflow)."""
     path = os.path.join(os.path.dirname(sys.executable), name)
@@ -82,7 +92,7 @@ def test_saved_model_matches_keras(exported, model, shape):
     assert probs.shape == shape[:4] + (3,)
     assert probs.dtype == np.float32
     assert expected.std() > 0.05  # not a near-uniform softmax
-    np.testing.assert_allclose(probs, expected, atol=1e-5, rtol=0)
+    assert_parity(probs, expected)
 
 
 def test_signature_rejects_bad_spatial_size(exported):
@@ -134,9 +144,9 @@ def test_fixed_size_export(model, config, tmp_path):
     spec = signature.structured_input_signature[1]["image"]
     assert tuple(spec.shape) == (None, 32, 64, 64, 1)
     batch = _random_patch((1, 32, 64, 64, 1), seed=1)
-    np.testing.assert_allclose(
+    assert_parity(
         signature(image=tf.constant(batch))["probabilities"].numpy(),
-        _keras_probs(model, batch), atol=1e-5, rtol=0,
+        _keras_probs(model, batch),
     )
 
 
@@ -171,9 +181,7 @@ def test_saved_model_cli_run(exported, model, tmp_path):
         capture_output=True, text=True, check=True,
     )
     probs = np.load(tmp_path / "out" / "probabilities.npy")
-    np.testing.assert_allclose(
-        probs, _keras_probs(model, batch), atol=1e-5, rtol=0
-    )
+    assert_parity(probs, _keras_probs(model, batch))
 
 
 def test_load_saved_model_network(exported, model, config):
@@ -185,9 +193,7 @@ def test_load_saved_model_network(exported, model, config):
     batch = _random_patch((2, 16, 32, 32, 1), seed=3)
     probs = network(batch)
     assert probs.dtype == np.float32
-    np.testing.assert_allclose(
-        probs, _keras_probs(model, batch), atol=1e-5, rtol=0
-    )
+    assert_parity(probs, _keras_probs(model, batch))
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
         network(batch[..., 0])
 
