@@ -88,4 +88,8 @@ def select_backend(name="auto"):
             )
         return current
     os.environ["KERAS_BACKEND"] = backend
+    if not os.environ.get("KITS_KERAS_USER_BACKEND"):
+        # Child processes resolve "auto" again instead of taking this as
+        # the user's choice.
+        os.environ["KITS_KERAS_DEFAULT_BACKEND"] = backend
     return backend
