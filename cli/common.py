@@ -37,3 +37,18 @@ def setup_logging(verbose):
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
     )
+
+
+def backend_option(extra_help=""):
+    """The ``--backend`` option every command that runs the network takes.
+
+    The choice is applied with :func:`kits_keras.backend.select_backend`
+    before Keras is imported.
+    """
+    from kits_keras.backend import BACKENDS
+
+    return click.option(
+        "--backend", type=click.Choice(BACKENDS), default="auto",
+        show_default=True,
+        help="Keras backend; auto = JAX with an accelerator, TensorFlow on "
+        "CPU-only hosts (faster 3-D convolutions)." + extra_help)

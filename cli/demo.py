@@ -2,6 +2,7 @@
 
 import click
 
+from cli.common import backend_option
 from cli.common import user_errors
 
 
@@ -16,10 +17,7 @@ from cli.common import user_errors
               type=click.IntRange(min=5),
               help="Synthetic cases; every 5th is held out for testing.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--backend", type=click.Choice(["auto", "jax", "tensorflow"]),
-              default="auto", show_default=True,
-              help="Keras backend; auto = JAX with an accelerator, "
-              "TensorFlow on CPU-only hosts.")
+@backend_option()
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier demo in --out.")
 @user_errors

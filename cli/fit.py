@@ -4,6 +4,7 @@ import logging
 
 import click
 
+from cli.common import backend_option
 from cli.common import user_errors
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,7 @@ log = logging.getLogger(__name__)
 @click.option("--resume", is_flag=True,
               help="Continue the run in --out (default: the latest run) "
                    "from its last checkpoint.")
-@click.option("--backend", type=click.Choice(["auto", "jax", "tensorflow"]),
-              default="auto", show_default=True,
-              help="auto: JAX with an accelerator, TensorFlow on CPU-only "
-                   "hosts; --gpus > 1 always uses JAX.")
+@backend_option(" --gpus > 1 always uses JAX.")
 @click.option("--seed", type=int, default=None,
               help="Seed for weights and data [default: the config's].")
 @click.option("--coordinator-address", default=None,

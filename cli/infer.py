@@ -6,6 +6,7 @@ import sys
 import click
 
 from cli.common import UserError
+from cli.common import backend_option
 from cli.common import user_errors
 
 
@@ -63,10 +64,7 @@ class _Progress:
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,
               help="Run the network on the CPU or the GPU (default: GPU if "
               "there is one).")
-@click.option("--backend", type=click.Choice(["auto", "jax", "tensorflow"]),
-              default="auto", show_default=True,
-              help="Keras backend; auto = JAX with an accelerator, "
-              "TensorFlow on CPU-only hosts (faster 3-D convolutions).")
+@backend_option()
 @click.option("--save-probabilities", is_flag=True,
               help="Also write <name>_probabilities.npz (float16, network "
               "resolution).")
