@@ -7,9 +7,11 @@ downsampling by the stride of the first convolution of a level; upsampling by
 a transposed convolution whose kernel equals its stride; skips by
 concatenation; a 1x1x1 convolution + softmax head at every decoder level.
 
-Layer names say where a layer sits: ``enc{level}_conv{i}`` (+ ``_norm``,
-``_act``), ``dec{level}_up``, ``dec{level}_concat``, ``dec{level}_conv{i}``,
-``head{level}`` (the softmax output; its convolution is ``head{level}_conv``).
+Layer names say where a layer sits: ``enc{level}_conv{i}`` (+ ``_norm``, which
+with instance normalisation also applies the leaky ReLU; batch normalisation
+is followed by a separate ``_act``), ``dec{level}_up``, ``dec{level}_concat``,
+``dec{level}_conv{i}``, ``head{level}`` (the softmax output; its convolution
+is ``head{level}_conv``).
 Level 0 is full resolution. Tensors are ``(batch, z, y, x, channels)``.
 
 The model imports and runs without TensorFlow (JAX backend).
@@ -36,21 +38,14 @@ def level_filters(model_config):
     )
 
 
-def _norm_layer(norm, name):
-    if norm == "instance":
-        return InstanceNormalization(name=name)
-    if norm == "batch":
-        return keras.layers.BatchNormalization(epsilon=1e-5, name=name)
-    raise ValueError(
-        f"Unknown norm. Expected 'instance' or 'batch'. Received: norm={norm!r}"
-    )
-
-
 def apply_conv_norm_act(x, filters, stride, name, norm="instance",
                         negative_slope=0.01):
     """3x3x3 convolution -> normalisation -> leaky ReLU.
 
-    Layers are named ``name``, ``{name}_norm`` and ``{name}_act``. The
+    Layers are named ``name`` and ``{name}_norm``. Instance normalisation and
+    the leaky ReLU are one layer (:class:`InstanceNormalization` with
+    ``negative_slope``), whose hand-written backward pass keeps only its
+    input; batch normalisation is followed by a ``{name}_act`` layer. The
     convolution keeps its bias (as nnU-Net, so that parameter counts match
     ``PlainConvUNet``) although the normalisation makes it redundant.
     """
@@ -58,7 +53,16 @@ def apply_conv_norm_act(x, filters, stride, name, norm="instance",
         filters, 3, strides=stride, padding="same", name=name,
         kernel_initializer=HeNormal(negative_slope),
     )(x)
-    x = _norm_layer(norm, f"{name}_norm")(x)
+    if norm == "instance":
+        return InstanceNormalization(
+            negative_slope=negative_slope, name=f"{name}_norm"
+        )(x)
+    if norm != "batch":
+        raise ValueError(
+            "Unknown norm. Expected 'instance' or 'batch'. Received: "
+            f"norm={norm!r}"
+        )
+    x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"{name}_norm")(x)
     return keras.layers.LeakyReLU(
         negative_slope=negative_slope, name=f"{name}_act"
     )(x)
@@ -69,7 +73,7 @@ def apply_conv_block(x, filters, stride, name, norm="instance",
     """Two conv-norm-act units; the first carries ``stride``.
 
     ``name`` is the level prefix (``"enc2"``); layers become
-    ``enc2_conv1``, ``enc2_conv1_norm``, ..., ``enc2_conv2_act``.
+    ``enc2_conv1``, ``enc2_conv1_norm``, ..., ``enc2_conv2_norm``.
     """
     x = apply_conv_norm_act(
         x, filters, stride, f"{name}_conv1", norm, negative_slope
