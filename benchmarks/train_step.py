@@ -371,7 +371,8 @@ def summarise(sides):
 
 
 def main_cpu(args):
-    os.environ["KERAS_BACKEND"] = "jax"  # only for the FLOP count import
+    # No KERAS_BACKEND here: the package would take it for the user's
+    # choice and ``auto_backend_on_this_host`` would echo it.
     sys.path.insert(0, REPO)
     from kits_keras.backend import resolve_backend
     from kits_keras.config import get_config
