@@ -14,6 +14,11 @@ import os
 
 import pytest
 
+# Before any test module imports Keras: the package's backend default (JAX
+# unless KERAS_BACKEND says otherwise) then holds for every test, whichever
+# file runs first.
+import kits_keras  # noqa: E402,F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC_SEED = 0
 SYNTHETIC_CASES = 3

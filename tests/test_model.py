@@ -170,6 +170,36 @@ for graph in (False, True):
         a, b = np.asarray(a), np.asarray(b)
         scale = np.abs(b).max()
         assert np.abs(a - b).max() < 1e-4 * scale, (name, graph)
+
+# bfloat16 activations (the GPU policy): statistics and gradient in float32,
+# so the gradient is the float32 one up to bfloat16 rounding of x and y.
+x16 = ops.cast(x, "bfloat16")
+
+
+def fused16(x16, gamma, beta):
+    return ops.cast(fused(x16, gamma, beta), "float32")
+
+
+def as_array(t):
+    return np.asarray(ops.convert_to_numpy(ops.cast(t, "float32")))
+
+
+if keras.backend.backend() == "jax":
+    import jax
+    g16 = jax.grad(lambda *a: (fused16(*a) * w).sum(), (0, 1, 2))(
+        x16, gamma, beta)
+else:
+    import tensorflow as tf
+    args = (tf.constant(x16), tf.constant(gamma), tf.constant(beta))
+    with tf.GradientTape() as tape:
+        tape.watch(args)
+        loss = tf.reduce_sum(fused16(*args) * w)
+    g16 = tape.gradient(loss, args)
+assert keras.backend.standardize_dtype(g16[0].dtype) == "bfloat16"
+for name, a, b in zip(("x", "gamma", "beta"), g16, g_ref):
+    a, b = as_array(a), np.asarray(b)
+    assert np.all(np.isfinite(a)), name
+    assert np.abs(a - b).max() < 3e-2 * np.abs(b).max(), name
 print("OK", keras.backend.backend())
 """
 
