@@ -93,7 +93,7 @@ def _median_run(fn, repeats, counter):
         totals.append(time.perf_counter() - start)
         nets.append(counter["net"])
     i = int(np.argsort(totals)[len(totals) // 2])
-    return {"total_s": totals[i], "net_s": nets[i],
+    return {"median_index": i, "total_s": totals[i], "net_s": nets[i],
             "overhead_s": totals[i] - nets[i],
             "overhead_pct": 100 * (totals[i] - nets[i]) / totals[i],
             "totals_s": totals, "nets_s": nets}
@@ -143,7 +143,7 @@ def sliding_ours(volume_path, tta, repeats):
 
     run = _median_run(once, repeats, counter)
     conversions = conversions[1:]  # not the warm-up pass
-    median = conversions[run["totals_s"].index(run["total_s"])]
+    median = conversions[run["median_index"]]
     run["conversion_pct"] = 100 * median / run["total_s"]
     run["overhead_pct_incl_conversion"] = (
         100 * (run["overhead_s"] + median) / run["total_s"])

@@ -333,6 +333,8 @@ def versions():
 
 
 def write_json(path, data):
+    # Not kits_keras.io.atomic_write: that module needs nibabel, which the
+    # GPU host (``--gpu``) does not have.
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

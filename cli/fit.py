@@ -46,8 +46,8 @@ log = logging.getLogger(__name__)
               help="Multi-host: this process's index.")
 @user_errors
 def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
-        patch_size, out_dir, resume, backend, seed, coordinator_address, num_processes,
-        process_id):
+        patch_size, out_dir, resume, backend, seed, coordinator_address,
+        num_processes, process_id):
     """Trains the multi-scale supervised 3D U-Net.
 
     Writes the run folder: model.keras (best model, with its config and

@@ -179,11 +179,6 @@ def pad_to_patch(image, patch_size):
     return np.pad(image, pads, mode="constant"), tuple(crop)
 
 
-def _tile_slices(shape, patch_size, overlap):
-    return _tiles_from_steps(compute_steps(shape, patch_size, overlap),
-                             patch_size)
-
-
 def _tiles_from_steps(steps, patch_size):
     return [
         tuple(slice(s, s + p) for s, p in zip(start, patch_size))
@@ -233,11 +228,12 @@ class _Aggregator:
     def __init__(self, shape, gauss, num_flips, qc_shape, inverse_weight,
                  tiles):
         self.shape, self.gauss, self.num_flips = shape, gauss, num_flips
-        starts = [tile[0].start for tile in tiles]
-        if starts != sorted(starts):
+        # First slice of every tile, in feeding order.
+        self.starts = [tile[0].start for tile in tiles]
+        if self.starts != sorted(self.starts):
             # The slab-wise normalisation relies on this order.
             raise ValueError("tiles must come in order of their first slice")
-        self.inverse_weight, self.tiles = inverse_weight, tiles
+        self.inverse_weight = inverse_weight
         self.accumulated = 0  # tiles summed so far
         self.normalised = 0  # slices of ``accum`` already normalised
         self.accum = self.weighted = None
@@ -278,8 +274,8 @@ class _Aggregator:
             self.accumulated += len(group)
             # Tiles come in order of their first slice: slices before the
             # next tile's first one are final.
-            done = (self.tiles[self.accumulated][0].start
-                    if self.accumulated < len(self.tiles) else self.shape[0])
+            done = (self.starts[self.accumulated]
+                    if self.accumulated < len(self.starts) else self.shape[0])
             self._normalise(done)
 
     def _accumulate(self, group, qc_views):

@@ -1,6 +1,6 @@
 """End to end: ``kits-keras demo`` with a reduced budget (CI-sized).
 
-The full demo (15 cases, 9 minutes of training) is what the README reports;
+The full demo (25 cases, 10 minutes of training) is what the README reports;
 here 5 cases and one short epoch check that every stage runs for real and
 writes what it promises. Dice is not asserted: one epoch cannot learn.
 """

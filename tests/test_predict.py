@@ -93,7 +93,8 @@ def test_conv_network_matches_full_volume_call_away_from_borders():
     # is not on the rim of a covering tile (rims on the volume border see
     # the same zero padding as the full call, so they count as interior).
     ok = np.ones(image.shape, dtype=bool)
-    for tile in sw._tile_slices(image.shape, (12, 20, 20), 0.5):
+    steps = sw.compute_steps(image.shape, (12, 20, 20), 0.5)
+    for tile in sw._tiles_from_steps(steps, (12, 20, 20)):
         rim = np.zeros(image.shape, dtype=bool)
         rim[tile] = True
         core = tuple(
