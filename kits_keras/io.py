@@ -1,14 +1,34 @@
 """Reading and writing KiTS19 cases and NIfTI volumes.
 
-Arrays are returned in ``(z, y, x)`` order: axis 0 runs across slices. KiTS19
-stores its volumes that way already (its affines map voxel axis 0 to the
-patient's inferior-superior axis). A NIfTI stored the usual ``(x, y, z)`` way
-is transposed on reading so that the voxel axis closest to inferior-superior
-comes first, and transposed back on writing, so a segmentation written with
-:func:`save_like` lies on the input's grid whatever its layout.
+Orientation: every volume is read into one voxel orientation, KiTS19's
+(:data:`KITS19_ORIENTATION`, nibabel axis codes ``("I", "P", "L")``: axis 0
+runs head to feet across slices, axis 1 front to back, axis 2 towards the
+patient's left), whatever the file's layout: axes are permuted *and*
+flipped (nibabel's ``io_orientation`` / ``ornt_transform``), so a CT stored
+RAS or LPS (dcm2niix, SimpleITK, PACS exports) reaches the network as the
+KiTS19 volumes it was trained on. :func:`save_like` undoes it, so a
+segmentation lies on the input's own grid. Arrays are therefore in
+``(z, y, x)`` order. The orientation a model was trained in is stored with
+it (:mod:`kits_keras.artifact`).
 
 Spacing is in millimetres, ``(z, y, x)``, taken from the column norms of the
 affine. Intensities are Hounsfield units.
+
+Refused before any voxel is read (:func:`read_volume` raises
+:class:`CaseError`, one line naming the file), with limits far beyond any
+KiTS19/KiTS23 case (at most 1059 x 512 x 512 voxels, 796 in-plane; voxels
+0.4 to 5 mm):
+
+* more than :data:`MAX_AXIS_VOXELS` voxels along an axis, or more than
+  :data:`MAX_VOXELS` in all (1024 x 1024 x 512, twice the largest KiTS case,
+  2 GiB as float32);
+* a voxel size outside :data:`SPACING_RANGE_MM`, or an extent over
+  :data:`MAX_EXTENT_MM` along an axis;
+* no voxel size at all (zero ``pixdim`` and no qform/sform, where nibabel
+  would assume 1 mm), a non-finite or singular affine;
+* data shorter than the header declares. Decompression stops at the
+  declared size, and the array is filled as the data arrives, so a small
+  file declaring a huge volume never takes memory.
 """
 
 import dataclasses
@@ -27,6 +47,22 @@ LABEL_VALUES = (0, 1, 2)
 CLASS_NAMES = ("background", "kidney", "tumour")
 _CASE_DIR = re.compile(r"^case_\d{5}$")
 
+# The voxel orientation of KiTS19's volumes, and so of every array this
+# module returns (nibabel axis codes: where each array axis points).
+KITS19_ORIENTATION = ("I", "P", "L")
+# ``Volume.orientation`` of an array kept in the file's own layout.
+FILE_LAYOUT = ((0, 1), (1, 1), (2, 1))
+
+# Plausibility limits, checked on the header before anything is allocated.
+MAX_AXIS_VOXELS = 4096
+MAX_VOXELS = 2**29  # 1024 x 1024 x 512; KiTS' largest: 1059 x 512 x 512
+SPACING_RANGE_MM = (0.1, 20.0)
+MAX_EXTENT_MM = 3000.0
+# Header plus extensions: ``vox_offset`` beyond this is not a NIfTI we read.
+_MAX_DATA_OFFSET = 2**26
+# Bytes decompressed per read while filling an array.
+_READ_CHUNK = 2**24
+
 
 class CaseError(ValueError):
     """A file or case that cannot be used; the message names the file."""
@@ -40,9 +76,13 @@ class Volume:
         array: np.ndarray. Voxel values in ``(z, y, x)`` order.
         spacing: tuple of 3 floats. Voxel size in mm, ``(z, y, x)``.
         affine: np.ndarray. The file's 4x4 voxel-to-world matrix (for the
-            axis order stored in the file, not ``array``'s).
+            file's voxel layout, not ``array``'s; see :attr:`array_affine`).
         header: nibabel header of the file, or None.
-        axes: tuple of 3 ints. ``array = file_array.transpose(axes)``.
+        orientation: tuple of 3 ``(axis, flip)`` pairs, a nibabel
+            orientation array: file axis ``i`` became array axis
+            ``orientation[i][0]``, reversed when ``orientation[i][1]`` is
+            -1 (``array = nibabel.orientations.apply_orientation(
+            file_array, orientation)``). Defaults to :data:`FILE_LAYOUT`.
         path: str. Where it was read from ("" when built in memory).
     """
 
@@ -50,13 +90,21 @@ class Volume:
     spacing: tuple
     affine: np.ndarray
     header: object = None
-    axes: tuple = (0, 1, 2)
+    orientation: tuple = FILE_LAYOUT
     path: str = ""
 
     @property
     def voxel_volume_ml(self):
         """Volume of one voxel in mL."""
         return float(np.prod(self.spacing)) / 1000.0
+
+    @property
+    def array_affine(self):
+        """The voxel-to-world matrix of :attr:`array` (not of the file)."""
+        ornt = np.asarray(self.orientation, dtype=np.float64)
+        file_shape = to_file_layout(self.array, self.orientation).shape
+        return np.asarray(self.affine, np.float64) @ (
+            nib.orientations.inv_ornt_aff(ornt, file_shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,22 +126,54 @@ class Case:
         return self.image.spacing
 
 
-def slice_axis_order(affine):
-    """The transpose that puts the voxel axis nearest world z first.
+def check_orientation(codes):
+    """``codes`` as a tuple of 3 nibabel axis codes, one per world axis.
 
-    Returns ``(a, b, c)`` with ``a`` the voxel axis whose direction has the
-    largest inferior-superior component, then the remaining axes in the order
-    of their world components ``y`` then ``x`` (falling back to file order).
+    >>> check_orientation("IPL")
+    ('I', 'P', 'L')
+
+    Raises:
+        ValueError: unless ``codes`` names each of L/R, A/P, S/I once.
     """
-    direction = np.abs(np.asarray(affine, dtype=np.float64)[:3, :3])
-    slice_axis = int(np.argmax(direction[2]))
-    rest = [a for a in range(3) if a != slice_axis]
-    # Keep the file order for the in-plane axes unless it is clearly (x, y).
-    if direction[0, rest[0]] > direction[1, rest[0]] and (
-        direction[1, rest[1]] > direction[0, rest[1]]
-    ):
-        rest = rest[::-1]
-    return (slice_axis, *rest)
+    pairs = ("LR", "PA", "IS")
+    codes = tuple(str(c) for c in codes) if codes is not None else ()
+    used = sorted(i for c in codes for i, p in enumerate(pairs) if c in p)
+    if len(codes) != 3 or used != [0, 1, 2]:
+        raise ValueError(
+            "An orientation is 3 axis codes, one of L/R, one of A/P and one "
+            f"of S/I (e.g. 'IPL'). Received: {codes!r}")
+    return codes
+
+
+def orientation_to(affine, codes=KITS19_ORIENTATION):
+    """The orientation taking a file with ``affine`` to axis ``codes``.
+
+    Flips as well as permutations: each file axis goes to the array axis
+    nearest its world direction, reversed where it points the other way.
+
+    >>> import numpy as np
+    >>> orientation_to(np.diag([0.8, 0.8, 3.0, 1.0]))  # RAS -> IPL
+    ((2, -1), (1, -1), (0, -1))
+
+    Returns:
+        tuple of 3 ``(axis, flip)`` int pairs (:attr:`Volume.orientation`).
+    """
+    start = nib.orientations.io_orientation(np.asarray(affine, np.float64))
+    end = nib.orientations.axcodes2ornt(check_orientation(codes))
+    ornt = nib.orientations.ornt_transform(start, end)
+    return tuple((int(a), int(f)) for a, f in ornt)
+
+
+def _inverse(orientation):
+    inverse = [None] * 3
+    for axis, (target, flip) in enumerate(orientation):
+        inverse[int(target)] = (axis, int(flip))
+    return tuple(inverse)
+
+
+def to_file_layout(array, orientation):
+    """The view of a reoriented ``array`` in its file's voxel layout."""
+    return nib.orientations.apply_orientation(array, _inverse(orientation))
 
 
 def _check_readable(path):
@@ -103,58 +183,164 @@ def _check_readable(path):
         raise CaseError(f"{path}: is a folder, expected a NIfTI file")
 
 
-def read_volume(path, dtype=np.float32):
-    """Reads a NIfTI file into a :class:`Volume` in ``(z, y, x)`` order.
+def _header_of(path):
+    """The file's NIfTI header as stored (nibabel's fixes not applied)."""
+    with nib.openers.ImageOpener(path) as f:
+        block = f.read(540)
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        size = klass.template_dtype.itemsize
+        for order in "<>":
+            if len(block) >= size and int(np.frombuffer(
+                    block[:4], order + "i4")[0]) == size:
+                return klass(block[:size], check=False)
+    raise CaseError(f"{path}: not a NIfTI-1 or NIfTI-2 file")
+
+
+def _check_header(path, header):
+    """Refuses, before any voxel is read, what would exhaust memory or has
+    no usable voxel size (limits: see the module docstring)."""
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise CaseError(f"{path}: expected a 3-D volume, got shape {shape}")
+    if min(shape) < 1 or max(shape) > MAX_AXIS_VOXELS:
+        raise CaseError(
+            f"{path}: declares {shape} voxels; each axis must have 1 to "
+            f"{MAX_AXIS_VOXELS}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > MAX_VOXELS:
+        raise CaseError(
+            f"{path}: declares {count:,} voxels {shape}, over the limit of "
+            f"{MAX_VOXELS:,} (1024 x 1024 x 512)")
+    dtype = header.get_data_dtype()
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise CaseError(f"{path}: unsupported voxel type {dtype}")
+    offset = float(header["vox_offset"])
+    if not 0 <= offset <= _MAX_DATA_OFFSET:
+        raise CaseError(f"{path}: implausible data offset {offset:g} bytes")
+    pixdim = np.asarray(header["pixdim"][1:4], np.float64)
+    no_transform = int(header["qform_code"]) == 0 and int(
+        header["sform_code"]) == 0
+    if no_transform and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+        raise CaseError(
+            f"{path}: no voxel size: pixdim {pixdim.tolist()} and no "
+            "qform/sform (nibabel would assume 1 mm)")
+
+
+def _check_geometry(path, affine, shape):
+    """Refuses a non-finite, singular or implausibly scaled affine."""
+    if not np.all(np.isfinite(affine)):
+        raise CaseError(f"{path}: non-finite affine (NaN or infinity in the "
+                        "voxel-to-world matrix)")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing == 0) or abs(np.linalg.det(affine[:3, :3])) < (
+            1e-3 * np.prod(spacing)):
+        raise CaseError(f"{path}: singular affine (voxel axes not "
+                        "independent), voxel size "
+                        f"{np.round(spacing, 6).tolist()} mm")
+    lo, hi = SPACING_RANGE_MM
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise CaseError(
+            f"{path}: voxel size {np.round(spacing, 6).tolist()} mm outside "
+            f"the plausible {lo:g} to {hi:g} mm")
+    extent = spacing * np.asarray(shape[:3])
+    if np.any(extent > MAX_EXTENT_MM):
+        raise CaseError(
+            f"{path}: extent {np.round(extent).tolist()} mm, over "
+            f"{MAX_EXTENT_MM:g} mm along an axis")
+    return spacing
+
+
+def _read_data(path, img):
+    """The scaled voxel array in file layout, read without surprises.
+
+    The array is allocated empty (the kernel hands out pages as they are
+    written) and filled chunk by chunk as the (compressed) data arrives, so
+    a small file declaring a large volume fails on its first missing byte
+    without taking memory, and decompression stops at the declared size
+    (trailing data of a gzip bomb is never inflated).
+    """
+    proxy = img.dataobj
+    shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(size, np.uint8)
+    done = 0
+    with nib.openers.ImageOpener(path) as f:
+        f.seek(int(proxy.offset))
+        view = memoryview(raw)
+        while done < size:
+            count = f.readinto(view[done:done + _READ_CHUNK])
+            if not count:
+                break
+            done += count
+    if done < size:
+        raise CaseError(f"{path}: truncated: holds {done:,} of the "
+                        f"{size:,} data bytes its header declares")
+    # NIfTI stores voxels Fortran-ordered: a transposed view, no copy.
+    data = raw.view(dtype).reshape(shape[::-1]).T
+    # Scaling as nibabel's ArrayProxy applies it (scl_slope, scl_inter).
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if np.can_cast(inter, slope.dtype):
+        inter = inter.astype(slope.dtype)
+    data = nib.volumeutils.apply_read_scaling(data, slope, inter)
+    return data[..., 0] if data.ndim == 4 else data
+
+
+def read_volume(path, dtype=np.float32, orientation=KITS19_ORIENTATION):
+    """Reads a NIfTI file into a :class:`Volume`, reoriented.
+
+    The header is checked before any voxel is read (see the module
+    docstring for the limits), then the array is brought to
+    ``orientation`` by flips and a transpose (views), copied once into
+    C order together with the cast to ``dtype``.
 
     Args:
         path: str. A ``.nii`` or ``.nii.gz`` file.
         dtype: numpy dtype of the returned array, or None to keep the
             file's (scaled) dtype. Defaults to float32.
+        orientation: 3 nibabel axis codes the array axes will point to.
+            Defaults to :data:`KITS19_ORIENTATION`.
 
     Raises:
-        CaseError: unreadable, truncated or non-3-D file, or a degenerate
-            affine. The message starts with the path.
+        CaseError: unreadable, truncated, implausibly large or non-3-D
+            file, or degenerate geometry. One line starting with the path.
     """
     path = os.fspath(path)
     _check_readable(path)
     try:
+        _check_header(path, _header_of(path))
         img = nib.load(path)
-        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        spacing = _check_geometry(path, affine, img.shape)
+        data = _read_data(path, img)
+    except CaseError:
+        raise
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
-            nib.filebasedimages.ImageFileError) as err:
+            nib.filebasedimages.ImageFileError,
+            nib.spatialimages.HeaderDataError) as err:
         raise CaseError(f"{path}: cannot read NIfTI ({err})") from None
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise CaseError(
-            f"{path}: expected a 3-D volume, got shape {tuple(data.shape)}"
-        )
-    affine = np.asarray(img.affine, dtype=np.float64)
-    file_spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if not np.all(np.isfinite(file_spacing)) or np.any(file_spacing <= 0):
-        raise CaseError(f"{path}: degenerate affine, voxel size {file_spacing}")
-    axes = slice_axis_order(affine)
-    array = np.ascontiguousarray(np.transpose(data, axes))
-    if dtype is not None:
-        array = array.astype(dtype, copy=False)
-    spacing = tuple(float(file_spacing[a]) for a in axes)
-    return Volume(array, spacing, affine, img.header, axes, path)
+    ornt = orientation_to(affine, orientation)
+    array = nib.orientations.apply_orientation(data, ornt)
+    array = np.ascontiguousarray(array, dtype=dtype)
+    spacing = tuple(float(spacing[axis]) for axis, _ in _inverse(ornt))
+    return Volume(array, spacing, affine, img.header, ornt, path)
 
 
-def read_image(path):
+def read_image(path, orientation=KITS19_ORIENTATION):
     """Reads a CT image (HU) and checks that every voxel is finite."""
-    volume = read_volume(path, np.float32)
+    volume = read_volume(path, np.float32, orientation)
     if not np.all(np.isfinite(volume.array)):
         bad = int(np.size(volume.array) - np.isfinite(volume.array).sum())
         raise CaseError(f"{volume.path}: {bad} non-finite intensities")
     return volume
 
 
-def read_labels(path):
+def read_labels(path, orientation=KITS19_ORIENTATION):
     """Reads a label volume and checks its values are in {0, 1, 2}."""
     # Keep the stored dtype: KiTS19 labels are uint8, and a min/max check
     # on them is ~50x faster than np.unique on a float copy (834x512x512).
-    volume = read_volume(path, None)
+    volume = read_volume(path, None, orientation)
     values = volume.array
     if not np.issubdtype(values.dtype, np.integer):
         if not np.all(np.isfinite(values)) or np.any(
@@ -173,13 +359,18 @@ def read_labels(path):
 
 
 def check_same_grid(image, labels):
-    """Raises CaseError unless two volumes share shape and affine."""
+    """Raises CaseError unless two volumes lie on the same world grid.
+
+    Compares the arrays (both reoriented on reading) and their affines, so
+    two files of one grid stored in different axis orders agree.
+    """
     if image.array.shape != labels.array.shape:
         raise CaseError(
             f"{labels.path}: shape {labels.array.shape} does not match "
             f"{image.path} shape {image.array.shape}"
         )
-    if not np.allclose(image.affine, labels.affine, rtol=1e-4, atol=1e-3):
+    if not np.allclose(image.array_affine, labels.array_affine, rtol=1e-4,
+                       atol=1e-3):
         raise CaseError(
             f"{labels.path}: affine does not match {image.path}"
         )
@@ -275,19 +466,19 @@ def _umask():
     return mask
 
 
-def save_nifti(path, array, affine, header=None, axes=(0, 1, 2)):
-    """Writes a ``(z, y, x)`` array as NIfTI, atomically.
+def save_nifti(path, array, affine, header=None, orientation=FILE_LAYOUT):
+    """Writes an array as NIfTI in its file's layout, atomically.
 
     Args:
         path: str. Destination ``.nii`` or ``.nii.gz``.
-        array: np.ndarray in ``(z, y, x)`` order; its dtype is kept.
+        array: np.ndarray; its dtype is kept.
         affine: 4x4 voxel-to-world matrix of the file layout.
         header: nibabel header to copy (shape and dtype are updated), or None.
-        axes: the transpose applied on reading (:attr:`Volume.axes`); its
-            inverse restores the file layout.
+        orientation: how the file layout became ``array``
+            (:attr:`Volume.orientation`); undone (a view) before writing.
+            Defaults to :data:`FILE_LAYOUT` (``array`` is the file layout).
     """
-    array = np.asarray(array)
-    file_array = np.transpose(array, np.argsort(axes))
+    file_array = to_file_layout(np.asarray(array), orientation)
     new_header = header.copy() if header is not None else None
     img = nib.Nifti1Image(file_array, affine, new_header)
     img.set_data_dtype(file_array.dtype)
@@ -298,12 +489,14 @@ def save_nifti(path, array, affine, header=None, axes=(0, 1, 2)):
 
 
 def save_like(path, array, reference):
-    """Writes ``array`` on the grid of ``reference`` (a :class:`Volume`)."""
+    """Writes ``array`` on the grid of ``reference`` (a :class:`Volume`):
+    in its file's voxel layout and orientation, with its affine."""
     if tuple(array.shape) != tuple(reference.array.shape):
         raise ValueError(
             f"Array shape {array.shape} differs from the reference "
             f"{reference.path} shape {reference.array.shape}"
         )
     return save_nifti(
-        path, array, reference.affine, reference.header, reference.axes
+        path, array, reference.affine, reference.header,
+        reference.orientation
     )

@@ -146,8 +146,8 @@ def make_case(seed, size="small", labels=None, spacing=None,
         size: str. "small" or "full" (see the module docstring). Ignored
             when ``labels`` is given.
         labels: optional label volume to build the CT around: an
-            ``io.Volume`` (its spacing, affine, header and axes are kept) or
-            a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
+            ``io.Volume`` (its spacing, affine, header and orientation are
+            kept) or a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
 
@@ -189,10 +189,10 @@ def make_case(seed, size="small", labels=None, spacing=None,
                    blur_mm=rng.uniform(0.6, 1.0))
     if volume is not None:
         geometry = dict(affine=volume.affine, header=volume.header,
-                        axes=volume.axes)
+                        orientation=volume.orientation)
     else:
         geometry = dict(affine=kits19_affine(grid.spacing), header=None,
-                        axes=(0, 1, 2))
+                        orientation=io.FILE_LAYOUT)
     spacing = tuple(float(v) for v in grid.spacing)
     return io.Case(
         case_id,
@@ -290,7 +290,7 @@ def _save_case(case_dir, case, preview):
     image = case.image
     io.save_nifti(f"{case_dir}/{io.IMAGE_FILE}",
                   image.array.astype(np.int16), image.affine, image.header,
-                  image.axes)
+                  image.orientation)
     io.save_like(f"{case_dir}/{io.LABELS_FILE}", case.labels.array,
                  case.labels)
     if preview:

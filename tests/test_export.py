@@ -229,7 +229,8 @@ def small_ct(tmp_path_factory):
     z0 = image.array.shape[0] // 2 - 8
     crop = image.array[z0:z0 + 16, 24:88, 40:104]
     path = str(tmp_path_factory.mktemp("ct") / "ct.nii.gz")
-    io.save_nifti(path, crop, image.affine, image.header, image.axes)
+    io.save_nifti(path, crop, image.affine, image.header,
+                  image.orientation)
     return path
 
 

@@ -40,7 +40,7 @@ def small_cts(synthetic_cases_dir, tmp_path_factory):
                                         io.IMAGE_FILE))
         crop = ct.array[:24, 16:112, 16:112]
         path = str(folder / f"{case}.nii.gz")
-        io.save_nifti(path, crop, ct.affine, ct.header, ct.axes)
+        io.save_nifti(path, crop, ct.affine, ct.header, ct.orientation)
         paths.append(path)
     return paths
 

@@ -136,7 +136,7 @@ def test_truncated_gzip_of_image_is_caught(tmp_path):
     raw = gzip.open(path).read()
     with gzip.open(path, "wb") as f:  # valid gzip stream, short payload
         f.write(raw[: len(raw) - 1000])
-    with pytest.raises(io.CaseError, match="cannot read NIfTI"):
+    with pytest.raises(io.CaseError, match="truncated: holds"):
         io.read_image(path)
 
 
@@ -161,10 +161,11 @@ def _garbage(path):
     open(path, "wb").write(b"garbage" * 50)
 
 
-def _value_3(path):
+def _value_4(path):
+    # 4: no label of KiTS19 nor KiTS23 (3 = cyst is read by synth).
     img = nib.load(path)
     data = np.asarray(img.dataobj).copy()
-    data[0, 0, 0] = 3
+    data[0, 0, 0] = 4
     nib.save(nib.Nifti1Image(data, img.affine, img.header), path)
 
 
@@ -174,7 +175,7 @@ def _four_d(path):
     nib.save(nib.Nifti1Image(data, img.affine), path)
 
 
-@pytest.mark.parametrize("corrupt", [_truncate, _garbage, _value_3, _four_d])
+@pytest.mark.parametrize("corrupt", [_truncate, _garbage, _value_4, _four_d])
 def test_cli_bad_label_file_one_line_exit_1_no_output(
         tmp_path, synthetic_cases_dir, corrupt):
     src, bad = _label_source(tmp_path, synthetic_cases_dir, corrupt)
@@ -252,7 +253,7 @@ def test_round_trip_keeps_affine_header_dtype(tmp_path):
     assert nib.load(out_img).get_data_dtype() == np.float32
 
 
-def test_xyz_nifti_is_transposed_and_written_back_identically(tmp_path):
+def test_ras_nifti_is_reoriented_and_written_back_identically(tmp_path):
     rng = np.random.default_rng(0)
     nx, ny, nz = 9, 7, 5
     file_array = rng.integers(0, 3, (nx, ny, nz)).astype(np.uint8)
@@ -260,16 +261,47 @@ def test_xyz_nifti_is_transposed_and_written_back_identically(tmp_path):
     affine[:3, 3] = (-10.0, 20.0, 30.0)
     src = _write(str(tmp_path / "xyz.nii.gz"), file_array, affine)
     volume = io.read_labels(src)
-    assert volume.axes == (2, 1, 0)
+    # RAS -> KiTS19's IPL: transposed *and* flipped on every axis.
+    assert volume.orientation == ((2, -1), (1, -1), (0, -1))
     assert volume.array.shape == (nz, ny, nx)
+    assert volume.array.flags.c_contiguous
     np.testing.assert_allclose(volume.spacing, (3.0, 0.8, 0.7))
-    np.testing.assert_array_equal(volume.array, file_array.transpose(2, 1, 0))
+    np.testing.assert_array_equal(
+        volume.array, file_array.transpose(2, 1, 0)[::-1, ::-1, ::-1])
+    assert nib.aff2axcodes(volume.array_affine) == io.KITS19_ORIENTATION
     out = str(tmp_path / "back.nii.gz")
     io.save_like(out, volume.array, volume)
     img = nib.load(out)
     np.testing.assert_array_equal(np.asarray(img.dataobj), file_array)
     np.testing.assert_allclose(img.affine, affine)
     assert img.shape == (nx, ny, nz)
+
+
+def test_other_orientation_on_request(tmp_path):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = _write(str(tmp_path / "a.nii.gz"), array)  # KiTS19 layout
+    volume = io.read_volume(path, None, orientation="SAR")
+    np.testing.assert_array_equal(volume.array, array[::-1, ::-1, ::-1])
+    assert io.read_volume(path, None).orientation == io.FILE_LAYOUT
+    with pytest.raises(ValueError, match="3 axis codes"):
+        io.read_volume(path, None, orientation="IIL")
+
+
+def test_same_grid_in_two_storage_orders(tmp_path):
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 3, (4, 5, 6)).astype(np.uint8)
+    affine = kits19_affine(SPACING)
+    affine[:3, 3] = (5.0, -3.0, 40.0)
+    a = _write(str(tmp_path / "a.nii.gz"), array, affine)
+    ornt = nib.orientations.axcodes2ornt("RAS")
+    ornt = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), ornt)
+    b = _write(str(tmp_path / "b.nii.gz"),
+               nib.orientations.apply_orientation(array, ornt),
+               affine @ nib.orientations.inv_ornt_aff(ornt, array.shape))
+    va, vb = io.read_labels(a), io.read_labels(b)
+    io.check_same_grid(va, vb)
+    np.testing.assert_array_equal(va.array, vb.array)
 
 
 def test_find_cases_sorted_and_filtered(tmp_path):
@@ -298,7 +330,7 @@ def test_real_kits19_labels(kits19_labels_dir, case_id):
     volume = io.read_labels(path)
     slices, slice_mm = REAL[case_id]
     assert volume.array.shape == (slices, 512, 512)
-    assert volume.axes == (0, 1, 2)  # KiTS19 stores (z, y, x) already
+    assert volume.orientation == io.FILE_LAYOUT  # KiTS19 is IPL
     assert volume.spacing[0] == pytest.approx(slice_mm)
     assert 0.43 <= volume.spacing[1] == volume.spacing[2] <= 1.05
     counts = np.bincount(volume.array.ravel(), minlength=3)

@@ -48,7 +48,7 @@ def test_small_geometry_is_kits19_like(cli_cases):
         sz, sy, sx = case.spacing
         assert 24 <= nz <= 64 and 76 <= ny <= 160 and 96 <= nx <= 160
         assert 3.0 <= sz <= 5.0 and 2.2 <= sy == sx <= 3.2
-        assert case.image.axes == (0, 1, 2)
+        assert case.image.orientation == io.FILE_LAYOUT
         # KiTS19 affine: voxel axis 0 -> -z, 1 -> -y, 2 -> -x.
         np.testing.assert_allclose(case.image.affine,
                                    synthetic.kits19_affine(case.spacing))
