@@ -10,9 +10,11 @@ A run directory (one training run) holds::
     RUN/loss_curves.png      training/validation loss, validation Dice
 
 ``model.keras`` is a normal Keras archive (``keras.saving.load_model`` reads
-it) with one extra member, ``kits_keras.json``, carrying the experiment config
-and the intensity statistics of the training set, so that
-:func:`load_artifact` needs nothing else to preprocess a new CT.
+it) with one extra member, ``kits_keras.json``, carrying the experiment config,
+the intensity statistics of the training set and the voxel orientation the
+network was trained in (``"orientation"``, nibabel axis codes, ``"IPL"``
+for KiTS19), so that :func:`load_artifact` needs nothing else to preprocess
+a new CT.
 
 This module imports Keras but never TensorFlow.
 """
@@ -31,6 +33,7 @@ from kits_keras.config import ExperimentConfig
 MODEL_FILE = "model.keras"
 METADATA_MEMBER = "kits_keras.json"
 FORMAT_VERSION = 1
+ORIENTATION_KEY = "orientation"
 
 
 def default_runs_root():
@@ -74,7 +77,8 @@ def latest_run(root=None, member=MODEL_FILE):
     return max(candidates)[1]
 
 
-def save_artifact(model, config, stats, path, extra=None):
+def save_artifact(model, config, stats, path, extra=None,
+                  orientation=io.KITS19_ORIENTATION):
     """Writes ``model`` as a Keras archive with the config and statistics.
 
     Atomic: written to a temporary file beside ``path`` and renamed.
@@ -86,6 +90,9 @@ def save_artifact(model, config, stats, path, extra=None):
         stats: IntensityStats, a dict of its fields, or None.
         path: str. Target ``.keras`` file.
         extra: dict or None. More JSON-serialisable metadata (epoch, Dice).
+        orientation: 3 nibabel axis codes of the training arrays (what
+            :func:`kits_keras.io.read_volume` reoriented them to). Defaults
+            to :data:`kits_keras.io.KITS19_ORIENTATION`.
     """
     if hasattr(stats, "to_dict"):
         stats = stats.to_dict()
@@ -93,6 +100,7 @@ def save_artifact(model, config, stats, path, extra=None):
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "intensity_stats": stats,
+        ORIENTATION_KEY: "".join(io.check_orientation(orientation)),
         **(extra or {}),
     }
 
@@ -136,6 +144,11 @@ class Artifact:
     metadata: dict = dataclasses.field(default_factory=dict)
 
     @property
+    def orientation(self):
+        """Axis codes new CTs are reoriented to (:func:`orientation_of`)."""
+        return orientation_of(self.metadata, self.path)
+
+    @property
     def full_resolution(self):
         if "_full" not in self.__dict__:
             from kits_keras.model import full_resolution_model
@@ -164,6 +177,23 @@ class Artifact:
             )
         probs = self.full_resolution.predict_on_batch(batch)
         return np.asarray(probs, dtype=np.float32)
+
+
+def orientation_of(metadata, path=""):
+    """The training orientation stored in a model's metadata.
+
+    Archives written before it was stored were trained on volumes read in
+    KiTS19's layout: :data:`kits_keras.io.KITS19_ORIENTATION`.
+
+    Raises:
+        CaseError: when the stored value is not 3 axis codes.
+    """
+    codes = (metadata or {}).get(ORIENTATION_KEY, io.KITS19_ORIENTATION)
+    try:
+        return io.check_orientation(codes)
+    except ValueError as err:
+        raise io.CaseError(f"{path}: bad {ORIENTATION_KEY!r} in the model "
+                           f"metadata: {err}") from None
 
 
 def _model_path(path):

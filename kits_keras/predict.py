@@ -334,12 +334,17 @@ def sidecar(seg_path, suffix):
 
 
 def infer_case(job, network, config, stats, options=InferOptions(),
-               progress=None):
-    """Segments one file and writes its outputs; returns the JSON report."""
+               progress=None, orientation=io.KITS19_ORIENTATION):
+    """Segments one file and writes its outputs; returns the JSON report.
+
+    The CT is reoriented to ``orientation`` (the model's training
+    orientation, ``Artifact.orientation``) and the segmentation written
+    back on the file's own grid.
+    """
     from kits_keras.postprocess import postprocess
 
     start = time.perf_counter()
-    volume = io.read_image(job.image_path)
+    volume = io.read_image(job.image_path, orientation)
     t_read = time.perf_counter() - start
     tiles = None if progress is None else (
         lambda done, total: progress(job.case_id, done, total))
@@ -397,6 +402,16 @@ def _dump(obj, path):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+def _case_error(job, err):
+    """``err`` as one line that names the input file."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError):
+        text = f"out of memory ({text})"
+    if not text.startswith(job.image_path):
+        text = f"{job.image_path}: {text}"
+    return text
 
 
 def load_model(model=None):
@@ -469,14 +484,20 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         changes = {k: v for k, v in (infer_overrides or {}).items()
                    if v is not None}
         config = override(art.config, infer=changes) if changes else art.config
+        from kits_keras.artifact import orientation_of
+
+        orientation = orientation_of(art.metadata, art.path)
         for job in todo:
             try:
                 reports.append(infer_case(job, art.network, config, art.stats,
-                                          options, progress))
-            except (io.CaseError, ValueError, OSError) as err:
-                log.error("%s: %s", job.case_id, err)
+                                          options, progress, orientation))
+            except (io.CaseError, ValueError, OSError, MemoryError) as err:
+                # One case's failure, even out of memory, is one line
+                # naming its file; the batch goes on.
+                error = _case_error(job, err)
+                log.error("%s: %s", job.case_id, error)
                 failures.append({"case_id": job.case_id,
-                                 "input": job.image_path, "error": str(err)})
+                                 "input": job.image_path, "error": error})
     summary = {"cases": reports, "failures": failures}
     if output is not None and not io.is_nifti(output) and reports:
         path = os.path.join(output, "summary.json")

@@ -162,8 +162,16 @@ def target_shape(shape, spacing, target_spacing):
     if min(target_spacing) <= 0 or min(spacing) <= 0:
         raise ValueError(f"Spacings must be > 0. Received: spacing={spacing}"
                          f", target_spacing={target_spacing}")
-    return tuple(max(1, int(round(n * s / t)))
-                 for n, s, t in zip(shape, spacing, target_spacing))
+    out = tuple(max(1, int(round(n * s / t)))
+                for n, s, t in zip(shape, spacing, target_spacing))
+    # Checked before anything is allocated (the volume itself passed the
+    # same limit in io.read_volume).
+    if int(np.prod(out, dtype=np.int64)) > io.MAX_VOXELS:
+        raise ValueError(
+            f"resampling {tuple(shape)} voxels of {tuple(spacing)} mm to "
+            f"{tuple(target_spacing)} mm gives {out}, over the limit of "
+            f"{io.MAX_VOXELS:,} voxels")
+    return out
 
 
 def _kernel(x, order):

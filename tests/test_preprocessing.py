@@ -163,3 +163,11 @@ def test_real_labels_case_00021_coarse():
     # smoothing of a small convex shape (nnU-Net's resampling: 3.6 %).
     assert abs(after[0] - before[0]) / before[0] < 0.03, (before, after)
     assert abs(after[1] - before[1]) / before[1] < 0.036, (before, after)
+
+
+def test_target_shape_refuses_an_implausible_resampled_volume():
+    # Checked before allocating: 10^4 x the voxel size of a CT would
+    # resample to petabytes.
+    with pytest.raises(ValueError, match="over the limit"):
+        pp.target_shape((100, 512, 512), (3.0, 8000.0, 8000.0),
+                        (3.0, 0.78, 0.78))
