@@ -13,8 +13,11 @@ from cli.common import user_errors
               type=click.Path(file_okay=False, path_type=str),
               help="Folder for scores.json, scores.csv, dice_boxplot.png "
               "and best/median/worst overlay PNGs.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace an earlier report in --out (refused otherwise, "
+              "before any work).")
 @user_errors
-def evaluate(pred_dir, truth_dir, out_dir):
+def evaluate(pred_dir, truth_dir, out_dir, overwrite):
     """Score predictions PRED against ground truth GT (KiTS19 metric).
 
     PRED and GT are folders of KiTS19 case folders
@@ -22,12 +25,16 @@ def evaluate(pred_dir, truth_dir, out_dir):
     prediction_XXXXX.nii.gz, case_XXXXX_seg.nii.gz), matched by case id.
     Kidney Dice is over label > 0, tumour Dice over label > 1; both empty
     gives 1; a missing prediction scores 0. Exits with 1 if a case could
-    not be scored (unreadable file, other grid).
+    not be scored (unreadable file, prediction or the case's CT on another
+    grid). Refused with exit 1 before any work: no prediction at all, none
+    matching a ground-truth case, two files for one case (e.g.
+    case_00001.nii.gz and prediction_00001.nii.gz). Hidden files (a dot
+    first) are ignored.
     """
     from kits_keras.evaluate import evaluate as run
     from kits_keras.evaluate import format_table
 
-    report, paths = run(pred_dir, truth_dir, out_dir)
+    report, paths = run(pred_dir, truth_dir, out_dir, overwrite)
     click.echo(format_table(report))
     if report["missing"]:
         click.echo(f"missing predictions (scored 0): "

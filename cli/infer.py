@@ -46,13 +46,18 @@ class _Progress:
               "+ .json per case, summary.json). Default: <name>_seg.nii.gz "
               "beside each input.")
 @click.option("--model", type=click.Path(exists=True, path_type=str),
-              help="Run folder or .keras file. Default: the latest run "
-              "under $KITS_KERAS_RUNS or ./runs.")
+              help="Run folder or .keras file. Default: the latest "
+              "finished run under $KITS_KERAS_RUNS or ./runs (not one "
+              "still training or interrupted).")
 @click.option("--saved-model", type=click.Path(exists=True, file_okay=False,
                                                path_type=str),
               help="Run a `kits-keras export` folder (model base path or "
               "version folder) instead of --model, to check an export "
-              "before deploying it (TensorFlow runs it on the CPU).")
+              "before deploying it (TensorFlow runs it on the CPU). A "
+              "SavedModel is code: use only exports from a trusted source. "
+              "One whose graph holds file-system or other I/O ops "
+              "(ReadFile, WriteFile, PyFunc, ...) is refused before "
+              "loading.")
 @click.option("--overlap", type=click.FloatRange(0, 1, max_open=True),
               help="Tile overlap as a share of the patch (default: the "
               "model's config, 0.5).")
@@ -85,6 +90,14 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     2 tumour) on each input's grid, and a JSON with kidney and tumour
     volumes (mL), timings and a quality-control flag. Exits with 1 if any
     input failed (the others are still segmented).
+
+    Nothing is overwritten without --overwrite: an input whose outputs
+    (segmentation, .json, and with the options _probabilities.npz, .png)
+    exist fails, and an existing summary.json stops the run. Two inputs
+    that would write the same file (x.nii.gz from two folders into one -o,
+    y.nii beside y.nii.gz), or an output that would replace an input, stop
+    the run before any work. Hidden files (a dot first) in input folders
+    are ignored.
     """
     if model and saved_model:
         raise UserError("--model and --saved-model exclude each other")

@@ -52,29 +52,66 @@ def new_run_dir(root, name):
     return path
 
 
-def latest_run(root=None, member=MODEL_FILE):
+def latest_run(root=None, member=MODEL_FILE, finished=False):
     """The run under ``root`` whose ``member`` file was written last.
 
     Args:
         root: str. Runs folder. Defaults to :func:`default_runs_root`.
         member: str. File a run must hold to count (relative path).
+        finished: bool. Only runs whose training ended (see
+            :func:`run_finished`), not one still training or killed.
 
     Raises:
-        FileNotFoundError: when no run under ``root`` holds ``member``.
+        FileNotFoundError: when no run under ``root`` qualifies.
     """
     root = root or default_runs_root()
     candidates = []
     if os.path.isdir(root):
         for entry in os.scandir(root):
             path = os.path.join(entry.path, member)
-            if entry.is_dir() and os.path.isfile(path):
+            if (entry.is_dir() and not entry.name.startswith(".")
+                    and os.path.isfile(path)):
                 candidates.append((os.path.getmtime(path), entry.path))
-    if not candidates:
+    done = [c for c in candidates if not finished or run_finished(c[1])]
+    if not done:
+        unfinished = ""
+        if candidates:
+            newest = max(candidates)[1]
+            unfinished = (f" ({newest} is still training or was "
+                          f"interrupted; pass it explicitly to use its "
+                          f"best model so far)")
         raise FileNotFoundError(
-            f"{root}: no training run with {member} found. Train one with "
-            "`kits-keras fit` or pass the run folder / model file explicitly."
+            f"{root}: no {'finished ' if finished else ''}training run with "
+            f"{member} found{unfinished}. Train one with `kits-keras fit` "
+            "or pass the run folder / model file explicitly."
         )
-    return max(candidates)[1]
+    return max(done)[1]
+
+
+STATE_PATH = os.path.join("checkpoints", "state.json")
+
+
+def run_finished(run_dir):
+    """Whether the training of ``run_dir`` ended normally.
+
+    ``kits-keras fit`` marks ``checkpoints/state.json`` with ``finished``
+    when training ends (not when it is killed); a run without a state file
+    (a model saved outside ``fit``) counts as finished. For runs written
+    before the mark existed, all configured epochs done counts as finished.
+    """
+    path = os.path.join(run_dir, STATE_PATH)
+    if not os.path.isfile(path):
+        return True
+    try:
+        with open(path) as f:
+            state = json.load(f)
+        if "finished" in state:
+            return bool(state["finished"])
+        with open(os.path.join(run_dir, "config.json")) as f:
+            epochs = json.load(f)["train"]["epochs"]
+        return int(state["epochs_done"]) >= int(epochs)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def save_artifact(model, config, stats, path, extra=None,
@@ -117,11 +154,17 @@ def read_metadata(path):
     """The ``kits_keras.json`` dict of a model archive."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(METADATA_MEMBER))
-    except (zipfile.BadZipFile, KeyError, OSError) as err:
+            metadata = json.loads(archive.read(METADATA_MEMBER))
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError) as err:
         raise io.CaseError(
-            f"{path}: not a kits-keras model archive ({err})."
+            f"{path}: not a kits-keras model archive "
+            f"({io.first_line(err)})."
         ) from None
+    if not isinstance(metadata, dict) or "config" not in metadata:
+        raise io.CaseError(
+            f"{path}: {METADATA_MEMBER} has no experiment config; not a "
+            "kits-keras model archive, or a damaged one.")
+    return metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,22 +259,30 @@ def load_artifact(path=None):
 
     Args:
         path: str or None. A run folder, a ``.keras`` file, or None for the
-            latest run under :func:`default_runs_root`.
+            latest finished run under :func:`default_runs_root`.
 
     Returns:
         Artifact.
     """
     from kits_keras.model import build_unet
 
-    path = _model_path(path or latest_run())
+    path = _model_path(path or latest_run(finished=True))
     metadata = read_metadata(path)
-    config = ExperimentConfig.from_dict(metadata["config"])
+    try:
+        config = ExperimentConfig.from_dict(metadata["config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise io.CaseError(
+            f"{path}: damaged experiment config in {METADATA_MEMBER} "
+            f"({type(err).__name__}: {io.first_line(err)})."
+        ) from None
     model = build_unet(config)
     try:
         model.load_weights(path)
-    except (ValueError, KeyError, OSError) as err:
+    except (ValueError, KeyError, TypeError, OSError,
+            zipfile.BadZipFile) as err:
         raise io.CaseError(
-            f"{path}: weights do not fit the stored config ({err})."
+            f"{path}: weights do not fit the stored config "
+            f"({io.first_line(err)})."
         ) from None
     return Artifact(
         model=model,

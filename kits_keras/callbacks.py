@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 
 import keras
@@ -225,10 +226,31 @@ class RunCheckpoint(keras.callbacks.Callback):
         self.best_epoch = None
 
     def restore(self, state):
-        for name, callback in self.stateful.items():
-            callback.set_state(state[name])
-        self.best = state["best"]
-        self.best_epoch = state["best_epoch"]
+        path = os.path.join(self.checkpoint_dir, STATE_FILE)
+        try:
+            for name, callback in self.stateful.items():
+                callback.set_state(state[name])
+            self.best = float(state["best"])
+            self.best_epoch = state["best_epoch"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise io.CaseError(
+                f"{path}: not a kits-keras training state ({type(err).__name__}"
+                f" {err}); start a new run") from None
+
+    def on_train_begin(self, logs=None):
+        # Training again (resumed with more --epochs): no longer finished.
+        state = read_state(self.checkpoint_dir)
+        if state is not None and state.get("finished"):
+            state.pop("finished")
+            write_json(os.path.join(self.checkpoint_dir, STATE_FILE), state)
+
+    def on_train_end(self, logs=None):
+        # Only on a normal end (Keras skips it after an exception): the run
+        # is complete, `kits-keras infer` may take its model by default.
+        state = read_state(self.checkpoint_dir)
+        if state is not None and not state.get("finished"):
+            write_json(os.path.join(self.checkpoint_dir, STATE_FILE),
+                       {**state, "finished": True})
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
@@ -287,9 +309,52 @@ def write_json(path, obj):
 
 
 def read_state(checkpoint_dir):
-    """The ``state.json`` dict of a checkpoint folder, or None."""
+    """The ``state.json`` dict of a checkpoint folder, or None.
+
+    Raises:
+        CaseError: unreadable JSON, ``epochs_done`` not a count, or a
+            ``checkpoint`` that is not a plain ``.keras`` file name (a path
+            such as ``../../x.keras`` would load, and later delete, a file
+            outside the run).
+    """
     path = os.path.join(checkpoint_dir, STATE_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise io.CaseError(f"{path}: unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise io.CaseError(f"{path}: not a JSON object")
+    name = state.get("checkpoint")
+    if not (isinstance(name, str) and _CHECKPOINT_NAME.match(name)):
+        raise io.CaseError(
+            f"{path}: checkpoint {name!r} is not a file name inside "
+            f"{checkpoint_dir} (expected epoch_XXXX.keras)")
+    epochs = state.get("epochs_done")
+    if type(epochs) is not int or epochs < 0:
+        raise io.CaseError(f"{path}: epochs_done {epochs!r} is not a count")
+    return state
+
+
+# What RunCheckpoint writes: a plain file name, no folder part.
+_CHECKPOINT_NAME = re.compile(r"^epoch_\d{4,}\.keras$")
+
+
+def checkpoint_path(checkpoint_dir, state):
+    """The checkpoint file ``state`` (from :func:`read_state`) names.
+
+    Raises:
+        CaseError: missing, or a link leading out of ``checkpoint_dir``.
+    """
+    path = os.path.join(checkpoint_dir, state["checkpoint"])
+    real = os.path.realpath(path)
+    inside = os.path.realpath(checkpoint_dir) + os.sep
+    if not real.startswith(inside):
+        raise io.CaseError(f"{path}: leads outside {checkpoint_dir}")
+    if not os.path.isfile(real):
+        raise io.CaseError(
+            f"{path}: named by {STATE_FILE} but missing; the run cannot be "
+            "resumed")
+    return path

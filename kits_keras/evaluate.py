@@ -66,23 +66,67 @@ def case_id_of(name):
 
 
 def find_segmentations(folder):
-    """``{case_id: path}`` for KiTS19 case folders or flat NIfTI files."""
+    """``{case_id: path}`` for KiTS19 case folders or flat NIfTI files.
+
+    Hidden names (a dot first: temporaries of an interrupted write, editor
+    and OS files) are skipped.
+
+    Raises:
+        CaseError: the folder is missing, or two files give one case id
+            (``case_00001.nii.gz`` and ``prediction_00001.nii.gz``, a case
+            folder and a flat file, ``.nii`` and ``.nii.gz``); the message
+            names both.
+    """
     if not os.path.isdir(folder):
         raise io.CaseError(f"{folder}: folder not found")
     found = {}
     for name in sorted(os.listdir(folder)):
+        if io.is_hidden(name):
+            continue
         path = os.path.join(folder, name)
         if os.path.isdir(path):
             labels = os.path.join(path, io.LABELS_FILE)
-            if os.path.isfile(labels):
-                found[case_id_of(name)] = labels
-        elif io.is_nifti(name) and name != io.IMAGE_FILE:
-            found.setdefault(case_id_of(name), path)
+            if not os.path.isfile(labels):
+                continue
+            path = labels
+        elif not io.is_nifti(name) or name == io.IMAGE_FILE:
+            continue
+        case_id = case_id_of(name)
+        if case_id in found:
+            raise io.CaseError(
+                f"{found[case_id]} and {path}: both are {case_id}; keep one "
+                "(which one to score is ambiguous)")
+        found[case_id] = path
     return found
+
+
+def check_ct_grid(truth_path):
+    """Raises CaseError if the case folder's CT is on another grid than its
+    ground truth (header only; a flat truth file has no CT)."""
+    if os.path.basename(truth_path) != io.LABELS_FILE:
+        return
+    image_path = os.path.join(os.path.dirname(truth_path), io.IMAGE_FILE)
+    if not os.path.isfile(image_path):
+        return
+    import nibabel as nib
+
+    try:
+        image, truth = nib.load(image_path), nib.load(truth_path)
+        shapes = tuple(image.shape[:3]), tuple(truth.shape[:3])
+        same = shapes[0] == shapes[1] and np.allclose(
+            image.affine, truth.affine, rtol=1e-4, atol=1e-3)
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
+        raise io.CaseError(f"{image_path}: cannot read NIfTI header "
+                           f"({io.first_line(err)})") from None
+    if not same:
+        raise io.CaseError(
+            f"{image_path}: shape {shapes[0]} / affine do not match "
+            f"{truth_path} {shapes[1]}; the CT belongs to another grid")
 
 
 def evaluate_case(pred_path, truth_path):
     """Scores one prediction file against its ground truth file."""
+    check_ct_grid(truth_path)
     truth = io.read_labels(truth_path)
     pred = io.read_labels(pred_path)
     io.check_same_grid(truth, pred)
@@ -105,6 +149,13 @@ def evaluate_folders(pred_dir, truth_dir):
                            "(case_XXXXX/segmentation.nii.gz or "
                            "case_XXXXX.nii.gz)")
     preds = find_segmentations(pred_dir)
+    if not preds:
+        raise io.CaseError(f"{pred_dir}: no predictions (case_XXXXX.nii.gz, "
+                           "prediction_XXXXX.nii.gz or case folders)")
+    if not set(preds) & set(truths):
+        raise io.CaseError(
+            f"{pred_dir}: no prediction matches a ground-truth case of "
+            f"{truth_dir} (predictions: {', '.join(sorted(preds)[:3])}...)")
     rows = []
     for case_id, truth_path in truths.items():
         row = {"case_id": case_id, "kidney_dice": 0.0, "tumour_dice": 0.0,
@@ -154,10 +205,28 @@ def format_table(report):
     return "\n".join(lines)
 
 
+REPORT_FILES = ("scores.json", "scores.csv", "dice_boxplot.png")
+_OVERLAY = re.compile(r"^overlay_(best|median|worst)_.+\.png$")
+
+
+def existing_report_files(out_dir):
+    """Files of an earlier report in ``out_dir`` (scores, plots)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return [os.path.join(out_dir, name) for name in sorted(os.listdir(out_dir))
+            if name in REPORT_FILES or _OVERLAY.match(name)]
+
+
 def write_report(report, out_dir):
     """Writes ``scores.json``, ``scores.csv``, ``dice_boxplot.png`` and the
-    best/median/worst overlays into ``out_dir``; returns their paths."""
+    best/median/worst overlays into ``out_dir``; returns their paths.
+
+    Overlays of an earlier report that this one does not rewrite are
+    removed (they would show other cases under the same ranks)."""
     os.makedirs(out_dir, exist_ok=True)
+    for stale in io.sweep_temporaries(out_dir):
+        log.info("Removed %s (left by an interrupted run)", stale)
+    earlier = existing_report_files(out_dir)
     paths = {"json": os.path.join(out_dir, "scores.json"),
              "csv": os.path.join(out_dir, "scores.csv")}
 
@@ -179,6 +248,8 @@ def write_report(report, out_dir):
     for rank, row in pick_examples(report).items():
         path = os.path.join(out_dir, f"overlay_{rank}_{row['case_id']}.png")
         paths[f"overlay_{rank}"] = save_overlay(row, path, rank)
+    for path in set(earlier) - set(paths.values()):
+        os.remove(path)
     return paths
 
 
@@ -227,7 +298,10 @@ def save_overlay(row, path, rank=""):
     pred = io.read_labels(row["prediction"])
     image_path = os.path.join(os.path.dirname(row["truth"]), io.IMAGE_FILE)
     window = viz.CT_WINDOW
-    if os.path.isfile(image_path):
+    # Only a case folder's own CT (a flat truth file has none); its grid was
+    # checked by evaluate_case.
+    if (os.path.basename(row["truth"]) == io.LABELS_FILE
+            and os.path.isfile(image_path)):
         image = io.read_image(image_path).array
     else:
         image, window = np.zeros(truth.array.shape, np.float32), None
@@ -240,9 +314,19 @@ def save_overlay(row, path, rank=""):
         title=title, window=window)
 
 
-def evaluate(pred_dir, truth_dir, out_dir):
+def evaluate(pred_dir, truth_dir, out_dir, overwrite=False):
     """``kits-keras evaluate``: scores, writes the report files, returns
-    ``(report, paths)``."""
+    ``(report, paths)``.
+
+    Raises:
+        ValueError: before any work, when ``out_dir`` holds an earlier
+            report and ``overwrite`` is False.
+    """
+    existing = existing_report_files(out_dir)
+    if existing and not overwrite:
+        raise ValueError(f"{existing[0]}: exists; pass --overwrite to "
+                         "replace the report in "
+                         f"{out_dir} ({len(existing)} files)")
     report = evaluate_folders(pred_dir, truth_dir)
     paths = write_report(report, out_dir)
     return report, paths

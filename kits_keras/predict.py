@@ -257,12 +257,14 @@ class Job:
 
 
 def find_inputs(inputs):
-    """``[(case_id, image_path or error message)]`` for files or folders.
+    """``[(case_id, image_path or None, error message or None)]``.
 
     An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
-    inside), or a folder of either (our own ``*_seg.nii.gz`` outputs and
-    ``segmentation.nii.gz`` files are skipped). Unusable inputs are returned
-    with ``None`` as path and an error message as third element.
+    inside), or a folder of either. In a folder, our own ``*_seg.nii.gz``
+    outputs, ``segmentation.nii.gz`` files and hidden files (names starting
+    with a dot: temporaries of an interrupted write, editor and OS files)
+    are skipped. Unusable inputs come with ``None`` as path and an error
+    message.
     """
     found = []
     for path in inputs:
@@ -292,6 +294,8 @@ def find_inputs(inputs):
 def _folder_inputs(folder):
     found = []
     for name in sorted(os.listdir(folder)):
+        if io.is_hidden(name):
+            continue
         path = os.path.join(folder, name)
         if os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
             found.append((name, os.path.join(path, io.IMAGE_FILE), None))
@@ -302,8 +306,18 @@ def _folder_inputs(folder):
     return found
 
 
-def plan_jobs(found, output=None):
-    """Output path of every found input (see ``kits-keras infer --help``)."""
+SUMMARY_FILE = "summary.json"
+
+
+def plan_jobs(found, output=None, options=None):
+    """Output path of every found input (see ``kits-keras infer --help``).
+
+    Raises:
+        ValueError: before anything is written, when two inputs would write
+            the same file (the same name from two folders, ``y.nii`` beside
+            ``y.nii.gz``, a case named ``summary``), or an output would
+            replace an input; the message names both.
+    """
     single_file = output is not None and io.is_nifti(output)
     if single_file and len(found) != 1:
         raise ValueError(
@@ -316,15 +330,67 @@ def plan_jobs(found, output=None):
             out = output
         elif output is not None:
             out = os.path.join(output, f"{case_id}.nii.gz")
-        elif image_path is not None and os.path.basename(
-                image_path) == io.IMAGE_FILE:
-            out = os.path.join(os.path.dirname(image_path),
-                               f"{case_id}{SEG_SUFFIX}.nii.gz")
         else:
             out = os.path.join(os.path.dirname(image_path or ""),
                                f"{case_id}{SEG_SUFFIX}.nii.gz")
         jobs.append(Job(case_id, image_path, out))
+    _check_collisions(jobs, output, options or InferOptions())
     return jobs
+
+
+def _key(path):
+    """One spelling per file: absolute, symlinked folders resolved."""
+    path = os.path.abspath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path)),
+                        os.path.basename(path))
+
+
+def _check_collisions(jobs, output, options):
+    writers = {}
+    if summary_path(output) is not None:
+        writers[_key(summary_path(output))] = "the batch summary"
+    inputs = {_key(j.image_path): j.image_path for j in jobs if j.image_path}
+    for job in jobs:
+        if job.image_path is None:
+            continue
+        for path in output_paths(job, options):
+            key = _key(path)
+            if key in inputs:
+                raise ValueError(
+                    f"{path}: output of {job.image_path} would replace the "
+                    f"input {inputs[key]}; choose another -o")
+            if key in writers:
+                raise ValueError(
+                    f"{path}: {writers[key]} and {job.image_path} would both "
+                    "write it; rename one or give -o separate folders")
+            writers[key] = job.image_path
+
+
+def summary_path(output):
+    """``summary.json`` of a folder ``-o``, else None."""
+    if output is None or io.is_nifti(output):
+        return None
+    return os.path.join(output, SUMMARY_FILE)
+
+
+def output_paths(job, options=InferOptions()):
+    """Every file :func:`infer_case` writes for ``job``, sidecars included."""
+    paths = [job.output_path, sidecar(job.output_path, ".json")]
+    if options.save_probabilities:
+        paths.append(sidecar(job.output_path, "_probabilities.npz"))
+    if options.preview:
+        paths.append(sidecar(job.output_path, ".png"))
+    return paths
+
+
+def existing_output(job, options=InferOptions()):
+    """The error for ``job`` if one of its outputs exists, else None."""
+    if options.overwrite:
+        return None
+    for path in output_paths(job, options):
+        if os.path.lexists(path):
+            return f"{path}: exists; pass --overwrite to replace it"
+    return None
 
 
 def sidecar(seg_path, suffix):
@@ -415,7 +481,7 @@ def _case_error(job, err):
 
 
 def load_model(model=None):
-    """Loads ``model`` (run folder or file), or the latest run.
+    """Loads ``model`` (run folder or file), or the latest finished run.
 
     Raises:
         FileNotFoundError: with instructions when there is no model at all.
@@ -425,15 +491,26 @@ def load_model(model=None):
     if model is None:
         root = artifact.default_runs_root()
         try:
-            model = artifact.latest_run(root)
+            model = artifact.latest_run(root, finished=True)
         except FileNotFoundError:
+            try:
+                hint = (f" {artifact.latest_run(root)} is still training or "
+                        "was interrupted; pass it as --model to use its "
+                        "best model so far.")
+            except FileNotFoundError:
+                hint = ""
             raise FileNotFoundError(
-                f"No trained model found under {root} (set KITS_KERAS_RUNS "
-                "or pass --model). Get one with `kits-keras fit --config "
-                "coarse --data-dir DIR` (train on KiTS19) or `kits-keras "
-                "demo` (a tiny model on synthetic cases in minutes)."
+                f"No finished trained model found under {root} (set "
+                "KITS_KERAS_RUNS or pass --model). Get one with `kits-keras "
+                "fit --config coarse --data-dir DIR` (train on KiTS19) or "
+                "`kits-keras demo` (a tiny model on synthetic cases in "
+                f"minutes).{hint}"
             ) from None
-        log.info("Using the latest run: %s", model)
+        newest = artifact.latest_run(root)
+        skipped = "" if newest == model else (
+            f" (not {os.path.basename(newest)}: still training or "
+            "interrupted)")
+        log.info("Using the latest finished run: %s%s", model, skipped)
     return artifact.load_artifact(model)
 
 
@@ -460,13 +537,16 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         ``summary.json`` when ``output`` is a folder.
     """
     found = find_inputs(inputs)
-    jobs = plan_jobs(found, output)
+    jobs = plan_jobs(found, output, options)
+    summary_file = summary_path(output)
+    if (summary_file and os.path.lexists(summary_file)
+            and not options.overwrite):
+        raise ValueError(f"{summary_file}: exists; pass --overwrite to "
+                         "replace it")
     failures, todo = [], []
     for job, (_, _, error) in zip(jobs, found):
-        if error is None and os.path.exists(job.output_path) and (
-                not options.overwrite):
-            error = (f"{job.output_path}: exists; pass --overwrite to "
-                     "replace it")
+        if error is None:
+            error = existing_output(job, options)
         if error:
             log.error("%s", error)
             failures.append({"case_id": job.case_id, "input": job.image_path,
@@ -474,6 +554,10 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         else:
             todo.append(job)
     reports = []
+    for folder in sorted({os.path.dirname(os.path.abspath(p))
+                          for job in todo for p in output_paths(job)}):
+        for path in io.sweep_temporaries(folder):
+            log.info("Removed %s (left by an interrupted run)", path)
     if todo:
         if saved_model is not None:
             from kits_keras.export import load_saved_model
@@ -499,7 +583,6 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                 failures.append({"case_id": job.case_id,
                                  "input": job.image_path, "error": error})
     summary = {"cases": reports, "failures": failures}
-    if output is not None and not io.is_nifti(output) and reports:
-        path = os.path.join(output, "summary.json")
-        io.atomic_write(path, lambda tmp: _dump(summary, tmp))
+    if summary_file is not None and reports:
+        io.atomic_write(summary_file, lambda tmp: _dump(summary, tmp))
     return summary

@@ -21,6 +21,7 @@ import importlib.util
 import logging
 import os
 import warnings
+import zipfile
 
 import keras
 import numpy as np
@@ -306,10 +307,25 @@ def _fit_epochs(model, epoch_dataset, validation, config, initial_epoch,
 
 
 def restore(model, run_dir, state, checkpoint):
-    """Loads weights, optimizer and callback states; returns epochs done."""
-    path = os.path.join(run_dir, "checkpoints", state["checkpoint"])
+    """Loads weights, optimizer and callback states; returns epochs done.
+
+    Temporary files a killed run left in the run and checkpoint folders
+    are removed first (:func:`kits_keras.io.sweep_temporaries`).
+    """
+    from kits_keras import io
+
+    folder = os.path.join(run_dir, "checkpoints")
+    for stale in io.sweep_temporaries(run_dir) + io.sweep_temporaries(folder):
+        log.info("Removed %s (left by an interrupted run)", stale)
+    path = cb.checkpoint_path(folder, state)
     model.optimizer.build(model.trainable_variables)
-    model.load_weights(path)
+    try:
+        model.load_weights(path)
+    except (ValueError, KeyError, TypeError, OSError,
+            zipfile.BadZipFile) as err:
+        raise io.CaseError(
+            f"{path}: cannot load this checkpoint "
+            f"({io.first_line(err)})") from None
     checkpoint.restore(state)
     log.info("Resuming %s after epoch %d (learning rate %.3g)", run_dir,
              state["epochs_done"], float(model.optimizer.learning_rate))

@@ -66,7 +66,8 @@ def test_default_output_beside_input_and_latest_run(ct_file, runs_root,
     assert result.exit_code == 0, result.output
     seg_path = ct_file.replace("ct.nii.gz", "ct_seg.nii.gz")
     assert os.path.isfile(seg_path)
-    assert "Using the latest run" in caplog.text and runs_root in caplog.text
+    assert "Using the latest finished run" in caplog.text
+    assert runs_root in caplog.text
     seg, ct = nib.load(seg_path), nib.load(ct_file)
     assert seg.shape == ct.shape
     assert np.allclose(seg.affine, ct.affine)
