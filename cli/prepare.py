@@ -23,13 +23,35 @@ from cli.common import user_errors
 @click.option("--skip-bad-cases", is_flag=True,
               help="Skip unreadable cases and list them at the end instead "
                    "of stopping.")
+@click.option("--rebuild", is_flag=True,
+              help="Replace an existing dataset that was built from other "
+                   "files or by other preprocessing code (the old one is "
+                   "deleted only once the new one is finished).")
 @user_errors
-def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases):
-    """Resample and normalise KiTS19 cases into a TFDS dataset."""
+def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases,
+            rebuild):
+    """Resample and normalise KiTS19 cases into a TFDS dataset.
+
+    \b
+    Splits: the labelled case ids, sorted; every 5th is a test case. With
+    fewer than 5 labelled cases (or all test cases skipped as bad) the
+    dataset has no test split; `fit` then holds out
+    data.validation_cases training cases for validation when it can, and
+    otherwise trains without validation. Any number of labelled cases >= 1
+    builds; no usable training case is an error.
+
+    \b
+    Reuse: the dataset records what it was built from (case ids, file
+    sizes and modification times, a hash of the preprocessing code). A
+    rerun on the same files does nothing; on changed files (cases added,
+    removed or re-saved, another folder, new code) it stops and names what
+    changed: pass --rebuild to replace the dataset. A folder left by an
+    interrupted build is removed by the next run.
+    """
     from kits_keras import dataset
 
     result = dataset.prepare(manual_dir, data_dir, config_name, workers,
-                             skip_bad_cases)
+                             skip_bad_cases, rebuild=rebuild)
     state = "built" if result.built else "already prepared, nothing to do"
     splits = ", ".join(f"{k} {v}" for k, v in sorted(
         result.num_examples.items()))

@@ -219,15 +219,20 @@ def _builder(config, data_dir):
 
 def case_split(config, builder):
     """(training ids, validation ids): the last ``validation_cases`` sorted
-    training ids are held out for validation."""
+    training ids are held out for validation.
+
+    With no more training cases than ``validation_cases`` (a small
+    dataset), none are held out: ``(all ids, [])``, and training runs
+    without validation (:func:`make_validation_dataset` says so).
+    """
     ids = sorted(builder.info.metadata["train_case_ids"])
     n = config.data.validation_cases
-    if n >= len(ids):
+    if n < 0:
         raise ValueError(
-            f"validation_cases must be smaller than the {len(ids)} training "
-            f"cases. Received: validation_cases={n}"
-        )
-    return (ids[:-n], ids[-n:]) if n > 0 else (ids, [])
+            f"validation_cases must be >= 0. Received: validation_cases={n}")
+    if n == 0 or n >= len(ids):
+        return ids, []
+    return ids[:-n], ids[-n:]
 
 
 def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
@@ -241,6 +246,10 @@ def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
             f"Unknown split. Expected one of {splits}. Received: {split!r}"
         )
     builder = _builder(config, data_dir)
+    if split == "test" and "test" not in builder.info.splits:
+        raise ValueError(
+            f"{builder.data_dir}: this dataset has no test split (fewer "
+            "than 5 labelled cases, or every test case was skipped as bad)")
     read_config = tfds.ReadConfig(shuffle_seed=seed,
                                   interleave_cycle_length=2)
     ds = builder.as_dataset(
@@ -250,7 +259,10 @@ def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
     )
     if split != "test":
         train_ids, val_ids = case_split(config, builder)
-        keep = tf.constant(train_ids if split == "train" else val_ids)
+        ids = train_ids if split == "train" else val_ids
+        if not ids:
+            return ds.take(0)
+        keep = tf.constant(ids)
         ds = ds.filter(
             lambda ex: tf.reduce_any(tf.equal(ex["case_id"], keep))
         )
@@ -282,8 +294,16 @@ def make_validation_dataset(config, data_dir):
 
     ``patches_per_volume`` un-augmented patches per case, sampled with
     ``config.train.seed`` (foreground oversampling as in training), the same
-    on every pass.
+    on every pass. None (after one log line) when the dataset has no more
+    training cases than ``data.validation_cases``.
     """
+    train_ids, val_ids = case_split(config, _builder(config, data_dir))
+    if not val_ids:
+        log.warning(
+            "%d training case(s), validation_cases=%d: training without "
+            "validation on all of them; the last epoch's model is kept",
+            len(train_ids), config.data.validation_cases)
+        return None
     volumes = volume_dataset(config, data_dir, "validation")
     patches = patch_dataset(volumes, config, config.train.seed,
                             training=False)
@@ -293,8 +313,9 @@ def make_validation_dataset(config, data_dir):
 def load_volumes(config, data_dir, split):
     """Whole preprocessed volumes of ``split`` as dicts of numpy arrays.
 
-    ``split``: "train" (minus validation cases), "validation" or "test".
-    ``case_id`` comes back as ``str``.
+    ``split``: "train" (minus validation cases), "validation" (may give
+    nothing) or "test" (ValueError if the dataset has none). ``case_id``
+    comes back as ``str``.
     """
     ds = volume_dataset(config, data_dir, split)
     for example in ds.as_numpy_iterator():

@@ -4,13 +4,20 @@ The builder itself is ``tfds_kits19/kits19/kits19_dataset_builder.py``; this
 module only picks the config, points TFDS at the case folder and reports.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
+import shutil
 
 from kits_keras import config as kk_config
+from kits_keras import io
 
 log = logging.getLogger(__name__)
+
+LOCK_FILE = ".prepare.lock"
+INCOMPLETE_PREFIX = "incomplete."  # TFDS's temporary build folders
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +28,8 @@ class PrepareResult:
         name: str. ``kits19/<config>``, what ``tfds.load`` takes.
         data_dir: str. TFDS data directory.
         path: str. Folder of the prepared version.
-        built: bool. False when a finished dataset was found and reused.
+        built: bool. False when a finished dataset built from the same
+            files was found and reused.
         num_examples: dict. Examples per split.
         skipped_cases: dict. Case id -> reason, for cases skipped as bad.
     """
@@ -55,12 +63,16 @@ def default_data_dir():
 
 
 def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
-            workers=None, skip_bad_cases=False):
+            workers=None, skip_bad_cases=False, rebuild=False):
     """Builds ``kits19/<config>`` from KiTS19-layout case folders.
 
-    A finished dataset is found and reused (nothing is recomputed). TFDS
-    writes into a temporary ``*.incomplete*`` folder and renames it when
-    done, so an interrupted build leaves no half dataset and can be rerun.
+    A finished dataset is reused only when it was built from the same files
+    (case ids, sizes, modification times) by the same preprocessing code
+    (``metadata["source"]``); otherwise ``prepare`` stops with one line
+    saying what changed, or with ``rebuild=True`` builds a new one and only
+    then deletes the old. TFDS writes into a temporary ``incomplete.*``
+    folder and renames it when done; one left by a killed build is removed
+    by the next. A failed first build leaves no folder behind.
 
     Args:
         manual_dir: str. Folder of ``case_XXXXX/`` (KiTS19 ``data/`` or a
@@ -71,35 +83,58 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
         workers: int. Cases processed in parallel (default: usable cores).
         skip_bad_cases: bool. Skip unreadable cases (listed in the result)
             instead of stopping at the first.
+        rebuild: bool. Replace a dataset built from other files or code.
 
     Returns:
         PrepareResult.
     """
-    from kits_keras.backend import import_tensorflow
-
-    import_tensorflow()  # hides GPUs before TFDS imports TF
-    import tensorflow_datasets as tfds
-
-    from tfds_kits19.kits19 import kits19_dataset_builder
-
-    name = f"kits19/{dataset_config_name(config)}"
+    config_name = dataset_config_name(config)
+    name = f"kits19/{config_name}"
     data_dir = os.fspath(data_dir or default_data_dir())
     if not os.path.isdir(manual_dir):
         raise FileNotFoundError(f"{manual_dir}: case folder not found")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1. Received: workers={workers}")
-    builder = kits19_dataset_builder.Builder(
-        config=dataset_config_name(config), data_dir=data_dir,
-        workers=workers, skip_bad_cases=skip_bad_cases)
-    built = not builder.is_prepared()
-    if built:
-        log.info("building %s in %s from %s", name, data_dir, manual_dir)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                manual_dir=os.fspath(manual_dir)))
-    else:
-        log.info("%s already prepared in %s: nothing to do", name,
-                 builder.data_dir)
+    # Before importing TensorFlow (seconds): TFDS would fail on an empty
+    # folder with its download instructions and a traceback.
+    if not any(os.path.isfile(os.path.join(d, io.LABELS_FILE))
+               for d in io.find_cases(os.fspath(manual_dir))):
+        raise io.CaseError(f"{manual_dir}: no case_XXXXX folder with "
+                           f"{io.LABELS_FILE}")
+
+    from kits_keras.backend import import_tensorflow
+
+    import_tensorflow()  # hides GPUs before TFDS imports TF
+
+    from tfds_kits19.kits19 import kits19_dataset_builder as kb
+    root = os.path.join(data_dir, "kits19", config_name)
+    with _exclusive(root, data_dir):
+        _sweep(root)
+
+        def make_builder():
+            return kb.Builder(config=config_name, data_dir=data_dir,
+                              workers=workers, skip_bad_cases=skip_bad_cases)
+
+        builder = make_builder()
+        source = kb.source_fingerprint(manual_dir)
+        built = True
+        if os.path.isdir(builder.data_path):
+            stored = (builder.info.metadata or {}).get("source") \
+                if builder.is_prepared() else None
+            changes = kb.fingerprint_differences(stored, source)
+            if not changes:
+                built = False
+                log.info("%s already prepared in %s from the same files: "
+                         "nothing to do", name, builder.data_dir)
+            elif not rebuild:
+                raise ValueError(
+                    f"{builder.data_path}: out of date for {manual_dir} "
+                    f"({'; '.join(changes)}); pass --rebuild to replace it")
+            else:
+                log.info("rebuilding %s: %s", name, "; ".join(changes))
+                builder = _replace(builder, make_builder, manual_dir)
+        else:
+            _build(builder, manual_dir)
     meta = builder.info.metadata
     skipped = dict(meta.get("skipped_cases", {}))
     for case_id, reason in skipped.items():
@@ -111,3 +146,102 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
                       for k, v in builder.info.splits.items()},
         skipped_cases=skipped,
     )
+
+
+def _build(builder, manual_dir):
+    import tensorflow_datasets as tfds
+
+    log.info("building %s from %s", builder.data_path, manual_dir)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            manual_dir=os.fspath(manual_dir)))
+
+
+def _replace(builder, make_builder, manual_dir):
+    """Builds a new dataset where ``builder``'s is; the old one is moved
+    aside first and put back if the build fails (or deleted after)."""
+    path = os.fspath(builder.data_path)
+    aside = _aside(path)
+    os.replace(path, aside)
+    try:
+        builder = make_builder()
+        _build(builder, manual_dir)
+    except BaseException:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside)
+    return builder
+
+
+def _aside(path):
+    """Where :func:`_replace` keeps the old dataset during a rebuild."""
+    parent, version = os.path.split(path)
+    return os.path.join(parent, f".replaced.{version}")
+
+
+def _sweep(root):
+    """Cleans up after killed builds: removes TFDS ``incomplete.*`` folders
+    and puts back (or, if its rebuild finished, removes) a dataset moved
+    aside by :func:`_replace`. Runs under :func:`_exclusive`, so no other
+    ``prepare`` is writing there."""
+    if not os.path.isdir(root):
+        return
+    for entry in sorted(os.listdir(root)):
+        path = os.path.join(root, entry)
+        if entry.startswith(INCOMPLETE_PREFIX) and os.path.isdir(path):
+            log.info("removing %s, left by an interrupted build", path)
+            shutil.rmtree(path)
+        elif entry.startswith(".replaced.") and os.path.isdir(path):
+            version = os.path.join(root, entry[len(".replaced."):])
+            if os.path.isdir(version):
+                shutil.rmtree(path)
+            else:
+                log.info("putting back %s, moved aside by an interrupted "
+                         "rebuild", version)
+                os.replace(path, version)
+
+
+@contextlib.contextmanager
+def _exclusive(root, data_dir):
+    """Holds ``root/.prepare.lock`` (one ``prepare`` per dataset at a time).
+
+    On an exception, folders this call created are removed again
+    (:func:`_remove_new`), so a failed first build leaves nothing behind.
+    """
+    downloads = os.path.join(data_dir, "downloads")  # TFDS makes it
+    chain = [root, os.path.dirname(root), os.path.join(downloads,
+                                                       "extracted"),
+             downloads, data_dir]
+    new = [p for p in chain if not os.path.exists(p)]
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, LOCK_FILE), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{root}: another `kits-keras prepare` is building this "
+                "dataset; wait for it to finish") from None
+        try:
+            yield
+        except BaseException:
+            _remove_new(new, root, data_dir)
+            raise
+
+
+def _remove_new(new, root, data_dir):
+    """Removes the folders of ``new`` (a failed first build's): ``root``
+    with all in it, the others (``kits19/`` with TFDS's ``.config/``,
+    TFDS's empty ``downloads/extracted/``, ``data_dir``) only if nothing
+    else is there (another config's dataset may be)."""
+    if root in new:
+        shutil.rmtree(root, ignore_errors=True)
+    kits19 = os.path.dirname(root)
+    if kits19 in new:
+        shutil.rmtree(os.path.join(kits19, ".config"), ignore_errors=True)
+    for path in new:
+        try:
+            os.rmdir(path)  # only if empty
+        except OSError:
+            pass

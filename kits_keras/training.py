@@ -138,7 +138,8 @@ def build_dataset(config, data_dir, seed, full_batches=False):
 
     Returns:
         ``(epoch_dataset, validation)``: ``epoch_dataset(epoch)`` gives the
-        training ``tf.data.Dataset`` of that epoch; ``validation`` is finite.
+        training ``tf.data.Dataset`` of that epoch; ``validation`` is finite,
+        or None when the dataset has too few cases to hold any out.
     """
     from kits_keras import data
 
@@ -147,7 +148,7 @@ def build_dataset(config, data_dir, seed, full_batches=False):
                                        seed=epoch_seed(seed, epoch))
 
     validation = data.make_validation_dataset(config, data_dir)
-    if full_batches:
+    if full_batches and validation is not None:
         validation = validation.unbatch().batch(
             config.train.batch_size, drop_remainder=True)
     return epoch_dataset, validation
@@ -257,7 +258,8 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         epoch_dataset: callable ``epoch -> tf.data.Dataset`` of
             ``(image (B, z, y, x, 1), labels tuple)`` batches; must depend on
             the epoch only (exact resume).
-        validation: finite dataset of the same structure, or None.
+        validation: finite dataset of the same structure, or None (then
+            ``model.keras`` is rewritten after every epoch).
         run_dir: str. Created if needed.
         stats: IntensityStats (or dict) stored in the artifact.
         seed: int. Recorded in ``state.json``.
@@ -277,6 +279,10 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
     if time_budget_s:
         # Before the checkpoint callback, so the last epoch is still saved.
         callbacks.insert(-1, cb.TimeBudget(time_budget_s))
+    if validation is None:  # no best epoch to pick: keep the last one
+        callbacks.insert(-1, keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: checkpoint.save_best(
+                checkpoint.model, epoch, logs or {})))
     initial_epoch = 0
     if state is not None:
         initial_epoch = restore(model, run_dir, state, checkpoint)

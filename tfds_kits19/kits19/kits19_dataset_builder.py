@@ -12,10 +12,21 @@ sizes). Folders without ``segmentation.nii.gz`` (the KiTS19 challenge test
 cases 210-299) are ignored. ``kits_keras.data`` holds out the last
 ``data.validation_cases`` ids of ``metadata["train_case_ids"]`` for
 validation.
+
+Small folders: a split with no usable case is left out (fewer than 5
+labelled cases have no ``test`` split; so has a folder whose test cases were
+all skipped as bad), with one log line; no usable training case is an error.
+
+``metadata["source"]`` fingerprints what the dataset was built from (see
+:func:`source_fingerprint`); ``kits_keras.dataset.prepare`` compares it with
+the case folder before reusing a dataset.
 """
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import inspect
+import itertools
 import logging
 import zlib
 
@@ -86,6 +97,84 @@ def labelled_case_dirs(manual_dir):
         else:
             log.info("%s: no %s, not used", case_dir, io.LABELS_FILE)
     return dirs
+
+
+def code_version():
+    """sha256 (16 hex digits) of the code that turns case files into
+    examples: this module, ``kits_keras.preprocessing`` and ``kits_keras.io``.
+
+    Any edit to them (a comment too) changes it, so a dataset is never
+    silently reused after the preprocessing changed; a spurious change
+    costs one ``--rebuild``.
+    """
+    digest = hashlib.sha256()
+    for path in (__file__, inspect.getsourcefile(preprocessing),
+                 inspect.getsourcefile(io)):
+        digest.update(epath.Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def source_fingerprint(manual_dir):
+    """What a dataset built from ``manual_dir`` now would be built from.
+
+    Returns a JSON-able dict: ``folder`` (absolute path, informative only),
+    ``code`` (:func:`code_version`) and ``cases``: labelled case id ->
+    ``{file name: file_fingerprint(...)}`` of its image and labels.
+    """
+    cases = {}
+    for case_id, case_dir in sorted(labelled_case_dirs(manual_dir).items()):
+        cases[case_id] = {
+            name: file_fingerprint(epath.Path(case_dir) / name)
+            for name in (io.IMAGE_FILE, io.LABELS_FILE)}
+    return {"folder": str(epath.Path(manual_dir).resolve()),
+            "code": code_version(), "cases": cases}
+
+
+def file_fingerprint(path):
+    """``[size, mtime (s), last 8 bytes (hex)]`` of a file, None if it
+    cannot be read.
+
+    The last 8 bytes of a gzip stream are the CRC-32 and the length of the
+    whole uncompressed content, so a re-saved ``.nii.gz`` with other voxels
+    differs even at the same size within the same second (file systems
+    reached through ``epath`` give whole seconds). Hashing every file
+    instead would read all 28 GB of KiTS19 at each ``prepare``.
+    """
+    path = epath.Path(path)
+    try:
+        stat = path.stat()
+        with path.open("rb") as f:
+            f.seek(max(0, stat.length - 8))
+            tail = f.read(8)
+    except OSError:
+        return None  # e.g. no image: the build reports the case
+    return [int(stat.length), int(stat.mtime), tail.hex()]
+
+
+def fingerprint_differences(stored, current):
+    """Short phrases saying how ``current`` differs from ``stored`` (empty
+    when the dataset may be reused). ``stored`` None: built without one."""
+    if not stored:
+        return ["no record of what it was built from (an older kits-keras "
+                "or an unfinished build)"]
+    old, new = stored.get("cases", {}), current["cases"]
+    phrases = []
+    for verb, ids in (
+            ("added", sorted(set(new) - set(old))),
+            ("removed", sorted(set(old) - set(new))),
+            ("changed", sorted(c for c in set(old) & set(new)
+                               if _as_lists(old[c]) != _as_lists(new[c])))):
+        if ids:
+            shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+            phrases.append(f"{len(ids)} case(s) {verb}: {shown}")
+    if stored.get("code") != current["code"]:
+        phrases.append("preprocessing code changed")
+    return phrases
+
+
+def _as_lists(files):
+    """JSON round trips turn lists into lists, but be safe with tuples."""
+    return {k: list(v) if v is not None else None for k, v in files.items()}
 
 
 def _coords(mask, max_coords, seed):
@@ -194,8 +283,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 yield self._result(*item)
 
     def _result(self, case_dir, future):
+        return self._call(case_dir, future.result)
+
+    def _call(self, case_dir, fn):
+        """``(case_dir, fn())``, or ``(case_dir, None)`` for a bad case
+        skipped with ``skip_bad_cases``."""
         try:
-            return case_dir, future.result()
+            return case_dir, fn()
         except (io.CaseError, ValueError) as err:
             case_id = epath.Path(case_dir).name
             if not self._skip_bad_cases:
@@ -205,10 +299,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             return case_dir, None
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        dirs = labelled_case_dirs(dl_manager.manual_dir)
+        manual_dir = dl_manager.manual_dir
+        dirs = labelled_case_dirs(manual_dir)
         if not dirs:
-            raise io.CaseError(f"{dl_manager.manual_dir}: no case_XXXXX "
+            raise io.CaseError(f"{manual_dir}: no case_XXXXX "
                                f"folder with {io.LABELS_FILE}")
+        source = source_fingerprint(manual_dir)
         train_ids, test_ids = split_case_ids(dirs)
         cfg = self.builder_config
         samples = []
@@ -219,24 +315,68 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 unit=" cases"):
             if sample is not None:
                 samples.append(sample)
+        if not samples:
+            raise self._no_training_case(manual_dir)
         stats = preprocessing.stats_from_samples(samples)
         log.info("intensity statistics of %d training cases: %s",
                  len(samples), stats)
-        ok = lambda ids: [c for c in ids if c not in self.skipped_cases]  # noqa
         self.info.metadata.update({
             "intensity_stats": stats.to_dict(),
-            "train_case_ids": ok(train_ids),
-            "test_case_ids": ok(test_ids),
+            "train_case_ids": list(train_ids),
+            "test_case_ids": list(test_ids),
             "target_spacing": list(cfg.target_spacing),
             "split_rule": "sorted labelled case ids; index % 5 == 4 -> test",
             "skipped_cases": self.skipped_cases,
+            "source": source,
         })
-        return {
-            "train": self._generate_examples([dirs[c] for c in train_ids],
-                                             stats),
-            "test": self._generate_examples([dirs[c] for c in test_ids],
-                                            stats),
-        }
+        # Each split's first example is made here, so that a split with no
+        # usable case is left out instead of failing TFDS's writer.
+        train = self._nonempty([dirs[c] for c in train_ids], stats)
+        if train is None:
+            raise self._no_training_case(manual_dir)
+        splits = {"train": train}
+        test = self._nonempty([dirs[c] for c in test_ids], stats)
+        if test is not None:
+            splits["test"] = test
+        elif test_ids:
+            log.warning("no test split: all %d test cases were skipped as "
+                        "bad", len(test_ids))
+        else:
+            log.warning("no test split: %d labelled case(s); every %dth "
+                        "sorted case is a test case", len(dirs), TEST_EVERY)
+        self._prune_ids()
+        return splits
+
+    def _no_training_case(self, manual_dir):
+        skipped = sorted(self.skipped_cases)
+        shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        return io.CaseError(
+            f"{manual_dir}: no usable training case ({len(skipped)} "
+            f"skipped as bad: {shown})")
+
+    def _nonempty(self, case_dirs, stats):
+        """Examples of ``case_dirs`` with the first one already made, or
+        None when no case is usable. The first is made alone with every
+        core, so only one finished example waits while another split is
+        written."""
+        cfg = self.builder_config
+        todo = [d for d in case_dirs
+                if epath.Path(d).name not in self.skipped_cases]
+        while todo:
+            case_dir = todo.pop(0)
+            _, first = self._call(case_dir, lambda: process_case(  # noqa
+                case_dir, stats, cfg.target_spacing, cfg.max_coords,
+                preprocessing.usable_cores()))
+            if first is not None:
+                return itertools.chain(
+                    [first], self._generate_examples(todo, stats))
+        return None
+
+    def _prune_ids(self):
+        """Drops skipped cases from the metadata's case lists."""
+        meta = self.info.metadata
+        for key in ("train_case_ids", "test_case_ids"):
+            meta[key] = [c for c in meta[key] if c not in self.skipped_cases]
 
     def _generate_examples(self, case_dirs, stats):
         """Yields ``(case_id, example)``; see README for a Beam variant."""
@@ -250,6 +390,4 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if result is None:
                 continue
             yield result
-        meta = self.info.metadata
-        for key in ("train_case_ids", "test_case_ids"):
-            meta[key] = [c for c in meta[key] if c not in self.skipped_cases]
+        self._prune_ids()

@@ -22,6 +22,12 @@ class Kits19Test(tfds.testing.DatasetBuilderTestCase):
         self.assertEqual(meta["test_case_ids"], ["case_00004"])
         self.assertEqual(len(meta["train_case_ids"]), 4)
         self.assertGreater(meta["intensity_stats"]["std"], 0)
+        source = meta["source"]
+        self.assertEqual(source, kits19_dataset_builder.source_fingerprint(
+            self.dummy_data))
+        self.assertEqual(len(source["cases"]), 5)
+        self.assertFalse(kits19_dataset_builder.fingerprint_differences(
+            source, source))
         for ex in tfds.as_numpy(builder.as_dataset(split="train")):
             self.assertEqual(ex["image"].shape, ex["labels"].shape)
             shape = np.asarray(ex["labels"].shape)
