@@ -276,14 +276,7 @@ def load_artifact(path=None):
             f"({type(err).__name__}: {io.first_line(err)})."
         ) from None
     model = build_unet(config)
-    try:
-        model.load_weights(path)
-    except (ValueError, KeyError, TypeError, OSError,
-            zipfile.BadZipFile) as err:
-        raise io.CaseError(
-            f"{path}: weights do not fit the stored config "
-            f"({io.first_line(err)})."
-        ) from None
+    load_weights_strictly(model, path, "weights do not fit the stored config")
     return Artifact(
         model=model,
         config=config,
@@ -291,6 +284,30 @@ def load_artifact(path=None):
         path=path,
         metadata=metadata,
     )
+
+
+def load_weights_strictly(model, path, problem):
+    """``model.load_weights(path)``; any mismatch is one CaseError line.
+
+    Keras raises a message of hundreds of lines for weights of another
+    shape, and only warns (leaving layers at their initial weights) for
+    some missing ones; both become ``"<path>: <problem> (<first line>)"``.
+    """
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model.load_weights(path)
+        except (ValueError, KeyError, TypeError, OSError,
+                zipfile.BadZipFile) as err:
+            raise io.CaseError(
+                f"{path}: {problem} ({io.first_line(err)})") from None
+    skipped = [w for w in caught if "load" in str(w.message).lower()
+               and issubclass(w.category, UserWarning)]
+    if skipped:
+        raise io.CaseError(
+            f"{path}: {problem} ({io.first_line(skipped[0].message)})")
 
 
 def _stats(d):

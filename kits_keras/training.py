@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import os
 import warnings
-import zipfile
 
 import keras
 import numpy as np
@@ -325,13 +324,7 @@ def restore(model, run_dir, state, checkpoint):
         log.info("Removed %s (left by an interrupted run)", stale)
     path = cb.checkpoint_path(folder, state)
     model.optimizer.build(model.trainable_variables)
-    try:
-        model.load_weights(path)
-    except (ValueError, KeyError, TypeError, OSError,
-            zipfile.BadZipFile) as err:
-        raise io.CaseError(
-            f"{path}: cannot load this checkpoint "
-            f"({io.first_line(err)})") from None
+    artifact.load_weights_strictly(model, path, "cannot load this checkpoint")
     checkpoint.restore(state)
     log.info("Resuming %s after epoch %d (learning rate %.3g)", run_dir,
              state["epochs_done"], float(model.optimizer.learning_rate))

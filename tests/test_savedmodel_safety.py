@@ -6,14 +6,12 @@ whose ``serving_default`` does something besides computing, with a valid
 ``kits-keras infer --saved-model`` loads and runs it (and exits 0).
 """
 
-import os
-
 import numpy as np
 import pytest
-
-from kits_keras import io
 from cli_harness import run_cli
 from cli_harness import snapshot
+
+from kits_keras import io
 
 SPEC_SHAPE = [None, None, None, None, 1]
 
