@@ -41,12 +41,14 @@ def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases,
     builds; no usable training case is an error.
 
     \b
-    Reuse: the dataset records what it was built from (case ids, file
-    sizes and modification times, a hash of the preprocessing code). A
-    rerun on the same files does nothing; on changed files (cases added,
-    removed or re-saved, another folder, new code) it stops and names what
-    changed: pass --rebuild to replace the dataset. A folder left by an
-    interrupted build is removed by the next run.
+    Reuse: the dataset records what it was built from (case ids; each
+    file's size, modification time and gzip checksum; a hash of the
+    preprocessing code). A rerun on the same files (in any folder) does
+    nothing; on changed files (cases added, removed or re-saved, a folder
+    with other cases, new preprocessing code) it stops with one line naming
+    what changed: pass --rebuild to replace the dataset. A folder left by
+    an interrupted build is removed by the next run; an interrupted
+    --rebuild leaves the old dataset in place.
     """
     from kits_keras import dataset
 

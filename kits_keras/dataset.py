@@ -67,12 +67,13 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     """Builds ``kits19/<config>`` from KiTS19-layout case folders.
 
     A finished dataset is reused only when it was built from the same files
-    (case ids, sizes, modification times) by the same preprocessing code
-    (``metadata["source"]``); otherwise ``prepare`` stops with one line
-    saying what changed, or with ``rebuild=True`` builds a new one and only
-    then deletes the old. TFDS writes into a temporary ``incomplete.*``
-    folder and renames it when done; one left by a killed build is removed
-    by the next. A failed first build leaves no folder behind.
+    (case ids; each file's size, modification time and gzip CRC) by the
+    same preprocessing code (``metadata["source"]``); otherwise
+    ``prepare`` stops with one line saying what changed, or with
+    ``rebuild=True`` builds a new one and only then deletes the old. TFDS
+    writes into a temporary ``incomplete.*`` folder and renames it when
+    done; one left by a killed build is removed by the next. A failed first
+    build leaves no folder behind.
 
     Args:
         manual_dir: str. Folder of ``case_XXXXX/`` (KiTS19 ``data/`` or a
@@ -107,6 +108,7 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     import_tensorflow()  # hides GPUs before TFDS imports TF
 
     from tfds_kits19.kits19 import kits19_dataset_builder as kb
+
     root = os.path.join(data_dir, "kits19", config_name)
     with _exclusive(root, data_dir):
         _sweep(root)
@@ -119,8 +121,9 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
         source = kb.source_fingerprint(manual_dir)
         built = True
         if os.path.isdir(builder.data_path):
-            stored = (builder.info.metadata or {}).get("source") \
-                if builder.is_prepared() else None
+            stored = None  # an unfinished folder: no record either
+            if builder.is_prepared():
+                stored = (builder.info.metadata or {}).get("source")
             changes = kb.fingerprint_differences(stored, source)
             if not changes:
                 built = False
