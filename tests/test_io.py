@@ -337,3 +337,31 @@ def test_real_kits19_labels(kits19_labels_dir, case_id):
     assert counts.size == 3 and counts[1] > 0 and counts[2] > 0
     # Axis 0 runs head to feet: the affine maps it to -z (KiTS19 layout).
     assert volume.affine[2, 0] == pytest.approx(-slice_mm)
+
+
+def test_limits_are_checked_on_the_header_alone():
+    """The documented limits, checked before any voxel is read (the CLI
+    table is tests/test_bad_volumes_cli.py)."""
+    def header(shape, dtype=np.int16):
+        h = nib.Nifti1Header()
+        h.set_data_shape(shape)
+        h.set_data_dtype(dtype)
+        h.set_sform(kits19_affine(SPACING), code="aligned")
+        return h
+
+    io._check_header("f", header((1024, 1024, 512)))  # 2**29: accepted
+    io._check_header("f", header((1059, 512, 512, 1)))
+    for shape, message in [((1024, 1024, 513), "over the limit"),
+                           ((4097, 2, 2), "1 to 4096"),
+                           ((8, 8, 8, 2), "3-D")]:
+        with pytest.raises(io.CaseError, match=message):
+            io._check_header("f", header(shape))
+    with pytest.raises(io.CaseError, match="unsupported voxel type"):
+        io._check_header("f", header((4, 4, 4), np.complex64))
+    for spacing in [(0.1, 0.1, 0.1), (20.0, 20.0, 20.0), (5.0, 0.4, 0.4)]:
+        io._check_geometry("f", kits19_affine(spacing), (4, 4, 4))
+    for spacing in [(0.09, 1.0, 1.0), (21.0, 1.0, 1.0)]:
+        with pytest.raises(io.CaseError, match="plausible 0.1 to 20 mm"):
+            io._check_geometry("f", kits19_affine(spacing), (4, 4, 4))
+    with pytest.raises(io.CaseError, match="extent"):
+        io._check_geometry("f", kits19_affine((5.0, 1.0, 1.0)), (601, 4, 4))
