@@ -306,3 +306,28 @@ def test_gzip_data_past_the_declared_size_is_never_inflated(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.peak_rss_mb < MAX_RSS_MB
     assert nib.load(out).shape == (8, 16, 16)
+
+
+def test_infer_batch_goes_on_after_a_memory_error(good_cts, model_dir,
+                                                  tmp_path, monkeypatch):
+    """Whatever the limits miss: a MemoryError in one case is that case's
+    one-line failure, naming its file, and the next case is segmented."""
+    from kits_keras import predict
+
+    real = predict.predict_case
+
+    def predict_case(volume, *args, **kwargs):
+        if volume.path == good_cts[0]:
+            raise MemoryError("Unable to allocate 4.46 PiB for an array")
+        return real(volume, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_case", predict_case)
+    summary = predict.run_inference(
+        good_cts, str(tmp_path / "out"), model=model_dir,
+        infer_overrides={"tta": "none"})
+    [failure] = summary["failures"]
+    assert failure["error"] == (f"{good_cts[0]}: out of memory (Unable to "
+                                "allocate 4.46 PiB for an array)")
+    assert [c["input"] for c in summary["cases"]] == [good_cts[1]]
+    assert os.listdir(tmp_path / "out") and not os.path.exists(
+        tmp_path / "out" / os.path.basename(good_cts[0]))
