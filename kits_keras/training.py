@@ -331,6 +331,24 @@ def restore(model, run_dir, state, checkpoint):
     return int(state["epochs_done"])
 
 
+def _check_checkpoint(run_dir, state):
+    """Refuses a missing or damaged checkpoint before anything is written
+    (the weights are only loaded once the dataset and model are built)."""
+    import zipfile
+
+    from kits_keras import io
+
+    path = cb.checkpoint_path(os.path.join(run_dir, "checkpoints"), state)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        damaged = io.first_line(err)
+    if damaged:
+        raise io.CaseError(f"{path}: cannot load this checkpoint (damaged: "
+                           f"{damaged})")
+
+
 def prepare_run(config, out_dir, resume):
     """``(run_dir, config, state)`` for a new or resumed run.
 
@@ -345,6 +363,7 @@ def prepare_run(config, out_dir, resume):
         if state is None:
             raise FileNotFoundError(
                 f"{run_dir}: no checkpoints/{cb.STATE_FILE} to resume from.")
+        _check_checkpoint(run_dir, state)
         with open(os.path.join(run_dir, "config.json")) as f:
             stored = ExperimentConfig.from_json(f.read())
         if config is not None:

@@ -356,8 +356,11 @@ def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
     victim = tmp_path / "victim" / "precious.keras"
     victim.parent.mkdir()
     victim.write_bytes(b"precious")
+    from kits_keras.config import get_config
+
     run = tmp_path / "runs" / "run"
     (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(get_config("tiny").to_dict()))
     text = state if isinstance(state, str) else json.dumps(state)
     (run / "checkpoints" / "state.json").write_text(text)
     before = snapshot(tmp_path)
