@@ -38,8 +38,21 @@ import re
 import tempfile
 import zlib
 
-import nibabel as nib
 import numpy as np
+
+
+class _Nibabel:
+    """``nibabel``, imported on first use: the compute core (models,
+    sliding window, preprocessing arithmetic) runs where nibabel is not
+    installed, such as the GPU host of ``benchmarks/gpu_check.py``."""
+
+    def __getattr__(self, name):
+        import nibabel
+
+        return getattr(nibabel, name)
+
+
+nib = _Nibabel()
 
 IMAGE_FILE = "imaging.nii.gz"
 LABELS_FILE = "segmentation.nii.gz"
