@@ -78,15 +78,25 @@ class _Progress:
 @click.option("--preview", is_flag=True,
               help="Also write <name>.png: axial, coronal, sagittal views "
               "with the prediction outlined.")
+@click.option("--output-type", default="nifti", show_default=True,
+              type=click.Choice(["nifti", "dicom-seg", "both"]),
+              help="For DICOM inputs: a NIfTI on the series' grid (as "
+              "dcm2niix converts it), a DICOM SEG (<name>.dcm) referencing "
+              "the series (segments Kidney and Renal mass, SNOMED CT "
+              "coded), or both. A NIfTI input takes only nifti.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs.")
 @user_errors
 def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
           device, backend, save_probabilities, no_postprocess, preview,
-          overwrite):
+          output_type, overwrite):
     """Segment kidneys and kidney tumours in CT volumes.
 
-    INPUTS: NIfTI files, KiTS19 case folders (imaging.nii.gz inside), or
-    folders of either. Writes a uint8 segmentation (0 background, 1 kidney,
+    INPUTS: NIfTI files, KiTS19 case folders (imaging.nii.gz inside),
+    folders of either, or folders of DICOM CT series (searched recursively;
+    each series is a case, outputs beside its folder by default; needs
+    pip install 'kits-keras[dicom]'). A series that cannot be one volume
+    (non-CT, localizer, mixed, gantry tilt, missing slices, irregular
+    spacing) fails with one line naming the file. Writes a uint8 segmentation (0 background, 1 kidney,
     2 tumour) on each input's grid, and a JSON with kidney and tumour
     volumes (mL), timings and a quality-control flag. Exits with 1 if any
     input failed (the others are still segmented).
@@ -117,7 +127,8 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
                          "batch_size": batch_size},
         options=InferOptions(postprocess=not no_postprocess,
                              save_probabilities=save_probabilities,
-                             preview=preview, overwrite=overwrite),
+                             preview=preview, overwrite=overwrite,
+                             output_type=output_type),
         progress=_Progress(),
     )
     for case in summary["cases"]:

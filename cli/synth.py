@@ -20,13 +20,31 @@ from cli.common import user_errors
               default=None,
               help="Folder of case_XXXXX/segmentation.nii.gz: one case per "
                    "label volume, built around it (keeps ids and geometry).")
+@click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]),
+              default="nifti", show_default=True,
+              help="nifti: KiTS19 folders. dicom: each case a folder of "
+                   "one CT series (case_XXXXX/IM_NNNN.dcm, HU + 1024 with "
+                   "RescaleIntercept -1024) and segmentation.nii.gz on its "
+                   "grid; needs the kits-keras[dicom] extra.")
+@click.option("--dicom-variant", default="head-first", show_default=True,
+              type=click.Choice(["head-first", "feet-first",
+                                 "shuffled-names", "shuffled-instances",
+                                 "rle", "jpeg-ls", "jpeg2000", "gantry-tilt",
+                                 "irregular-spacing", "missing-slice", "mr",
+                                 "localizer", "mixed"]),
+              help="With --format dicom: how the series is stored. The "
+                   "first seven read back as the same volume (feet-first "
+                   "scan, shuffled file names or InstanceNumbers, "
+                   "compressed); the others are defects kits-keras infer "
+                   "refuses (no segmentation.nii.gz is written for them).")
 @click.option("--preview", is_flag=True,
               help="Also write case_XXXXX/preview.png (axial, coronal, "
                    "sagittal through the tumour, label outlines).")
 @click.option("--overwrite", is_flag=True,
               help="Replace existing case folders in OUT_DIR.")
 @user_errors
-def synth(out_dir, num_cases, seed, size, labels_from, preview, overwrite):
+def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
+          preview, overwrite):
     """Writes synthetic contrast-enhanced CT cases to OUT_DIR.
 
     Each case is a KiTS19 folder: case_XXXXX/imaging.nii.gz (HU) and
@@ -42,6 +60,17 @@ def synth(out_dir, num_cases, seed, size, labels_from, preview, overwrite):
         click.echo(f"{case_dir}: {shape} voxels, {spacing} mm, kidney "
                    f"{s['kidney_ml']:.0f} mL, tumour {s['tumour_ml']:.1f} mL")
 
+    if fmt == "dicom":
+        if labels_from is not None or preview:
+            raise ValueError("--format dicom takes neither --labels-from "
+                             "nor --preview")
+        from kits_keras import dicom_write
+
+        written = dicom_write.write_dicom_cases(
+            out_dir, num_cases or 3, seed=seed, size=size,
+            variant=dicom_variant, overwrite=overwrite, on_case=report)
+        click.echo(f"wrote {len(written)} DICOM series to {out_dir}")
+        return
     written = synthetic.write_cases(
         out_dir, num_cases, seed=seed, size=size, labels_from=labels_from,
         preview=preview, overwrite=overwrite, on_case=report)

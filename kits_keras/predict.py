@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import time
+import typing
 
 import numpy as np
 
@@ -239,31 +240,60 @@ class InferOptions:
         preview: bool. Also write ``<seg>.png`` (axial, coronal, sagittal
             through the largest tumour, prediction outlined on the CT).
         overwrite: bool. Replace existing outputs.
+        output_type: str. "nifti" (``<seg>.nii.gz``), "dicom-seg"
+            (``<seg>.dcm``, a DICOM SEG referencing the source series; DICOM
+            inputs only) or "both".
     """
 
     postprocess: bool = True
     save_probabilities: bool = False
     preview: bool = False
     overwrite: bool = False
+    output_type: str = "nifti"
+
+    def __post_init__(self):
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}. "
+                             f"Received: output_type={self.output_type!r}")
+
+
+OUTPUT_TYPES = ("nifti", "dicom-seg", "both")
 
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One case to segment: its id, CT file and segmentation path."""
+    """One case to segment: its id, CT file and segmentation path.
+
+    For a DICOM series, ``image_path`` is the series' folder and ``series``
+    the :class:`kits_keras.dicom.Series`.
+    """
 
     case_id: str
     image_path: str
     output_path: str
+    series: object = None
+
+
+class Found(typing.NamedTuple):
+    """One input of :func:`find_inputs`."""
+
+    case_id: str
+    path: object  # str, or None when unusable
+    error: object  # one-line message, or None
+    series: object = None  # kits_keras.dicom.Series for a DICOM series
 
 
 def find_inputs(inputs):
-    """``[(case_id, image_path or None, error message or None)]``.
+    """``[Found(case_id, image_path or None, error or None, series)]``.
 
     An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
-    inside), or a folder of either. In a folder, our own ``*_seg.nii.gz``
-    outputs, ``segmentation.nii.gz`` files and hidden files (names starting
-    with a dot: temporaries of an interrupted write, editor and OS files)
-    are skipped. Unusable inputs come with ``None`` as path and an error
+    inside), a folder of either, or a folder holding DICOM series (searched
+    recursively; used when it holds no NIfTI input): each series is a case
+    (:func:`kits_keras.dicom.find_series`), its ``image_path`` the series'
+    folder. In a folder, our own ``*_seg.nii.gz`` outputs,
+    ``segmentation.nii.gz`` files and hidden files (names starting with a
+    dot: temporaries of an interrupted write, editor and OS files) are
+    skipped. Unusable inputs come with ``None`` as path and an error
     message.
     """
     found = []
@@ -271,23 +301,43 @@ def find_inputs(inputs):
         path = os.fspath(path).rstrip("/") or "/"
         if os.path.isfile(path):
             if io.is_nifti(path):
-                found.append((io.nifti_stem(path), path, None))
+                found.append(Found(io.nifti_stem(path), path, None))
             else:
-                found.append((os.path.basename(path), None,
-                              f"{path}: not a NIfTI file (.nii/.nii.gz)"))
+                from kits_keras.dicom import is_dicom_file
+
+                hint = ("a single DICOM file; pass the folder of its series"
+                        if is_dicom_file(path) else
+                        "not a NIfTI file (.nii/.nii.gz) or DICOM folder")
+                found.append(Found(os.path.basename(path), None,
+                                   f"{path}: {hint}"))
         elif os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
-            found.append((os.path.basename(path),
-                          os.path.join(path, io.IMAGE_FILE), None))
+            found.append(Found(os.path.basename(path),
+                               os.path.join(path, io.IMAGE_FILE), None))
         elif os.path.isdir(path):
-            inner = _folder_inputs(path)
+            inner = _folder_inputs(path) or _dicom_inputs(path)
             if not inner:
-                found.append((os.path.basename(path), None,
-                              f"{path}: no NIfTI files or KiTS19 case "
-                              "folders inside"))
+                found.append(Found(os.path.basename(path), None,
+                                   f"{path}: no NIfTI files, KiTS19 case "
+                                   "folders or DICOM series inside"))
             found.extend(inner)
         else:
-            found.append((os.path.basename(path), None,
-                          f"{path}: file not found"))
+            found.append(Found(os.path.basename(path), None,
+                               f"{path}: file not found"))
+    return found
+
+
+def _dicom_inputs(folder):
+    """One :class:`Found` per DICOM series under ``folder``."""
+    from kits_keras import dicom
+
+    try:
+        series, errors = dicom.find_series(folder)
+    except io.CaseError as err:  # the extra is not installed
+        return [Found(os.path.basename(folder), None, f"{folder}: {err}")]
+    found = [Found(os.path.basename(folder), None, error)
+             for error in errors]
+    for case_id, one in zip(dicom.case_ids(folder, series), series):
+        found.append(Found(case_id, dicom.series_folder(one), None, one))
     return found
 
 
@@ -298,11 +348,12 @@ def _folder_inputs(folder):
             continue
         path = os.path.join(folder, name)
         if os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
-            found.append((name, os.path.join(path, io.IMAGE_FILE), None))
+            found.append(Found(name, os.path.join(path, io.IMAGE_FILE),
+                               None))
         elif (os.path.isfile(path) and io.is_nifti(path)
               and not io.nifti_stem(path).endswith(SEG_SUFFIX)
               and name != io.LABELS_FILE):
-            found.append((io.nifti_stem(path), path, None))
+            found.append(Found(io.nifti_stem(path), path, None))
     return found
 
 
@@ -325,15 +376,19 @@ def plan_jobs(found, output=None, options=None):
             "give a folder instead."
         )
     jobs = []
-    for case_id, image_path, _ in found:
+    for item in found:
+        case_id, image_path = item[0], item[1]
+        series = item[3] if len(item) > 3 else None
         if single_file:
             out = output
         elif output is not None:
             out = os.path.join(output, f"{case_id}.nii.gz")
         else:
+            # Beside the input: a DICOM series' outputs go beside its
+            # folder, never into it.
             out = os.path.join(os.path.dirname(image_path or ""),
                                f"{case_id}{SEG_SUFFIX}.nii.gz")
-        jobs.append(Job(case_id, image_path, out))
+        jobs.append(Job(case_id, image_path, out, series))
     _check_collisions(jobs, output, options or InferOptions())
     return jobs
 
@@ -375,7 +430,12 @@ def summary_path(output):
 
 def output_paths(job, options=InferOptions()):
     """Every file :func:`infer_case` writes for ``job``, sidecars included."""
-    paths = [job.output_path, sidecar(job.output_path, ".json")]
+    paths = []
+    if options.output_type in ("nifti", "both") or job.series is None:
+        paths.append(job.output_path)
+    if options.output_type in ("dicom-seg", "both") and job.series is not None:
+        paths.append(sidecar(job.output_path, ".dcm"))
+    paths.append(sidecar(job.output_path, ".json"))
     if options.save_probabilities:
         paths.append(sidecar(job.output_path, "_probabilities.npz"))
     if options.preview:
@@ -385,6 +445,10 @@ def output_paths(job, options=InferOptions()):
 
 def existing_output(job, options=InferOptions()):
     """The error for ``job`` if one of its outputs exists, else None."""
+    if options.output_type != "nifti" and job.series is None:
+        return (f"{job.image_path}: --output-type {options.output_type} "
+                "needs a DICOM series input (a DICOM SEG references the "
+                "source images)")
     if options.overwrite:
         return None
     for path in output_paths(job, options):
@@ -399,28 +463,61 @@ def sidecar(seg_path, suffix):
     return os.path.join(folder, io.nifti_stem(seg_path) + suffix)
 
 
+def read_input(job, orientation=io.KITS19_ORIENTATION):
+    """The CT of ``job`` (NIfTI file or DICOM series), reoriented."""
+    if job.series is not None:
+        from kits_keras import dicom
+
+        return dicom.read_series(job.series, orientation)
+    return io.read_image(job.image_path, orientation)
+
+
+def segment_volume(volume, network, config, stats, postprocess=True,
+                   progress=None):
+    """:func:`predict_case`, then post-processing.
+
+    Returns:
+        ``(labels, prediction, voxels_removed, postprocess_seconds)``.
+    """
+    from kits_keras.postprocess import postprocess as clean
+
+    pred = predict_case(volume, network, config, stats, progress=progress)
+    t0 = time.perf_counter()
+    labels = clean(pred.labels) if postprocess else pred.labels
+    removed = int(np.count_nonzero(pred.labels != labels))
+    return labels, pred, removed, time.perf_counter() - t0
+
+
 def infer_case(job, network, config, stats, options=InferOptions(),
                progress=None, orientation=io.KITS19_ORIENTATION):
     """Segments one file and writes its outputs; returns the JSON report.
 
     The CT is reoriented to ``orientation`` (the model's training
     orientation, ``Artifact.orientation``) and the segmentation written
-    back on the file's own grid.
+    back on the file's own grid (for a DICOM series: the grid of its
+    dcm2niix conversion, and/or a DICOM SEG referencing it).
     """
-    from kits_keras.postprocess import postprocess
-
     start = time.perf_counter()
-    volume = io.read_image(job.image_path, orientation)
+    volume = read_input(job, orientation)
     t_read = time.perf_counter() - start
     tiles = None if progress is None else (
         lambda done, total: progress(job.case_id, done, total))
-    pred = predict_case(volume, network, config, stats, progress=tiles)
-    t0 = time.perf_counter()
-    labels = postprocess(pred.labels) if options.postprocess else pred.labels
-    removed = int(np.count_nonzero(pred.labels != labels))
-    t_post = time.perf_counter() - t0
-    io.save_like(job.output_path, labels, volume)
-    written = {"segmentation": job.output_path}
+    labels, pred, removed, t_post = segment_volume(
+        volume, network, config, stats, options.postprocess, tiles)
+    written = {}
+    seg_path = sidecar(job.output_path, ".dcm")
+    writes_seg = job.series is not None and options.output_type != "nifti"
+    if writes_seg:  # built before anything is written: it may fail
+        from kits_keras import dicom_write
+
+        seg = dicom_write.make_seg(labels, volume, job.series)
+    if job.series is None or options.output_type != "dicom-seg":
+        io.save_like(job.output_path, labels, volume)
+        written["segmentation"] = job.output_path
+    if writes_seg:
+        io.atomic_write(seg_path, lambda tmp: seg.save_as(tmp))
+        written["dicom_seg"] = seg_path
+        written.setdefault("segmentation", seg_path)
     if options.save_probabilities:
         written["probabilities"] = _save_probabilities(job, pred, volume)
     if options.preview:
@@ -443,6 +540,8 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         "qc": pred.qc,
         "timings_s": {**pred.timings, "read": t_read, "postprocess": t_post},
     }
+    if job.series is not None:
+        report["dicom_series_uid"] = job.series.uid
     report["timings_s"]["total"] = time.perf_counter() - start
     path = sidecar(job.output_path, ".json")
     io.atomic_write(path, lambda tmp: _dump(report, tmp))
@@ -544,7 +643,8 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         raise ValueError(f"{summary_file}: exists; pass --overwrite to "
                          "replace it")
     failures, todo = [], []
-    for job, (_, _, error) in zip(jobs, found):
+    for job, item in zip(jobs, found):
+        error = item[2]
         if error is None:
             error = existing_output(job, options)
         if error:
