@@ -11,6 +11,17 @@ that JAX keeps the accelerator.
 import os
 
 __version__ = "0.1.0"
+__all__ = ["Segmenter"]
+
+
+def __getattr__(name):
+    """``from kits_keras import Segmenter`` imports it (and Keras) only
+    then, so ``import kits_keras`` stays light."""
+    if name == "Segmenter":
+        from kits_keras.segmenter import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'kits_keras' has no attribute {name!r}")
 
 _chosen = os.environ.get("KERAS_BACKEND")
 # A KERAS_BACKEND that this package set itself (in this process or in a
