@@ -199,16 +199,11 @@ def call_in_subprocess(path, func, kwargs=None, python=None, threads=2,
     return data
 
 
-def write_results(name, payload, peers_python=None):
-    """Writes ``benchmarks/results/<name>.json`` atomically.
-
-    Adds ``benchmark``, ``date`` (UTC), ``machine`` and ``versions`` (ours,
-    and the peers env's when ``peers_python`` is given) to ``payload``,
-    which should hold the raw figures and a ``summary`` dict.
-
-    Returns:
-        str. The path written.
-    """
+def result_header(name, peers_python=None):
+    """``benchmark``, ``date`` (UTC), ``machine`` and ``versions`` (ours, and
+    the peers env's when ``peers_python`` is given): the head of every
+    results file. Standard library only (no ``kits_keras``), so it works on
+    a GPU host without nibabel or TensorFlow."""
     record = {
         "benchmark": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -220,12 +215,38 @@ def write_results(name, payload, peers_python=None):
         record["versions"]["peers"] = package_versions(
             ("numpy", "scipy", "torch", "monai", "nnunetv2", "scikit-image",
              "connected-components-3d", "batchgenerators"), peers_python)
-    record.update(payload)
-    from kits_keras.io import atomic_write
+    return record
 
-    def dump(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(record, fh, indent=2, sort_keys=False)
+
+def write_json(path, data):
+    """Writes ``data`` as JSON to ``path`` atomically (a temporary file in
+    the same folder, then a rename); creates the folder. Returns ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
+                               suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
 
-    return atomic_write(os.path.join(RESULTS_DIR, f"{name}.json"), dump)
+
+def write_results(name, payload, peers_python=None):
+    """Writes ``benchmarks/results/<name>.json`` atomically.
+
+    Adds :func:`result_header` (``benchmark``, ``date``, ``machine``,
+    ``versions``) to ``payload``, which should hold the raw figures and a
+    ``summary`` dict.
+
+    Returns:
+        str. The path written.
+    """
+    record = result_header(name, peers_python)
+    record.update(payload)
+    return write_json(os.path.join(RESULTS_DIR, f"{name}.json"), record)

@@ -30,7 +30,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -39,6 +38,8 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks import common  # noqa: E402
 RESULT = os.path.join(REPO, "benchmarks", "results", "train_step.json")
 PEER_STRIDES = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
 FEATURES = (30, 60, 120, 240, 320)
@@ -52,15 +53,17 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def make_inputs(batch, patch):
-    """The same random image and label pyramid for every side (numpy)."""
+def make_inputs(batch, patch, strides=PEER_STRIDES):
+    """The same random image and label pyramid for every side (numpy):
+    labels at the resolution of each decoder output (the network's
+    ``strides`` without the bottleneck's)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *patch, 1), dtype=np.float32)
     y = rng.integers(0, NUM_CLASSES, (batch, *patch)).astype(np.int32)
     factors, total = [], (1, 1, 1)
-    for s in PEER_STRIDES[:-1]:
+    for s in strides[:-1]:
         total = tuple(t * a for t, a in zip(total, s))
         factors.append(total)
     ys = [y[:, ::f[0], ::f[1], ::f[2]] for f in factors]
@@ -79,41 +82,44 @@ def timed(fn, warmup, repeats, label):
 
 
 # ----------------------------------------------------------------- torch
-def torch_worker(args):
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def torch_unet(strides=PEER_STRIDES, features=FEATURES,
+               num_classes=NUM_CLASSES):
+    """``dynamic_network_architectures``' ``PlainConvUNet`` as nnU-Net
+    builds it, with deep supervision: our U-Net's architecture."""
     from dynamic_network_architectures.architectures.unet import PlainConvUNet
     from torch import nn
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    net = PlainConvUNet(
-        input_channels=1, n_stages=5, features_per_stage=list(FEATURES),
-        conv_op=nn.Conv3d, kernel_sizes=3, strides=[list(s) for s in
-                                                    PEER_STRIDES],
-        n_conv_per_stage=2, num_classes=NUM_CLASSES,
+    return PlainConvUNet(
+        input_channels=1, n_stages=len(features),
+        features_per_stage=list(features), conv_op=nn.Conv3d,
+        kernel_sizes=3, strides=[list(s) for s in strides],
+        n_conv_per_stage=2, num_classes=num_classes,
         n_conv_per_stage_decoder=2, conv_bias=True,
         norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5,
                                                    "affine": True},
         nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True,
                                             "negative_slope": 1e-2},
         deep_supervision=True)
-    opt = torch.optim.Adam(net.parameters(), lr=3e-4)
-    x_np, ys_np = make_inputs(args.batch, args.patch)
-    x = torch.from_numpy(x_np[..., 0][:, None].copy())
-    ys = [torch.from_numpy(y.astype(np.int64)) for y in ys_np]
+
+
+def torch_multi_scale_loss(outputs, ys, num_classes=NUM_CLASSES):
+    """kits_keras' multi-scale exponential-logarithmic loss in torch:
+    ``outputs`` logits (B, C, z, y, x), full resolution first; ``ys``
+    int64 labels at each output's resolution."""
+    import torch
+    import torch.nn.functional as F
+
     n = len(ys)
     ds_w = [0.5**i for i in range(n)]
     ds_w = [w / sum(ds_w) for w in ds_w]
-    cw = torch.tensor(LOSS["class_weights"])
+    cw = torch.tensor(LOSS["class_weights"], device=outputs[0].device)
 
     def powe(t, g):
         return (t + 1e-6) ** g - 1e-6**g
 
     def exp_log(logits, y):  # the same loss as kits_keras.losses
         p = torch.softmax(logits.float(), 1).clamp(1e-7, 1.0)
-        oh = F.one_hot(y, NUM_CLASSES).permute(0, 4, 1, 2, 3).float()
+        oh = F.one_hot(y, num_classes).permute(0, 4, 1, 2, 3).float()
         axes = (0, 2, 3, 4)
         dice = ((2 * (p * oh).sum(axes) + LOSS["smooth"])
                 / (p.sum(axes) + oh.sum(axes) + LOSS["smooth"]))
@@ -124,10 +130,24 @@ def torch_worker(args):
                              LOSS["gamma_ce"])).mean()
         return LOSS["w_dice"] * dice_t + LOSS["w_ce"] * ce_t
 
+    return sum(w * exp_log(o, y) for w, o, y in zip(ds_w, outputs, ys))
+
+
+def torch_worker(args):
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = torch_unet()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-4)
+    x_np, ys_np = make_inputs(args.batch, args.patch)
+    x = torch.from_numpy(x_np[..., 0][:, None].copy())
+    ys = [torch.from_numpy(y.astype(np.int64)) for y in ys_np]
+
     def train_step():
         opt.zero_grad(set_to_none=True)
-        outs = net(x)
-        loss = sum(w * exp_log(o, y) for w, o, y in zip(ds_w, outs, ys))
+        loss = torch_multi_scale_loss(net(x), ys)
         loss.backward()
         opt.step()
         return loss.item()
@@ -301,45 +321,13 @@ def run_side(args, side):
         return res
 
 
-def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform(),
-                python=platform.python_version(), load_average=load)
-
-
 def versions():
-    import importlib.metadata as md
-
-    out = {}
-    for name in ("keras", "jax", "jaxlib", "tensorflow-cpu", "tensorflow",
-                 "optax", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return common.package_versions(
+        ("keras", "jax", "jaxlib", "tensorflow-cpu", "tensorflow", "optax",
+         "numpy"))
 
 
-def write_json(path, data):
-    # Not kits_keras.io.atomic_write: that module needs nibabel, which the
-    # GPU host (``--gpu``) does not have.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+write_json = common.write_json  # stdlib only: the GPU host has no nibabel
 
 
 def summarise(sides):
@@ -396,7 +384,7 @@ def main_cpu(args):
     data = dict(
         benchmark="train_step", date=datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"),
-        machine=machine_info(), versions=versions(),
+        machine=common.machine_info(), versions=versions(),
         setup=dict(batch=args.batch, patch=list(args.patch),
                    threads=args.threads, strides=PEER_STRIDES,
                    features=FEATURES, dtype="float32",

@@ -102,14 +102,7 @@ def make_train_step(model, loss_config, optimizer, jit=True):
     jax = _require_jax()
     _register_state(jax)
     state = init_state(model, optimizer)
-
-    def loss_fn(trainable, non_trainable, x, ys):
-        outputs, non_trainable = model.stateless_call(
-            trainable, non_trainable, x, training=True
-        )
-        return multi_scale_loss(ys, outputs, loss_config), non_trainable
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = _value_and_grad(jax, model, loss_config)
 
     def step(state, x, ys):
         (loss, non_trainable), grads = grad_fn(
@@ -123,6 +116,37 @@ def make_train_step(model, loss_config, optimizer, jit=True):
     if jit:
         step = jax.jit(step, donate_argnums=0)
     return step, state
+
+
+def _value_and_grad(jax, model, loss_config):
+    def loss_fn(trainable, non_trainable, x, ys):
+        outputs, non_trainable = model.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
+        return multi_scale_loss(ys, outputs, loss_config), non_trainable
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def make_loss_and_grad_norm(model, loss_config, jit=True):
+    """``fn(state, x, ys) -> (loss, global gradient norm)``, no update.
+
+    For numerics checks (bfloat16 against float32 on one batch): the loss
+    and gradients of the training step, without the optimizer.
+    """
+    jax = _require_jax()
+    _register_state(jax)
+    grad_fn = _value_and_grad(jax, model, loss_config)
+
+    def loss_and_norm(state, x, ys):
+        (loss, _), grads = grad_fn(state.trainable, state.non_trainable, x,
+                                   ys)
+        ops = keras.ops
+        squares = [ops.sum(ops.square(ops.cast(g, "float32")))
+                   for g in grads]
+        return loss, ops.sqrt(sum(squares))
+
+    return jax.jit(loss_and_norm) if jit else loss_and_norm
 
 
 def make_forward(model, jit=True):
