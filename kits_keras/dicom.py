@@ -225,7 +225,8 @@ def _check_slice(path, ds):
                            "only single-frame series are read")
     if int(ds.get("SamplesPerPixel", 1)) != 1 or str(ds.get(
             "PhotometricInterpretation", "MONOCHROME2")) != "MONOCHROME2":
-        raise io.CaseError(f"{path}: not a MONOCHROME2 greyscale image (photometric "
+        raise io.CaseError(f"{path}: not a MONOCHROME2 greyscale image "
+                           "(photometric "
                            f"{ds.get('PhotometricInterpretation')})")
     for key in ("Rows", "Columns"):
         if not 1 <= int(ds.get(key, 0) or 0) <= io.MAX_AXIS_VOXELS:
