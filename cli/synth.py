@@ -18,8 +18,10 @@ from cli.common import user_errors
                    "full: KiTS19 sizes (512x512 or 512x796, 0.5-5 mm slices).")
 @click.option("--labels-from", type=click.Path(),
               default=None,
-              help="Folder of case_XXXXX/segmentation.nii.gz: one case per "
-                   "label volume, built around it (keeps ids and geometry).")
+              help="Folder of case_XXXXX/segmentation.nii.gz (KiTS19, or "
+                   "KiTS23: cysts are painted as cysts and labelled "
+                   "kidney): one case per label volume, built around it "
+                   "(keeps ids and geometry).")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]),
               default="nifti", show_default=True,
               help="nifti: KiTS19 folders. dicom: each case a folder of "

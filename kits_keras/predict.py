@@ -51,7 +51,9 @@ class Prediction:
         probabilities: float32 ``(z, y, x, C)`` at network resolution.
         network_spacing: spacing (mm, ``(z, y, x)``) of ``probabilities``.
         qc: dict. ``mirroring_disagreement`` (share, or None without
-            mirroring), ``flagged`` (bool), ``threshold``, ``tta``.
+            mirroring), ``flagged`` (bool), ``threshold``, ``tta``,
+            ``removed_outside_body_ml`` (kidney and tumour mL the network
+            put outside the body, set to background).
         timings: dict of seconds: ``preprocess``, ``sliding_window``,
             ``network``, ``resample``, ``total``.
     """
@@ -178,6 +180,7 @@ def predict_case(volume, network, config, stats, progress=None):
     Returns:
         :class:`Prediction` (labels before post-processing).
     """
+    from kits_keras.body_mask import remove_outside_body
     from kits_keras.preprocessing import preprocess_image
 
     infer = config.infer
@@ -194,13 +197,21 @@ def predict_case(volume, network, config, stats, progress=None):
     t_win = time.perf_counter()
     labels = labels_on_grid(window.probabilities, volume.array.shape)
     t_res = time.perf_counter()
+    removed = remove_outside_body(labels, volume.array, volume.spacing,
+                                  window.probabilities.shape[-1])
     score = mirroring_disagreement(window.probabilities, window.disagreement)
+    ml = float(np.prod(volume.spacing)) / 1000.0
     qc = {
         "mirroring_disagreement": score,
         "threshold": infer.qc_threshold,
         "flagged": bool(score is not None and score > infer.qc_threshold),
         "tta": infer.tta,
         "tiles": window.tiles,
+        # Foreground the network put outside the body (air, table), set to
+        # background: mL per class.
+        "removed_outside_body_ml": {
+            name: round(removed.get(index, 0) * ml, 3)
+            for index, name in enumerate(io.CLASS_NAMES) if index > 0},
     }
     timings = {
         "preprocess": t_pre - start,

@@ -164,7 +164,11 @@ def mirror_axes(tta):
 
 
 def pad_to_patch(image, patch_size):
-    """Pads ``image`` (constant 0) to at least ``patch_size``, centred.
+    """Pads ``image`` to at least ``patch_size``, centred, with its minimum.
+
+    Training pads patches that leave the volume with the volume's minimum
+    (air after clipping and normalisation); 0 would be the mean foreground
+    intensity, kidney-like to the network.
 
     Returns the padded array and the slices that crop it back.
     """
@@ -176,7 +180,8 @@ def pad_to_patch(image, patch_size):
         crop.append(slice(before, before + size))
     if not any(p for pair in pads for p in pair):
         return image, tuple(crop)
-    return np.pad(image, pads, mode="constant"), tuple(crop)
+    return np.pad(image, pads, mode="constant",
+                  constant_values=image.min()), tuple(crop)
 
 
 def _tiles_from_steps(steps, patch_size):

@@ -7,17 +7,23 @@ run on these without the 30 GB KiTS19 download. A case has the KiTS19 files
 ``(z, y, x)`` order (axis 0 = slices, head to feet) and the KiTS19 affine
 ``[[0, 0, -sx, 0], [0, -sy, 0, 0], [-sz, 0, 0, 0], [0, 0, 0, 1]]``.
 
-Anatomy: air around an elliptical body with subcutaneous fat, abdominal wall
-muscle, visceral fat, vertebrae with cortical rims and discs, psoas and
-paraspinal muscles, aorta and IVC, a textured liver with vessels, spleen,
-lung bases, bowel loops (fluid, gas, oral contrast), one or two kidneys with
-a bright cortex, darker medullary pyramids and a fat-filled sinus, and one or
-two tumours attached to a kidney (radius 4-55 mm, at least 1.5 voxels of
-the coarsest spacing; heterogeneous, necrotic core when large; never more
-than 40% of the kidney swallowed). 15% of cases have a single kidney. HU of
-liver, spleen, bowel, vessels and marrow overlap those of kidney and tumour,
-so position, shape and texture matter. Correlated noise (10-20 HU) and a
-slight in-plane blur (0.6-1 mm) finish the image.
+Anatomy: air around an elliptical body of random size with subcutaneous
+fat, abdominal wall muscle, visceral fat, lower ribs, vertebrae with
+cortical rims and discs, psoas and paraspinal muscles, aorta and IVC, a
+textured liver with vessels and hypodense lesions, spleen, lung bases,
+bowel loops (fluid, gas, oral contrast), a CT table with a foam pad (or
+none), one or two kidneys with cortex, medullary pyramids and a fat-filled
+sinus, and one or two tumours attached to a kidney (radius 4-55 mm, at
+least 1.5 voxels of the coarsest spacing; heterogeneous, necrotic core when
+large; never more than 40% of the kidney swallowed). 15% of cases have a
+single kidney. Each case draws a contrast phase (non-contrast, arterial,
+portal venous, nephrographic), which sets every organ's HU and how the
+kidney and tumour enhance: without contrast the kidney is as grey as liver,
+spleen, bowel and muscle, and in the arterial phase a clear-cell tumour is
+as bright as cortex, so position, shape and texture matter, not a HU
+threshold. Correlated noise (8-35 HU) and an in-plane blur (0.5-1.2 mm)
+finish the image. Around real label volumes (``labels_from``), KiTS23's
+cysts are painted as water-density cysts and labelled kidney.
 
 Sizes:
     "small": 24-64 slices 3-5 mm apart, 96-160 px wide (AP: the same or
@@ -56,6 +62,7 @@ log = logging.getLogger(__name__)
 
 SIZES = ("small", "full")
 MAX_FULL_SLICES = 300
+CYST_LABEL = 3  # KiTS21/23
 _SLICE_SPACINGS = (0.5, 0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 
 
@@ -138,7 +145,7 @@ def _frame_from_labels(labels, spacing):
 
 
 def make_case(seed, size="small", labels=None, spacing=None,
-              case_id="case_00000"):
+              case_id="case_00000", phase=None):
     """Generates one synthetic case.
 
     Args:
@@ -148,8 +155,13 @@ def make_case(seed, size="small", labels=None, spacing=None,
         labels: optional label volume to build the CT around: an
             ``io.Volume`` (its spacing, affine, header and orientation are
             kept) or a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
+            KiTS23's cysts (label 3) are painted as cysts and labelled
+            kidney, as KiTS19 annotated them.
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
+        phase: contrast phase (one of ``synthetic_anatomy.PHASES``), or
+            None to draw one (15 % non-contrast, 25 % arterial, 40 %
+            portal venous, 20 % nephrographic).
 
     Returns:
         io.Case with image float32 HU (integer-valued) and labels uint8.
@@ -174,19 +186,24 @@ def make_case(seed, size="small", labels=None, spacing=None,
     image = np.full(grid.shape, anatomy.AIR, np.float32)
     fov = grid.shape[2] * grid.spacing[2]
     body = anatomy.sample_body(rng, extent, fov_mm=min(fov, 520.0))
-    tissue = anatomy.sample_tissue(rng)
+    tissue = anatomy.sample_tissue(rng, phase)
     anatomy.paint_body(image, grid, body, tissue, rng)
     anatomy.paint_muscles(image, grid, tissue, rng)
     anatomy.paint_spine(image, grid, tissue, rng)
+    anatomy.paint_ribs(image, grid, body, tissue, rng)
     anatomy.paint_vessels(image, grid, tissue, rng)
     anatomy.paint_organs(image, grid, body, tissue, rng)
     if volume is None and labels is None:
         labels = paint_kidneys(image, grid, body, tissue, rng)
     else:
         labels = labels.astype(np.uint8)
-        paint_from_labels(image, labels, grid, tissue, rng)
-    anatomy.finish(image, grid, rng, noise_hu=rng.uniform(10.0, 20.0),
-                   blur_mm=rng.uniform(0.6, 1.0))
+        cysts = labels == CYST_LABEL
+        if cysts.any():
+            labels = np.where(cysts, np.uint8(1), labels)
+        paint_from_labels(image, labels, grid, tissue, rng,
+                          cysts if cysts.any() else None)
+    anatomy.finish(image, grid, rng, noise_hu=rng.uniform(8.0, 35.0),
+                   blur_mm=rng.uniform(0.5, 1.2))
     if volume is not None:
         geometry = dict(affine=volume.affine, header=volume.header,
                         orientation=volume.orientation)
@@ -199,6 +216,28 @@ def make_case(seed, size="small", labels=None, spacing=None,
         io.Volume(image, spacing, **geometry),
         io.Volume(labels, spacing, **geometry),
     )
+
+
+def read_label_volume(path):
+    """Reads a KiTS19 (0-2) or KiTS23 (0-3, 3 = cyst) label volume.
+
+    Returns:
+        io.Volume, uint8 values in {0, 1, 2, 3}.
+
+    Raises:
+        io.CaseError: unreadable, or values outside {0, 1, 2, 3}.
+    """
+    volume = io.read_volume(path, None)
+    values = volume.array
+    if not np.issubdtype(values.dtype, np.integer) and (
+            not np.all(np.isfinite(values))
+            or np.any(values != np.round(values))):
+        raise io.CaseError(f"{volume.path}: labels must be integers 0-3")
+    if values.min() < 0 or values.max() > CYST_LABEL:
+        raise io.CaseError(f"{volume.path}: label values outside "
+                           "{0, 1, 2, 3} (KiTS19 or KiTS23)")
+    return dataclasses.replace(volume, array=values.astype(np.uint8,
+                                                           copy=False))
 
 
 def _case_ids(labels_from, num_cases):
@@ -263,7 +302,7 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
     written = []
     try:
         for index, (case_id, label_path) in enumerate(pairs):
-            labels = None if label_path is None else io.read_labels(
+            labels = None if label_path is None else read_label_volume(
                 label_path)
             case = make_case(seed + index, size, labels, case_id=case_id)
             case_dir = os.path.join(staging, case_id)

@@ -34,7 +34,7 @@ def sample_body(rng, kidney_extent=None, fov_mm=None):
     """
     lateral = rng.uniform(135.0, 185.0)
     if fov_mm is not None:
-        lateral = float(np.clip(fov_mm / 2 * rng.uniform(0.7, 0.88),
+        lateral = float(np.clip(fov_mm / 2 * rng.uniform(0.6, 0.92),
                                 120.0, 200.0))
     fat = rng.uniform(10.0, 40.0)
     # Behind the spine: arch and paraspinal muscles (~80 mm), then fat.
@@ -50,28 +50,65 @@ def sample_body(rng, kidney_extent=None, fov_mm=None):
         "fat": fat,
         "muscle": rng.uniform(8.0, 14.0),
         "wobble": rng.uniform(0.0, 2 * np.pi, 2),
+        "table": sample_table(rng),
     }
 
 
-def sample_tissue(rng):
-    """Per-case HU of each tissue (portal-venous phase, some spread)."""
-    # Renal cortex and blood pool enhance together (same contrast bolus).
-    cortex = rng.uniform(140.0, 200.0)
+# Contrast phases of abdominal CT and how often each is drawn. KiTS19 is
+# mostly late arterial / portal venous, but a toolkit meets every phase.
+PHASES = ("non-contrast", "arterial", "portal-venous", "nephrographic")
+_PHASE_P = (0.15, 0.25, 0.4, 0.2)
+
+
+def sample_tissue(rng, phase=None):
+    """Per-case HU of each tissue for a random contrast phase.
+
+    Args:
+        rng: np.random.Generator.
+        phase: one of ``PHASES``, or None to draw one.
+
+    Returns:
+        dict tissue name -> HU, with ``"phase"`` naming the phase. Renal
+        cortex and the blood pool enhance together (same bolus); without
+        contrast every soft tissue sits at 30-65 HU and only shape and
+        context tell kidney from liver, spleen, bowel and muscle.
+    """
+    phase = phase or str(rng.choice(PHASES, p=_PHASE_P))
+    if phase == "non-contrast":
+        cortex = rng.uniform(28.0, 45.0)
+        blood = rng.uniform(35.0, 50.0)
+        liver, spleen = rng.uniform(48.0, 65.0), rng.uniform(40.0, 55.0)
+    elif phase == "arterial":
+        cortex = rng.uniform(150.0, 260.0)
+        blood = rng.uniform(220.0, 400.0)
+        liver, spleen = rng.uniform(60.0, 90.0), rng.uniform(90.0, 160.0)
+    elif phase == "portal-venous":
+        cortex = rng.uniform(140.0, 200.0)
+        blood = cortex + rng.uniform(-30.0, 25.0)
+        liver, spleen = rng.uniform(70.0, 125.0), rng.uniform(95.0, 150.0)
+    elif phase == "nephrographic":
+        cortex = rng.uniform(140.0, 210.0)
+        blood = rng.uniform(110.0, 170.0)
+        liver, spleen = rng.uniform(85.0, 120.0), rng.uniform(95.0, 130.0)
+    else:
+        raise ValueError(f"phase must be one of {PHASES}. Received: {phase}")
     return {
+        "phase": phase,
         "cortex": cortex,
-        "fat": rng.uniform(-115.0, -85.0),
-        "muscle": rng.uniform(40.0, 60.0),
-        "liver": rng.uniform(70.0, 125.0),
-        "spleen": rng.uniform(95.0, 150.0),
-        "aorta": cortex + rng.uniform(-30.0, 25.0),
-        "ivc": cortex - rng.uniform(10.0, 50.0),
-        "bone": rng.uniform(650.0, 950.0),
-        "marrow": rng.uniform(180.0, 300.0),
+        "fat": rng.uniform(-120.0, -80.0),
+        "muscle": rng.uniform(35.0, 65.0),
+        "liver": liver,
+        "spleen": spleen,
+        "aorta": blood,
+        "ivc": blood - rng.uniform(0.0, 50.0) if phase != "arterial"
+        else rng.uniform(60.0, 110.0),
+        "bone": rng.uniform(500.0, 1000.0),
+        "marrow": rng.uniform(150.0, 320.0),
         "disc": rng.uniform(70.0, 100.0),
         "csf": rng.uniform(5.0, 20.0),
-        "bowel_wall": rng.uniform(40.0, 80.0),
-        "fluid": rng.uniform(5.0, 30.0),
-        "lung": rng.uniform(-880.0, -820.0),
+        "bowel_wall": rng.uniform(35.0, 90.0),
+        "fluid": rng.uniform(0.0, 30.0),
+        "lung": rng.uniform(-900.0, -800.0),
     }
 
 
@@ -105,10 +142,51 @@ def paint_body(image, grid, body, tissue, rng):
         slab[skin] = tissue["fat"]
         slab[wall & ~cavity] = tissue["muscle"]
         slab[cavity] = tissue["fat"] + 15.0
-        # CT table: a thin dense plate under the patient's back.
-        top = body["centre_p"] + body["ap"] / 1.12 + 6.0
-        plate = (p > top) & (p < top + 6.0) & (np.abs(l) < 220.0)
-        slab[np.broadcast_to(plate, slab.shape) & ~skin] = 120.0
+        paint_table(slab, p, l, skin, body)
+
+
+def sample_table(rng):
+    """CT table under the patient: absent in 1 of 10 cases, else a curved
+    dense shell (or a flat plate) over a low-density core, a gap and a
+    pad between it and the back."""
+    if rng.random() < 0.1:
+        return None
+    return {
+        "gap": rng.uniform(0.0, 15.0),
+        "shell": rng.uniform(2.0, 5.0),
+        "core": rng.uniform(8.0, 40.0),
+        "shell_hu": rng.uniform(100.0, 600.0),
+        "core_hu": rng.uniform(-700.0, -200.0),
+        "pad_hu": rng.uniform(-950.0, -600.0),  # foam mattress
+        "curvature": rng.uniform(0.0, 1.0 / 1500.0),
+        "half_width": rng.uniform(180.0, 260.0),
+    }
+
+
+def paint_table(slab, p, l, skin, body):
+    """Paints the table (``body["table"]``) into one slab outside the body.
+
+    ``p``/``l`` are the slab's frame coordinates (mm); the table's top
+    follows the back's lowest point and curves up towards the sides.
+    """
+    table = body.get("table")
+    if table is None:
+        return
+    top = body["centre_p"] + body["ap"] / 1.12 + table["gap"] - (
+        table["curvature"] * l ** 2)
+    width = np.abs(l) < table["half_width"]
+    layers = ((0.0, table["gap"], table["pad_hu"]),
+              (table["gap"], table["gap"] + table["shell"],
+               table["shell_hu"]),
+              (table["gap"] + table["shell"],
+               table["gap"] + table["shell"] + table["core"],
+               table["core_hu"]),
+              (table["gap"] + table["shell"] + table["core"],
+               table["gap"] + 2 * table["shell"] + table["core"],
+               table["shell_hu"]))
+    for lo, hi, value in layers:
+        layer = (p > top - table["gap"] + lo) & (p <= top - table["gap"] + hi)
+        slab[np.broadcast_to(layer & width, slab.shape) & ~skin] = value
 
 
 def cavity_test(grid, body):
@@ -152,6 +230,30 @@ def paint_spine(image, grid, tissue, rng):
                                     (pitch * 0.12, 4.5, 16.0)), shell)
     paint(image, grid, Blob((0.0, 30.0, 0.0), (2000.0, 8.0, 10.0)),
           tissue["csf"])
+
+
+def paint_ribs(image, grid, body, tissue, rng):
+    """Lower ribs: bony arcs in the body wall from the spine round the
+    flank, descending as they run forward (ribs 8-12 cover the upper
+    poles of the kidneys, a classic false-positive site)."""
+    lat, ap, centre_p = body["lateral"], body["ap"], body["centre_p"]
+    inset = body["fat"] + body["muscle"] * 0.5
+    a, b = lat - inset, ap - inset
+    pitch = rng.uniform(22.0, 30.0)
+    lowest = rng.uniform(-40.0, 0.0)  # the 12th rib's head, near the kidneys
+    bone = tissue["bone"] * rng.uniform(0.5, 0.8)
+    for level in range(5):
+        s_head = lowest + level * pitch
+        for side in (-1, 1):
+            # Angle 0 = straight lateral; positive = towards the back.
+            start = rng.uniform(55.0, 75.0)
+            end = rng.uniform(-30.0, 10.0) if level < 2 else rng.uniform(
+                -60.0, -20.0)
+            for t in np.radians(np.arange(start, end, -2.5)):
+                drop = (np.radians(start) - t) * rng.uniform(14.0, 22.0)
+                centre = (s_head - drop, centre_p + b * np.sin(t),
+                          side * a * np.cos(t))
+                paint(image, grid, Blob(centre, (5.0, 5.5, 5.5)), bone)
 
 
 def paint_muscles(image, grid, tissue, rng):
@@ -209,6 +311,14 @@ def paint_organs(image, grid, body, tissue, rng):
                       (rng.uniform(30, 60), 3.5, 3.5), rotation(rng))
         paint(image, grid, vessel, tissue["ivc"] - 10.0,
               where=lambda box: blob_distance(grid, liver, box)[0] < 0.9)
+    # Hypodense liver lesions (cysts, metastases): round, kidney-tumour-
+    # like intensities in the wrong organ.
+    for _ in range(int(rng.integers(0, 4))):
+        lesion = Blob(tuple(np.add(liver.centre, rng.normal(0, 30, 3))),
+                      tuple(rng.uniform(5.0, 18.0, 3)), rotation(rng))
+        paint(image, grid, lesion,
+              tissue["liver"] - rng.uniform(20.0, 80.0),
+              where=lambda box: blob_distance(grid, liver, box)[0] < 0.85)
     if rng.random() < 0.6:
         paint(image, grid, Blob((liver.centre[0] - 60, -70.0,
                                  liver.centre[2] + 20),

@@ -29,12 +29,28 @@ BONE_HU = 300.0  # tumours and fat margins never overwrite bone
 
 
 def sample_enhancement(rng, tissue):
+    """Cortex, medulla and tumour HU for the case's contrast phase.
+
+    Corticomedullary differentiation is strongest in the arterial phase,
+    gone without contrast and in the nephrographic phase; clear-cell
+    tumours enhance as much as cortex in the arterial phase, papillary
+    ones barely (``tumour`` is the range of a tumour's mean HU).
+    """
     cortex = tissue["cortex"]
-    return {
-        "cortex": cortex,
-        "medulla": max(cortex - rng.uniform(40.0, 90.0), 70.0),
-        "tumour_max": cortex - 45.0,
-    }
+    phase = tissue.get("phase", "portal-venous")
+    if phase == "non-contrast":
+        medulla = cortex - rng.uniform(0.0, 8.0)
+        tumour = (15.0, 45.0)
+    elif phase == "arterial":
+        medulla = max(cortex - rng.uniform(60.0, 120.0), 50.0)
+        tumour = (40.0, cortex - 10.0)
+    elif phase == "nephrographic":
+        medulla = cortex - rng.uniform(0.0, 15.0)
+        tumour = (35.0, min(120.0, cortex - 30.0))
+    else:
+        medulla = max(cortex - rng.uniform(40.0, 90.0), 70.0)
+        tumour = (35.0, min(115.0, cortex - 45.0))
+    return {"cortex": cortex, "medulla": medulla, "tumour": tumour}
 
 
 def _kidney_blob(rng, side):
@@ -107,7 +123,7 @@ def _tumour_blob(rng, kidney, side, radius):
 
 
 def _tumour_fill(rng, grid, enh, radius):
-    base = rng.uniform(35.0, min(115.0, enh["tumour_max"]))
+    base = rng.uniform(*enh["tumour"])
     amplitude = rng.uniform(10.0, 25.0)
     scale = rng.uniform(3.0, 8.0)
     core = rng.uniform(0.3, 0.65) if radius > 15.0 else 0.0
@@ -120,7 +136,7 @@ def _tumour_fill(rng, grid, enh, radius):
             # Soft-edged necrotic core, irregular through the texture.
             w = np.clip((core - d) / 0.15 + 0.5 * tex, 0.0, 1.0)
             out = out - necrosis * w
-        return np.maximum(out, 5.0)
+        return np.maximum(out, min(5.0, base - 10.0))
 
     return fill
 
@@ -164,13 +180,15 @@ def paint_kidneys(image, grid, body, tissue, rng, min_radius=None):
     return labels
 
 
-def paint_from_labels(image, labels, grid, tissue, rng):
+def paint_from_labels(image, labels, grid, tissue, rng, cysts=None):
     """Kidney and tumour intensities following a real label volume.
 
     Cortex = kidney voxels within 5-8 mm of the background; the rest is
     medulla broken into pyramids by a smooth random field; tumours get the
     same texture and necrosis as synthetic ones; a 3-7 mm fat rim separates
-    the labels from whatever organ was painted around them.
+    the labels from whatever organ was painted around them. ``cysts`` (a
+    boolean mask, KiTS23's label 3) are painted water-like (0-20 HU, no
+    enhancement) wherever the labels are foreground.
     """
     fg = labels > 0
     if not fg.any():
@@ -203,3 +221,9 @@ def paint_from_labels(image, labels, grid, tissue, rng):
         fill = _tumour_fill(rng, grid, enh, radius)(box, d.astype(np.float32),
                                                     None)
         target[tumour] = fill[tumour]
+    if cysts is not None:
+        cyst = cysts[box] & fg
+        if cyst.any():
+            water = rng.uniform(0.0, 20.0) + 3.0 * smooth_noise(
+                rng, shape, grid.spacing, 5.0)
+            target[cyst] = water[cyst]

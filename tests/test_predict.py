@@ -81,6 +81,19 @@ def test_volume_smaller_than_patch_is_padded():
     assert np.all(result.probabilities.argmax(-1) == 1)
 
 
+def test_padding_is_the_volume_minimum_as_in_training():
+    # Training pads patches with the volume's minimum (air); 0 would be
+    # the mean foreground intensity after normalisation.
+    image = np.linspace(-2.0, 3.0, 4 * 9 * 10, dtype=np.float32).reshape(
+        4, 9, 10)
+    padded, crop = sw.pad_to_patch(image, (8, 16, 16))
+    assert padded.shape == (8, 16, 16)
+    np.testing.assert_array_equal(padded[crop], image)
+    outside = np.ones(padded.shape, bool)
+    outside[crop] = False
+    assert np.all(padded[outside] == image.min())
+
+
 def test_conv_network_matches_full_volume_call_away_from_borders():
     network = make_conv_network()
     rng = np.random.default_rng(1)
