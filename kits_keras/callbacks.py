@@ -65,27 +65,31 @@ def _find(logs, prefix, suffix):
 class ValidationSummary(keras.callbacks.Callback):
     """Adds the KiTS19 validation metric and its moving average to ``logs``.
 
-    ``val_dice`` = mean of the validation kidney and tumour Dice (from the
-    :class:`kits_keras.metrics.RegionDice` metrics of the full-resolution
-    output), ``val_dice_ma`` = its mean over the last ``window`` validated
-    epochs. Keras names multi-output metrics ``val_<output>_kidney_dice``;
-    they are also copied to the plain ``val_kidney_dice`` /
-    ``val_tumour_dice`` keys.
+    ``val_dice`` = mean of the validation kidney and tumour Dice,
+    ``val_dice_ma`` = its mean over the last ``window`` validations; the
+    best checkpoint is chosen by ``val_dice_ma``.
+
+    With a ``volume_validator`` (:class:`kits_keras.validation.
+    VolumeValidator`) those are full-volume sliding-window figures, computed
+    on the first epoch, every ``volume_every`` epochs and on the last; the
+    patch metrics of every epoch are kept as ``val_patch_kidney_dice`` /
+    ``val_patch_tumour_dice``. Without one they are the pooled Dice of the
+    validation patches (:class:`kits_keras.metrics.RegionDice` of the
+    full-resolution output; Keras names them ``val_<output>_kidney_dice``).
 
     Args:
-        window: int. Epochs in the moving average.
-        volume_validator: callable ``(model, epoch) -> dict`` or None. Hook
-            for full-volume (sliding-window) validation, called every
-            ``volume_every`` epochs; its values are added to ``logs`` with a
-            ``val_volume_`` prefix.
-        volume_every: int. 0 disables the hook.
+        window: int. Validations in the moving average.
+        volume_validator: callable ``(model, epoch) -> dict`` with
+            ``kidney_dice`` and ``tumour_dice``, or None.
+        volume_every: int. Epochs between full-volume validations (>= 1
+            with a validator).
     """
 
-    def __init__(self, window, volume_validator=None, volume_every=0):
+    def __init__(self, window, volume_validator=None, volume_every=1):
         super().__init__()
         self.window = int(window)
         self.volume_validator = volume_validator
-        self.volume_every = int(volume_every)
+        self.volume_every = max(int(volume_every), 1)
         self.dice_history = []
 
     def get_state(self):
@@ -94,22 +98,31 @@ class ValidationSummary(keras.callbacks.Callback):
     def set_state(self, state):
         self.dice_history = list(state["dice_history"])
 
+    def _volume_due(self, epoch):
+        last = (self.params or {}).get("epochs")
+        return epoch % self.volume_every == 0 or epoch + 1 == last
+
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
         kidney = _find(logs, "val_", "kidney_dice")
         tumour = _find(logs, "val_", "tumour_dice")
-        if kidney is not None and tumour is not None:
-            logs["val_kidney_dice"] = kidney
-            logs["val_tumour_dice"] = tumour
-            logs["val_dice"] = (kidney + tumour) / 2.0
-            self.dice_history.append(logs["val_dice"])
-            recent = self.dice_history[-self.window:]
-            logs["val_dice_ma"] = float(np.mean(recent))
-        if self.volume_validator and self.volume_every > 0:
-            if (epoch + 1) % self.volume_every == 0:
-                for key, value in self.volume_validator(self.model, epoch).items():
-                    logs[f"val_volume_{key}"] = float(value)
+        if self.volume_validator is not None:
+            if kidney is not None:
+                logs["val_patch_kidney_dice"] = kidney
+                logs["val_patch_tumour_dice"] = tumour
+            if not self._volume_due(epoch):
+                return
+            scores = self.volume_validator(self.model, epoch)
+            kidney, tumour = scores["kidney_dice"], scores["tumour_dice"]
+        if kidney is None or tumour is None:
+            return
+        logs["val_kidney_dice"] = float(kidney)
+        logs["val_tumour_dice"] = float(tumour)
+        logs["val_dice"] = (float(kidney) + float(tumour)) / 2.0
+        self.dice_history.append(logs["val_dice"])
+        recent = self.dice_history[-self.window:]
+        logs["val_dice_ma"] = float(np.mean(recent))
 
 
 class TimeBudget(keras.callbacks.Callback):

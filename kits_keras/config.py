@@ -153,7 +153,11 @@ class TrainConfig:
         epochs: epochs to train.
         steps_per_epoch: iterations per epoch.
         batch_size: global batch, split across devices.
-        validation_every: epochs between validation passes.
+        validation_every: epochs between validation passes (patches).
+        volume_validation_every: epochs between full-volume (sliding
+            window) validations of the validation cases, which choose the
+            best checkpoint; also run on the first and last epoch. 0 picks
+            it by the patch Dice instead.
         metric_smoothing: moving-average window (epochs) of the validation
             metric used to choose the best checkpoint.
         seed: seed for weights, sampling and augmentation.
@@ -166,6 +170,7 @@ class TrainConfig:
     steps_per_epoch: int = 250
     batch_size: int = 8
     validation_every: int = 1
+    volume_validation_every: int = 5
     metric_smoothing: int = 10
     seed: int = 0
 
