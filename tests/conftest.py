@@ -5,6 +5,10 @@ cases (``case_00000`` .. ``case_00002``, seed 0), written once by
 :func:`kits_keras.synthetic.write_cases`. Treat it as read-only; copy it
 (``shutil.copytree``) before modifying anything.
 
+:func:`save_untrained_tiny_run`: an untrained ``tiny`` U-Net saved as a run
+folder (``model.keras``), for tests of the CLI's behaviour rather than of
+the segmentation.
+
 ``kits19_labels_dir``: the real KiTS19 label volumes shared on this machine
 (``$KITS19_LABELS``, default ``<repo>/../shared/data/kits19-labels``); the
 test is skipped when the folder is absent. Never copy them into the repo.
@@ -52,3 +56,22 @@ def kits19_labels_dir():
         pytest.skip(f"real KiTS19 labels not found at {path} "
                     "(set KITS19_LABELS)")
     return path
+
+
+def save_untrained_tiny_run(run_dir, seed=0):
+    """Saves an untrained ``tiny`` U-Net (fixed seed) as ``run_dir/model.keras``
+    with plausible CT statistics; returns ``run_dir`` as str."""
+    import keras
+
+    from kits_keras.artifact import save_artifact
+    from kits_keras.config import get_config
+    from kits_keras.model import build_unet
+    from kits_keras.preprocessing import IntensityStats
+
+    keras.utils.set_random_seed(seed)
+    config = get_config("tiny")
+    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
+                           std=80.0)
+    save_artifact(build_unet(config), config, stats,
+                  os.path.join(str(run_dir), "model.keras"))
+    return str(run_dir)

@@ -20,6 +20,7 @@ import zlib
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import save_untrained_tiny_run
 from cli_harness import run_cli
 from cli_harness import snapshot
 
@@ -165,18 +166,7 @@ def good_cts(synthetic_cases_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from kits_keras.artifact import save_artifact
-    from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
-
-    config = get_config("tiny")
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
-                           std=80.0)
-    save_artifact(build_unet(config), config, stats,
-                  str(run / "model.keras"))
-    return str(run)
+    return save_untrained_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 def test_the_table_files_are_small(tmp_path):

@@ -12,6 +12,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import save_untrained_tiny_run
 
 from kits_keras import io
 from cli_harness import run_cli
@@ -144,18 +145,7 @@ def test_several_series_are_several_cases(tmp_path):
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from kits_keras.artifact import save_artifact
-    from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
-
-    config = get_config("tiny")
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
-                           std=80.0)
-    save_artifact(build_unet(config), config, stats,
-                  str(run / "model.keras"))
-    return str(run)
+    return save_untrained_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 @pytest.mark.large  # ~40 s on 2 cores

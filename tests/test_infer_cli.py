@@ -7,6 +7,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 
 from kits_keras import io
@@ -15,17 +16,8 @@ from kits_keras import io
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory):
     """A runs folder holding one run with an untrained tiny U-Net."""
-    from kits_keras.artifact import save_artifact
-    from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
-
-    config = get_config("tiny")
     root = tmp_path_factory.mktemp("runs")
-    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
-                           std=80.0)
-    save_artifact(build_unet(config), config, stats,
-                  str(root / "20260101-000000-tiny" / "model.keras"))
+    save_untrained_tiny_run(root / "20260101-000000-tiny")
     return str(root)
 
 

@@ -20,6 +20,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 from nibabel import orientations as ornts
 
@@ -33,21 +34,8 @@ CLI_CODES = ("RAS", "LPS", "LAS", "RPI")
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A run with an untrained tiny U-Net (weights seeded: deterministic)."""
-    import keras
-
-    from kits_keras.artifact import save_artifact
-    from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
-
-    keras.utils.set_random_seed(0)
-    config = get_config("tiny")
-    run = tmp_path_factory.mktemp("runs") / "20260101-000000-tiny"
-    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
-                           std=80.0)
-    save_artifact(build_unet(config), config, stats,
-                  str(run / "model.keras"))
-    return str(run)
+    return save_untrained_tiny_run(
+        tmp_path_factory.mktemp("runs") / "20260101-000000-tiny")
 
 
 @pytest.fixture(scope="module")

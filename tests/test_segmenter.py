@@ -8,6 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 
 from kits_keras import io
@@ -15,18 +16,7 @@ from kits_keras import io
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from kits_keras.artifact import save_artifact
-    from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
-
-    config = get_config("tiny")
-    run = tmp_path_factory.mktemp("runs") / "tiny"
-    stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
-                           std=80.0)
-    save_artifact(build_unet(config), config, stats,
-                  str(run / "model.keras"))
-    return str(run)
+    return save_untrained_tiny_run(tmp_path_factory.mktemp("runs") / "tiny")
 
 
 @pytest.fixture(scope="module")
