@@ -1,6 +1,8 @@
 """``kits-keras fit``: train the U-Net on a prepared dataset."""
 
 import logging
+import os
+import sys
 
 import click
 
@@ -43,11 +45,16 @@ log = logging.getLogger(__name__)
 @click.option("--num-processes", type=click.IntRange(min=1), default=None,
               help="Multi-host: number of processes.")
 @click.option("--process-id", type=click.IntRange(min=0), default=None,
-              help="Multi-host: this process's index.")
+              help="Multi-host: this process's index (0 writes the run "
+                   "folder).")
+@click.option("--heartbeat-timeout", "heartbeat_s", type=click.IntRange(
+              min=1), default=60, show_default=True,
+              help="Multi-host: seconds without news from a process before "
+                   "the others stop with an error.")
 @user_errors
 def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
         patch_size, out_dir, resume, backend, seed, coordinator_address,
-        num_processes, process_id):
+        num_processes, process_id, heartbeat_s):
     """Trains the multi-scale supervised 3D U-Net.
 
     Writes the run folder: model.keras (best model, with its config and
@@ -61,8 +68,17 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
         raise click.UsageError(
             "--coordinator-address, --num-processes and --process-id go "
             "together.")
-    name = backend_lib.resolve_backend(backend)
-    if (gpus > 1 or (num_processes or 1) > 1) and name != "jax":
+    if coordinator_address is not None:
+        # No probing for an accelerator here: JAX's distributed runtime must
+        # start before anything initialises a JAX backend.
+        if backend not in ("auto", "jax"):
+            raise click.UsageError(
+                "--coordinator-address (several processes) needs --backend "
+                "jax or auto.")
+        name = "jax"
+    else:
+        name = backend_lib.resolve_backend(backend)
+    if gpus > 1 and name != "jax":
         if backend != "auto":
             raise click.UsageError(
                 f"--gpus {gpus} (data parallel) needs --backend jax or auto.")
@@ -88,8 +104,15 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
     cluster = None
     if coordinator_address is not None:
         cluster = training.Cluster(coordinator_address, num_processes,
-                                   process_id)
-    run_dir = training.fit(config, data_dir, out_dir=out_dir, gpus=gpus,
-                           resume=resume, seed=seed, cluster=cluster,
-                           epochs=epochs if config is None else None)
+                                   process_id, heartbeat_s)
+    try:
+        run_dir = training.fit(config, data_dir, out_dir=out_dir, gpus=gpus,
+                               resume=resume, seed=seed, cluster=cluster,
+                               epochs=epochs if config is None else None)
+    except training.ClusterError as err:
+        click.echo(f"Error: {err}", err=True)
+        # Now: JAX's distributed shutdown at exit would wait for the lost
+        # process until the heartbeat timeout, then abort with a trace.
+        sys.stderr.flush()
+        os._exit(1)
     click.echo(f"Run folder: {run_dir}")

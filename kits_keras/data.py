@@ -154,7 +154,8 @@ def make_patch_fn(config, seed, augment_config=None, with_kind=False):
     return fn
 
 
-def patch_dataset(volumes, config, seed, training=True, with_kind=False):
+def patch_dataset(volumes, config, seed, training=True, with_kind=False,
+                  shard=None):
     """Unbatched ``(image (z, y, x, 1), labels tuple)`` patches.
 
     Args:
@@ -167,6 +168,13 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False):
             augments; False gives each volume's patches once, un-augmented,
             in order (the same patches on every pass).
         with_kind: also yield each patch's kind (for tests and statistics).
+        shard: ``(index, count, global_batch)`` or None. Multi-process
+            training: keep only this process's ``global_batch // count``
+            consecutive patches of every ``global_batch`` (process ``index``
+            of ``count``), chosen before any patch is cut, so each process
+            computes only its own. The processes' shards, batched and put
+            side by side in process order, are the unsharded stream's
+            batches.
     """
     per_volume = config.data.patches_per_volume
     ds = volumes
@@ -179,6 +187,10 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False):
             lambda j: (i, j, volume)
         )
     )
+    if training:  # rows, not patches: before sharding, the same everywhere
+        ds = ds.shuffle(2 * per_volume, seed=seed)
+    if shard is not None:
+        ds = shard_rows(ds, *shard)
     aug = None
     if not training:
         aug = config_lib.AugmentConfig(
@@ -189,9 +201,26 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False):
         make_patch_fn(config, seed, aug, with_kind),
         num_parallel_calls=AUTOTUNE,
     )
-    if training:
-        ds = ds.shuffle(2 * per_volume, seed=seed)
     return ds
+
+
+def shard_rows(ds, index, count, global_batch):
+    """Rows ``index * n .. (index + 1) * n - 1`` of every ``global_batch``
+    consecutive rows of ``ds``, ``n = global_batch // count``.
+
+    Example:
+        >>> ds = tf.data.Dataset.range(8)
+        >>> [int(v) for v in shard_rows(ds, 1, 2, 4)]
+        [2, 3, 6, 7]
+    """
+    if global_batch % count:
+        raise ValueError(
+            f"The batch ({global_batch}) must split evenly over {count} "
+            f"processes. Received: global_batch={global_batch}")
+    local = global_batch // count
+    return ds.enumerate().filter(
+        lambda k, *row: (k % global_batch) // local == index
+    ).map(lambda k, *row: row[0] if len(row) == 1 else row)
 
 
 def batch(ds, batch_size, drop_remainder):
@@ -269,7 +298,7 @@ def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
     return ds
 
 
-def make_train_dataset(config, data_dir, seed=None):
+def make_train_dataset(config, data_dir, seed=None, shard=None):
     """Endless augmented training batches from the prepared TFDS dataset.
 
     Args:
@@ -277,16 +306,24 @@ def make_train_dataset(config, data_dir, seed=None):
         data_dir: TFDS data directory holding ``kits19/<data.dataset>``.
         seed: int. Defaults to ``config.train.seed`` (runs are reproducible
             unless a seed is given).
+        shard: ``(index, count)`` or None: this process's share of every
+            batch in multi-process training (:func:`patch_dataset`).
 
     Returns:
         tf.data.Dataset of ``(image (B, z, y, x, 1) float32, labels tuple of
-        int32 (B, z/f, y/f, x/f))`` with ``B = config.train.batch_size``.
+        int32 (B, z/f, y/f, x/f))`` with ``B = config.train.batch_size``
+        (divided by the process count with ``shard``).
     """
     seed = config.train.seed if seed is None else int(seed)
     volumes = volume_dataset(config, data_dir, "train", shuffle=True,
                               seed=seed)
-    patches = patch_dataset(volumes, config, seed, training=True)
-    return batch(patches, config.train.batch_size, drop_remainder=True)
+    size = config.train.batch_size
+    if shard is not None:
+        shard = (*shard, size)
+        size //= shard[1]
+    patches = patch_dataset(volumes, config, seed, training=True,
+                            shard=shard)
+    return batch(patches, size, drop_remainder=True)
 
 
 def make_validation_dataset(config, data_dir):

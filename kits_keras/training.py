@@ -16,6 +16,7 @@ lazily for that reason. Nothing here imports TensorFlow except through the
 data pipeline and the optional TensorBoard logger.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging
@@ -38,15 +39,76 @@ log = logging.getLogger(__name__)
 class Cluster:
     """Multi-host training on JAX's distributed runtime.
 
+    Every process builds the same model from the same seed, reads its own
+    rows of every global batch (:func:`kits_keras.data.shard_rows`) and
+    applies the same all-reduced update. Process 0 alone writes the run
+    folder; on ``--resume`` every process reads it (share it).
+    ``docs/multihost.md`` says how to launch one.
+
     Attributes:
         coordinator_address: str. ``host:port`` of process 0.
         num_processes: int. Processes (hosts) in the job.
         process_id: int. This process, ``0 .. num_processes - 1``.
+        heartbeat_timeout_s: int. Seconds without news from a process after
+            which the others stop with an error (a process that died).
     """
 
     coordinator_address: str
     num_processes: int
     process_id: int
+    heartbeat_timeout_s: int = 60
+
+    def __post_init__(self):
+        if not 0 <= self.process_id < self.num_processes:
+            raise ValueError(
+                "process_id must be in 0 .. num_processes - 1. Received: "
+                f"process_id={self.process_id}, "
+                f"num_processes={self.num_processes}")
+
+    @property
+    def writes(self):
+        """True for process 0, the one that writes the run folder."""
+        return self.process_id == 0
+
+
+class ClusterError(RuntimeError):
+    """A multi-process run lost a process (it died, or its host or network
+    went down): every process stops; restart them all with ``--resume``."""
+
+
+def initialize_cluster(cluster):
+    """Starts JAX's distributed runtime (before any JAX computation).
+
+    CPU processes exchange gradients through gloo; GPUs through NCCL.
+    """
+    import jax
+
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except AttributeError:  # older JAX: no CPU collectives option
+        pass
+    jax.distributed.initialize(
+        coordinator_address=cluster.coordinator_address,
+        num_processes=cluster.num_processes,
+        process_id=cluster.process_id,
+        heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
+    )
+    log.info("Process %d of %d joined %s", jax.process_index(),
+             jax.process_count(), cluster.coordinator_address)
+
+
+def weights_digest(model):
+    """SHA-256 of the model's and optimizer's variables (hex, 16 digits):
+    equal on every process of a multi-process run."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    variables = list(model.weights)
+    if getattr(model, "optimizer", None) is not None:
+        variables += list(model.optimizer.variables)
+    for v in variables:
+        digest.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def epoch_seed(seed, epoch):
@@ -70,10 +132,7 @@ def setup_distribution(gpus, cluster=None, batch_size=None):
     if gpus < 1:
         raise ValueError(f"--gpus must be at least 1. Received: gpus={gpus}")
     if cluster is not None:
-        keras.distribution.initialize(
-            cluster.coordinator_address, cluster.num_processes,
-            cluster.process_id,
-        )
+        initialize_cluster(cluster)
     processes = cluster.num_processes if cluster else 1
     if gpus * processes == 1:
         return None
@@ -99,19 +158,25 @@ def setup_distribution(gpus, cluster=None, batch_size=None):
             f"The batch ({batch_size}) must split evenly over {len(chosen)} "
             f"devices. Received: gpus={gpus}, batch_size={batch_size}")
     names = [f"{d.platform}:{d.id}" for d in chosen]
-    distribution = keras.distribution.DataParallel(devices=names)
+    # Several processes: each feeds its own rows (kits_keras.data's shard),
+    # not a copy of one dataset for Keras to shard.
+    distribution = keras.distribution.DataParallel(
+        devices=names, auto_shard_dataset=processes == 1)
     keras.distribution.set_distribution(distribution)
     log.info("Data parallel over %d devices: %s", len(names), names)
     return distribution
 
 
 def describe_sharding(distribution, batch_shape):
-    """``[(device, shard shape)]`` of a batch under the distribution's
-    data layout, the one Keras' JAX trainer applies to every batch."""
-    layout = distribution.get_data_layout(batch_shape)
-    array = keras.distribution.distribute_tensor(
-        np.zeros(batch_shape, np.float32), layout
-    )
+    """``[(device, shard shape)]`` of this process's devices for a batch of
+    ``batch_shape`` fed by this process, placed as Keras' JAX trainer places
+    every batch (``jax.make_array_from_process_local_data``)."""
+    import jax
+
+    global_shape = (batch_shape[0] * jax.process_count(), *batch_shape[1:])
+    layout = distribution.get_data_layout(global_shape)
+    array = jax.make_array_from_process_local_data(
+        layout.backend_layout, np.zeros(batch_shape, np.float32))
     return [(str(s.device), tuple(s.data.shape))
             for s in array.addressable_shards]
 
@@ -125,7 +190,7 @@ def set_precision():
     return policy
 
 
-def build_dataset(config, data_dir, seed, full_batches=False):
+def build_dataset(config, data_dir, seed, full_batches=False, shard=None):
     """Per-epoch training datasets and the validation dataset.
 
     Args:
@@ -134,6 +199,8 @@ def build_dataset(config, data_dir, seed, full_batches=False):
         seed: int.
         full_batches: bool. Drop a short last validation batch (data
             parallel: it could not be split evenly over the devices).
+        shard: ``(process_id, num_processes)`` or None: multi-process
+            training, each process reading its rows of every batch.
 
     Returns:
         ``(epoch_dataset, validation)``: ``epoch_dataset(epoch)`` gives the
@@ -144,12 +211,18 @@ def build_dataset(config, data_dir, seed, full_batches=False):
 
     def epoch_dataset(epoch):
         return data.make_train_dataset(config, data_dir,
-                                       seed=epoch_seed(seed, epoch))
+                                       seed=epoch_seed(seed, epoch),
+                                       shard=shard)
 
     validation = data.make_validation_dataset(config, data_dir)
     if full_batches and validation is not None:
         validation = validation.unbatch().batch(
             config.train.batch_size, drop_remainder=True)
+        if shard is not None:  # un-augmented and few: cut, then shared out
+            n = config.train.batch_size // shard[1]
+            rows = slice(shard[0] * n, (shard[0] + 1) * n)
+            validation = validation.map(
+                lambda x, ys: (x[rows], tuple(y[rows] for y in ys)))
     return epoch_dataset, validation
 
 
@@ -409,31 +482,96 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
     """
     if seed is not None and config is not None:
         config = override(config, train={"seed": int(seed)})
+    if cluster is not None and not out_dir:
+        raise ValueError(
+            "Several processes need --out: one run folder that every "
+            "process reaches (process 0 writes it; --resume reads it).")
     run_dir, config, state = prepare_run(config, out_dir, resume)
     if epochs:
         config = override(config, train={"epochs": int(epochs)})
     seed = config.train.seed
     distribution = setup_distribution(gpus, cluster, config.train.batch_size)
-    data_config, data_seed = config, seed
-    if cluster is not None:  # each process feeds its share of the batch
-        data_config = override(config, train={
-            "batch_size": config.train.batch_size // cluster.num_processes})
-        data_seed = seed + 1000003 * cluster.process_id
+    shard = None
+    if cluster is not None:  # each process reads its rows of every batch
+        shard = (cluster.process_id, cluster.num_processes)
+        n = config.train.batch_size // cluster.num_processes
+        log.info("Process %d of %d reads patches %d..%d of every batch of %d",
+                 cluster.process_id, cluster.num_processes,
+                 cluster.process_id * n, (cluster.process_id + 1) * n - 1,
+                 config.train.batch_size)
     # Before anything is written: a missing dataset leaves no empty run.
     epoch_dataset, validation = build_dataset(
-        data_config, data_dir, data_seed, distribution is not None)
+        config, data_dir, seed, distribution is not None, shard=shard)
     log.info("Run folder: %s; precision %s", run_dir, set_precision())
-    os.makedirs(run_dir, exist_ok=True)
-    cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
+    writes = cluster is None or cluster.writes
+    if writes:
+        os.makedirs(run_dir, exist_ok=True)
+        cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
     model = compile_model(build_model(config, seed), config)
     if distribution is not None:
-        shape = (data_config.train.batch_size, *config.data.patch_size, 1)
+        shape = (config.train.batch_size // (cluster.num_processes if cluster
+                                             else 1),
+                 *config.data.patch_size, 1)
         log.info("Batch %s sharded as %s", shape,
                  describe_sharding(distribution, shape))
-    train(config, model, epoch_dataset, validation, run_dir,
-          stats=intensity_stats(config, data_dir), seed=seed, state=state,
-          verbose=verbose, time_budget_s=time_budget_s)
+    with _process_folder(run_dir, state, writes) as folder, \
+            _peers_watched(cluster):
+        train(config, model, epoch_dataset, validation, folder,
+              stats=intensity_stats(config, data_dir), seed=seed,
+              state=state, verbose=verbose, time_budget_s=time_budget_s)
     if distribution is not None:
         devices = model.trainable_weights[0].value.sharding.device_set
         log.info("Weights replicated on %s", sorted(map(str, devices)))
+    if cluster is not None:
+        log.info("Process %d of %d: final weights digest %s",
+                 cluster.process_id, cluster.num_processes,
+                 weights_digest(model))
     return run_dir
+
+
+@contextlib.contextmanager
+def _peers_watched(cluster):
+    """Turns a failed collective (a peer that died: gloo or NCCL reports
+    the closed connection at the next all-reduce) into a ClusterError."""
+    if cluster is None:
+        yield
+        return
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ClusterError(
+            f"process {cluster.process_id} of {cluster.num_processes}: "
+            f"training stopped because another process stopped answering "
+            f"({first[:300]}). Every process has stopped; start them all "
+            "again with --resume.") from None
+
+
+@contextlib.contextmanager
+def _process_folder(run_dir, state, writes):
+    """The folder this process's callbacks write to: ``run_dir`` for the
+    writing process; for the others, a private temporary folder (removed
+    afterwards) holding the checkpoint being resumed from."""
+    if writes:
+        yield run_dir
+        return
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="kits-keras-process-")
+    log.info("Not process 0: writes nothing to %s", run_dir)
+    try:
+        if state is not None:
+            source = cb.checkpoint_path(os.path.join(run_dir, "checkpoints"),
+                                        state)
+            target = os.path.join(folder, "checkpoints", state["checkpoint"])
+            os.makedirs(os.path.dirname(target))
+            try:
+                os.link(source, target)
+            except OSError:  # another file system
+                shutil.copyfile(source, target)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
