@@ -109,6 +109,7 @@ class Sizes:
     memory_limit_gb: float = None
     max_batch_cap: int = 4096
     time_limit_s: float = 420.0
+    needs_accelerator: bool = True
     # Share of the time limit after which each section starts no new part.
     soft_deadlines: tuple = (("jax", 0.55), ("torch", 0.75),
                              ("max_batch", 1.0))
@@ -120,7 +121,8 @@ MODES = {
                                          ("max_filters", 8)),
                    patch=(16, 32, 32), batch=2, warmup=1, steps=2,
                    case_shape=(24, 40, 40), case_spacing=(2.0, 1.6, 1.6),
-                   memory_limit_gb=0.1, max_batch_cap=2, time_limit_s=150.0),
+                   memory_limit_gb=0.1, max_batch_cap=2, time_limit_s=150.0,
+                   needs_accelerator=False),
 }
 
 
@@ -368,6 +370,10 @@ def _numerics(sizes, cfg, initial, batch, res):
                               and norm_rel <= GRAD_NORM_RTOL))
 
 
+NO_ACCELERATOR = ("no GPU here: the full sizes would take hours on a CPU; "
+                  "--smoke runs the same code at toy sizes")
+
+
 def _part(res, name, deadline, fn, *args):
     """Runs one part of a section unless the soft deadline has passed;
     an error is recorded, not raised (the other parts still run)."""
@@ -393,7 +399,11 @@ def jax_section(sizes, deadline, save):
                backend=keras.backend.backend(),
                devices=[str(d) for d in jax.devices()],
                device_kind=jax.devices()[0].device_kind)
+    if sizes.needs_accelerator and jax.devices()[0].platform == "cpu":
+        res.update(run=False, reason=NO_ACCELERATOR)
     save(res)
+    if res.get("run") is False:
+        return res
     trained = _part(res, "train", math.inf, _train, sizes, res)
     save(res)
     if trained is None:
@@ -432,6 +442,10 @@ def torch_section(sizes, deadline, save):
     from benchmarks.train_step import torch_unet
 
     cuda = torch.cuda.is_available()
+    if sizes.needs_accelerator and not cuda:
+        res.update(run=False, reason=NO_ACCELERATOR)
+        save(res)
+        return res
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
     x_np, ys_np = make_inputs(sizes.batch, sizes.patch, strides)
@@ -516,6 +530,10 @@ def max_batch_section(sizes, deadline, save):
     from kits_keras.model import build_unet
     from kits_keras.train_step import make_train_step
 
+    if sizes.needs_accelerator and jax.devices()[0].platform == "cpu":
+        res = dict(run=False, reason=NO_ACCELERATOR)
+        save(res)
+        return res
     cfg = experiment(sizes)
     keras.config.set_dtype_policy("mixed_bfloat16")
     keras.utils.set_random_seed(0)

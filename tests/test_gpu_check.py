@@ -121,3 +121,16 @@ def test_smoke_runs_every_section_on_cpu(tmp_path):
     assert summary["gpu_no_nan"] and summary["gpu_data_parallel_same_loss"]
     assert set(record["goals"]) == {"s_per_step_le_0.25", "mfu_ge_30_pct",
                                     "no_slower_than_torch"}
+
+
+def test_full_sizes_without_a_gpu_record_why_and_stop(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--out", str(out)],
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sections = json.loads(out.read_text())["sections"]
+    for name in ("jax", "max_batch"):
+        assert sections[name]["run"] is False
+        assert "--smoke" in sections[name]["reason"]
