@@ -21,6 +21,9 @@ A training step is forward + multi-scale loss + backward + Adam update.
 GPU (``--gpu``, JAX only): paper config, bfloat16 mixed precision, batch 8,
 48 x 192 x 192, synthetic device arrays; time per step, FLOPs per step from
 cost analysis, achieved TFLOP/s. Its section is merged into the same JSON.
+The full GPU check (PyTorch peer on the GPU, data parallel, inference,
+numerics) is ``benchmarks/gpu_check.py``, which reuses this file's inputs,
+torch network and torch loss.
 
 Run: ``python benchmarks/train_step.py`` (about 10-15 min on 2 cores) or
 ``python benchmarks/train_step.py --gpu`` on a GPU host.
