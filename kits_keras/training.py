@@ -87,11 +87,17 @@ def initialize_cluster(cluster):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except AttributeError:  # older JAX: no CPU collectives option
         pass
+    import inspect
+
+    options = {}
+    if "heartbeat_timeout_seconds" in inspect.signature(
+            jax.distributed.initialize).parameters:  # newer JAX only
+        options["heartbeat_timeout_seconds"] = cluster.heartbeat_timeout_s
     jax.distributed.initialize(
         coordinator_address=cluster.coordinator_address,
         num_processes=cluster.num_processes,
         process_id=cluster.process_id,
-        heartbeat_timeout_seconds=cluster.heartbeat_timeout_s,
+        **options,
     )
     log.info("Process %d of %d joined %s", jax.process_index(),
              jax.process_count(), cluster.coordinator_address)
