@@ -279,7 +279,7 @@ def compile_model(model, config):
 
 
 def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
-                   volume_every=0):
+                   volume_every=1):
     """The callbacks of a run, in the order they must run.
 
     Returns ``(callbacks, checkpoint)``; ``checkpoint.restore(state)``
@@ -327,7 +327,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
 
 def train(config, model, epoch_dataset, validation, run_dir, stats=None,
           seed=0, state=None, verbose="auto", volume_validator=None,
-          volume_every=0, time_budget_s=None):
+          volume_every=1, time_budget_s=None):
     """Trains a compiled ``model`` into ``run_dir``; the core of :func:`fit`.
 
     Args:
@@ -343,8 +343,10 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         seed: int. Recorded in ``state.json``.
         state: dict from ``checkpoints/state.json`` to resume from, or None.
         verbose: Keras verbosity ("auto": a progress bar per epoch).
-        volume_validator: hook ``(model, epoch) -> dict`` for full-volume
-            validation every ``volume_every`` epochs (0: never).
+        volume_validator: :class:`kits_keras.validation.VolumeValidator`
+            or None: full-volume validation on the first epoch, every
+            ``volume_every`` epochs and the last, which then decides the
+            best checkpoint.
         time_budget_s: float or None. Stop after the first epoch that ends
             past this many seconds of training.
 
@@ -520,11 +522,25 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
                  *config.data.patch_size, 1)
         log.info("Batch %s sharded as %s", shape,
                  describe_sharding(distribution, shape))
+    validator = None
+    # One process on one device: with several processes every one would run
+    # the whole sliding window (minutes per epoch), and a data-parallel
+    # model wants batches that split evenly over its devices; those runs
+    # keep choosing by the patch Dice.
+    if (validation is not None and distribution is None
+            and config.train.volume_validation_every > 0):
+        from kits_keras import validation as validation_lib
+
+        volumes = validation_lib.load_validation_volumes(config, data_dir)
+        if volumes:
+            validator = validation_lib.VolumeValidator(volumes, config)
     with _process_folder(run_dir, state, writes) as folder, \
             _peers_watched(cluster):
         train(config, model, epoch_dataset, validation, folder,
               stats=intensity_stats(config, data_dir), seed=seed,
-              state=state, verbose=verbose, time_budget_s=time_budget_s)
+              state=state, verbose=verbose, time_budget_s=time_budget_s,
+              volume_validator=validator,
+              volume_every=config.train.volume_validation_every)
     if distribution is not None:
         devices = model.trainable_weights[0].value.sharding.device_set
         log.info("Weights replicated on %s", sorted(map(str, devices)))
