@@ -32,8 +32,10 @@ class DemoOptions:
 
     Attributes:
         out_dir: output folder.
-        minutes: training budget in minutes (training stops at the end of
-            the epoch that exceeds it, or after ``config.train.epochs``).
+        steps: training iterations. A fixed amount of work, not of time,
+            so that the Dice is the same on every machine for a seed;
+            None means the experiment's ``epochs * steps_per_epoch``
+            (tiny: 60 x 25 = 1,500).
         num_cases: synthetic cases; every 5th goes to the test split.
         seed: seed for synthesis and training.
         config: experiment name.
@@ -41,7 +43,7 @@ class DemoOptions:
     """
 
     out_dir: str = "demo-out"
-    minutes: float = 10.0
+    steps: int = None
     num_cases: int = 25
     seed: int = 0
     config: str = "tiny"
@@ -111,8 +113,13 @@ def run_demo(options=DemoOptions()):
     config = config_lib.get_config(options.config)
     # Three validation cases (not one) so the best checkpoint is chosen on
     # more than one tumour; all 8 mirrorings at inference (cheap here).
+    train = {"seed": options.seed}
+    if options.steps is not None:
+        per_epoch = min(config.train.steps_per_epoch, int(options.steps))
+        train.update(steps_per_epoch=per_epoch,
+                     epochs=max(1, round(options.steps / per_epoch)))
     config = config_lib.override(
-        config, train={"seed": options.seed},
+        config, train=train,
         data={"validation_cases": 3 if options.num_cases >= 20 else 1},
         infer={"tta": "all"})
     timings = {}
@@ -121,7 +128,7 @@ def run_demo(options=DemoOptions()):
     prepared = _timed(timings, "prepare", dataset.prepare, paths["cases"],
                       data_dir=paths["tfds"], config=config.data.dataset)
     _timed(timings, "train", training.fit, config, paths["tfds"],
-           out_dir=paths["run"], time_budget_s=options.minutes * 60)
+           out_dir=paths["run"])
     train_ids, test_ids = _split_case_ids(prepared)
     inputs = [os.path.join(paths["cases"], c) for c in test_ids]
     summary = _timed(

@@ -1,7 +1,7 @@
 """End to end: ``kits-keras demo`` with a reduced budget (CI-sized).
 
-The full demo (25 cases, 10 minutes of training) is what the README reports;
-here 5 cases and one short epoch check that every stage runs for real and
+The full demo (25 cases, 1,500 training steps) is what the README reports;
+here 5 cases and 5 steps check that every stage runs for real and
 writes what it promises. Dice is not asserted: one epoch cannot learn.
 """
 
@@ -26,7 +26,7 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "out")
-    proc = _run("demo", "--out", out, "--minutes", "0.1", "--cases", "5")
+    proc = _run("demo", "--out", out, "--steps", "5", "--cases", "5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -59,7 +59,7 @@ def test_demo_writes_every_output(demo_dir):
 def test_demo_refuses_to_replace_without_overwrite(demo_dir):
     out, _ = demo_dir
     before = os.path.getmtime(os.path.join(out, "demo.json"))
-    proc = _run("demo", "--out", out, "--minutes", "0.1", "--cases", "5")
+    proc = _run("demo", "--out", out, "--steps", "5", "--cases", "5")
     assert proc.returncode == 1
     assert "--overwrite" in proc.stderr
     assert os.path.getmtime(os.path.join(out, "demo.json")) == before
