@@ -6,7 +6,13 @@ Rules (26-connectivity, on kidney-plus-tumour, i.e. label > 0):
    not connected to kidney. Inside a component that holds kidney every
    tumour component touches kidney (a path from it to the kidney first
    leaves the tumour component into a kidney voxel), so one labelling of
-   label > 0 answers both questions.
+   label > 0 answers both questions. Except a kidney-sized one: a
+   tumour-only component of at least ``min_fraction_tumour_only`` (0.3) of
+   the largest kidney-bearing component (or when none bears kidney) is a
+   kidney the network called tumour throughout, and removing it would
+   delete the kidney (seen on a realistic phantom: a 360 mL kidney with
+   its tumour, all predicted tumour, Dice 0.70 before clean-up, 0 after).
+   Such a component then competes under rule 2 like any other.
 2. Of the remaining components at most ``max_components`` (2: two kidneys)
    are kept, the largest first, and only those with at least
    ``min_fraction`` (0.05) of the largest one's voxels. A horseshoe kidney is
@@ -37,10 +43,13 @@ class PostprocessConfig:
     Attributes:
         max_components: kidney-plus-tumour components kept at most.
         min_fraction: smallest kept component, as a share of the largest.
+        min_fraction_tumour_only: smallest kept component without kidney
+            voxels, as a share of the largest kidney-bearing one.
     """
 
     max_components: int = 2
     min_fraction: float = 0.05
+    min_fraction_tumour_only: float = 0.3
 
 
 def foreground_bbox(labels):
@@ -82,7 +91,11 @@ def component_table(labels):
 
 def kept_components(sizes, kidney_counts, config=PostprocessConfig()):
     """Ids of the components kept by the rules in the module docstring."""
-    candidates = [i for i in range(1, len(sizes)) if kidney_counts[i] > 0]
+    bearing = [i for i in range(1, len(sizes)) if kidney_counts[i] > 0]
+    floor = config.min_fraction_tumour_only * max(
+        (sizes[i] for i in bearing), default=0)
+    candidates = bearing + [i for i in range(1, len(sizes))
+                            if kidney_counts[i] == 0 and sizes[i] >= floor]
     candidates.sort(key=lambda i: sizes[i], reverse=True)
     if not candidates:
         return []

@@ -70,9 +70,20 @@ def test_single_kidney_and_small_fragments():
 
 def test_empty_and_tumour_only():
     assert pp.postprocess(np.zeros((4, 5, 6), np.uint8)).max() == 0
+    # Only tumour predicted: a kidney called tumour throughout; kept.
     seg = np.zeros((8, 8, 8), np.uint8)
     seg[2:4, 2:4, 2:4] = 2
-    assert pp.postprocess(seg).max() == 0
+    assert np.array_equal(pp.postprocess(seg), seg)
+
+
+def test_kidney_sized_tumour_only_component_kept_small_one_removed():
+    seg = two_kidneys()
+    seg[5:25, 10:30, 50:68] = 2     # the right kidney predicted all tumour
+    seg[30:33, 45:50, 70:75] = 2    # a small detached tumour (75 voxels)
+    out = pp.postprocess(seg)
+    assert (out[5:25, 10:30, 50:68] == 2).all()
+    assert out[30:33, 45:50, 70:75].max() == 0
+    assert np.array_equal(out[:, :, :40], two_kidneys()[:, :, :40])
 
 
 def add_false_positives(seg):
