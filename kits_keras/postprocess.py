@@ -8,8 +8,10 @@ Rules (26-connectivity, on kidney-plus-tumour, i.e. label > 0):
    leaves the tumour component into a kidney voxel), so one labelling of
    label > 0 answers both questions. Except a kidney-sized one: a
    tumour-only component of at least ``min_fraction_tumour_only`` (0.3) of
-   the largest kidney-bearing component (or when none bears kidney) is a
-   kidney the network called tumour throughout, and removing it would
+   the largest kidney-bearing component and, when the voxel size is known,
+   of at least ``min_ml_tumour_only`` (100 mL; with no kidney-bearing
+   component and no voxel size, none is kept), is a kidney the network
+   called tumour throughout, and removing it would
    delete the kidney (seen on a realistic phantom: a 360 mL kidney with
    its tumour, all predicted tumour, Dice 0.70 before clean-up, 0 after).
    Such a component then competes under rule 2 like any other.
@@ -45,11 +47,14 @@ class PostprocessConfig:
         min_fraction: smallest kept component, as a share of the largest.
         min_fraction_tumour_only: smallest kept component without kidney
             voxels, as a share of the largest kidney-bearing one.
+        min_ml_tumour_only: smallest kept component without kidney voxels
+            when no component bears kidney (mL; needs the voxel size).
     """
 
     max_components: int = 2
     min_fraction: float = 0.05
     min_fraction_tumour_only: float = 0.3
+    min_ml_tumour_only: float = 100.0
 
 
 def foreground_bbox(labels):
@@ -89,11 +94,16 @@ def component_table(labels):
     return bbox, components, sizes, kidney
 
 
-def kept_components(sizes, kidney_counts, config=PostprocessConfig()):
+def kept_components(sizes, kidney_counts, config=PostprocessConfig(),
+                    voxel_ml=None):
     """Ids of the components kept by the rules in the module docstring."""
     bearing = [i for i in range(1, len(sizes)) if kidney_counts[i] > 0]
     floor = config.min_fraction_tumour_only * max(
         (sizes[i] for i in bearing), default=0)
+    if voxel_ml:
+        floor = max(floor, config.min_ml_tumour_only / voxel_ml)
+    elif not bearing:
+        floor = np.inf
     candidates = bearing + [i for i in range(1, len(sizes))
                             if kidney_counts[i] == 0 and sizes[i] >= floor]
     candidates.sort(key=lambda i: sizes[i], reverse=True)
@@ -104,12 +114,14 @@ def kept_components(sizes, kidney_counts, config=PostprocessConfig()):
             if sizes[i] >= config.min_fraction * largest]
 
 
-def postprocess(labels, config=PostprocessConfig()):
+def postprocess(labels, config=PostprocessConfig(), voxel_ml=None):
     """Removes false-positive components; returns a new uint8 array.
 
     Args:
         labels: uint8 ``(z, y, x)`` in {0, 1, 2}. Not modified.
         config: :class:`PostprocessConfig`.
+        voxel_ml: volume of one voxel in mL, or None (then a prediction
+            without any kidney voxel is cleared entirely).
 
     Returns:
         uint8 array, same shape.
@@ -129,7 +141,7 @@ def postprocess(labels, config=PostprocessConfig()):
         return out
     bbox, components, sizes, kidney = table
     keep = np.zeros(len(sizes), dtype=bool)
-    keep[kept_components(sizes, kidney, config)] = True
+    keep[kept_components(sizes, kidney, config, voxel_ml)] = True
     region = out[bbox]
     region[~keep[components]] = 0
     return out
@@ -148,6 +160,6 @@ def postprocess_file(input_path, output_path, config=PostprocessConfig(),
         raise ValueError(f"{output_path}: exists; pass --overwrite to "
                          "replace it")
     volume = io.read_labels(input_path)
-    out = postprocess(volume.array, config)
+    out = postprocess(volume.array, config, volume.voxel_volume_ml)
     io.save_like(output_path, out, volume)
     return int(np.count_nonzero(out != volume.array))

@@ -325,7 +325,14 @@ def find_inputs(inputs):
             found.append(Found(os.path.basename(path),
                                os.path.join(path, io.IMAGE_FILE), None))
         elif os.path.isdir(path):
-            inner = _folder_inputs(path) or _dicom_inputs(path)
+            inner = _folder_inputs(path)
+            if inner and _holds_dicom(path):
+                found.append(Found(os.path.basename(path), None, (
+                    f"{path}: holds both DICOM files and NIfTI files "
+                    f"({', '.join(f.case_id for f in inner[:3])}); pass the "
+                    "NIfTI files themselves, or a folder of DICOM only")))
+                continue
+            inner = inner or _dicom_inputs(path)
             if not inner:
                 found.append(Found(os.path.basename(path), None,
                                    f"{path}: no NIfTI files, KiTS19 case "
@@ -335,6 +342,16 @@ def find_inputs(inputs):
             found.append(Found(os.path.basename(path), None,
                                f"{path}: file not found"))
     return found
+
+
+def _holds_dicom(folder):
+    """Whether a file directly in ``folder`` is DICOM (header bytes only)."""
+    from kits_keras.dicom import is_dicom_file
+
+    return any(is_dicom_file(os.path.join(folder, name))
+               for name in sorted(os.listdir(folder))[:64]
+               if not io.is_hidden(name)
+               and os.path.isfile(os.path.join(folder, name)))
 
 
 def _dicom_inputs(folder):
@@ -480,7 +497,27 @@ def read_input(job, orientation=io.KITS19_ORIENTATION):
         from kits_keras import dicom
 
         return dicom.read_series(job.series, orientation)
-    return io.read_image(job.image_path, orientation)
+    volume = io.read_image(job.image_path, orientation)
+    _refuse_label_map(volume)
+    return volume
+
+
+def _refuse_label_map(volume, sample=1 << 20):
+    """A CT in HU has air (-1000) and bone (> 300); even one stored
+    without its rescale intercept reaches the thousands. A segmentation
+    from another tool (TotalSegmentator's 117 classes, nnU-Net, our own
+    outputs) holds small non-negative integers. Segmenting one as a CT
+    gives litres of nonsense, so it is refused."""
+    flat = volume.array.reshape(-1)
+    values = flat[::max(1, flat.size // sample)]
+    if values.min() < 0 or np.any(values != np.round(values)):
+        return
+    distinct = np.unique(values)
+    if distinct[-1] <= 255:
+        raise io.CaseError(
+            f"{volume.path}: looks like a label map (values "
+            f"{', '.join(str(int(v)) for v in distinct[:8])}), not a CT in "
+            "HU")
 
 
 def segment_volume(volume, network, config, stats, postprocess=True,
@@ -494,7 +531,8 @@ def segment_volume(volume, network, config, stats, postprocess=True,
 
     pred = predict_case(volume, network, config, stats, progress=progress)
     t0 = time.perf_counter()
-    labels = clean(pred.labels) if postprocess else pred.labels
+    labels = (clean(pred.labels, voxel_ml=volume.voxel_volume_ml)
+              if postprocess else pred.labels)
     removed = int(np.count_nonzero(pred.labels != labels))
     return labels, pred, removed, time.perf_counter() - t0
 

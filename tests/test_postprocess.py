@@ -70,20 +70,24 @@ def test_single_kidney_and_small_fragments():
 
 def test_empty_and_tumour_only():
     assert pp.postprocess(np.zeros((4, 5, 6), np.uint8)).max() == 0
-    # Only tumour predicted: a kidney called tumour throughout; kept.
+    # Only tumour predicted: cleared, unless kidney-sized (>= 100 mL).
     seg = np.zeros((8, 8, 8), np.uint8)
-    seg[2:4, 2:4, 2:4] = 2
-    assert np.array_equal(pp.postprocess(seg), seg)
+    seg[2:4, 2:4, 2:4] = 2          # 8 voxels
+    assert pp.postprocess(seg).max() == 0
+    assert pp.postprocess(seg, voxel_ml=10.0).max() == 0     # 80 mL
+    assert np.array_equal(pp.postprocess(seg, voxel_ml=13.0), seg)
 
 
 def test_kidney_sized_tumour_only_component_kept_small_one_removed():
     seg = two_kidneys()
     seg[5:25, 10:30, 50:68] = 2     # the right kidney predicted all tumour
     seg[30:33, 45:50, 70:75] = 2    # a small detached tumour (75 voxels)
-    out = pp.postprocess(seg)
+    out = pp.postprocess(seg, voxel_ml=0.04)   # 7200 voxels = 288 mL
     assert (out[5:25, 10:30, 50:68] == 2).all()
     assert out[30:33, 45:50, 70:75].max() == 0
     assert np.array_equal(out[:, :, :40], two_kidneys()[:, :, :40])
+    # Below 100 mL it is not kidney-sized: removed.
+    assert pp.postprocess(seg, voxel_ml=0.01)[5:25, 10:30, 50:68].max() == 0
 
 
 def add_false_positives(seg):
