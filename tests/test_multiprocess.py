@@ -233,10 +233,14 @@ def test_a_dead_process_stops_the_other(data_dir, tmp_path, victim):
     elapsed = time.monotonic() - killed
     output = "".join(log) + rest
     assert survivor.returncode != 0, output[-3000:]
-    if victim == 1:
+    if victim == 1 and survivor.returncode != 1:
+        # On a loaded machine JAX's own heartbeat check can fire before the
+        # next all-reduce sees the closed connection: JAX then aborts the
+        # process with its message (seen in a CI run at load ~7).
+        assert survivor.returncode == -6, output[-3000:]
+    elif victim == 1:
         # Process 0 sees the closed connection at the next all-reduce: one
         # line, exit 1.
-        assert survivor.returncode == 1
         errors = [ln for ln in output.splitlines() if "Error:" in ln]
         assert len(errors) == 1, output[-3000:]
         assert re.search(r"Error: process 0 of 2: training stopped because "

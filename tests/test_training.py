@@ -136,8 +136,11 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     for name in ("model.keras", "config.json", "loss_curves.png", "logs"):
         assert os.path.exists(os.path.join(split, name)), name
     art = artifact.load_artifact(split)
-    assert art.config == config and art.stats is not None
+    # The best model may be epoch 1's, saved by the 1-epoch invocation: its
+    # config says the epochs it was trained with.
     assert art.metadata["epoch"] in (1, 2)
+    trained_for = _small_config(epochs=art.metadata["epoch"])
+    assert art.config in (config, trained_for) and art.stats is not None
 
 
 def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
