@@ -219,22 +219,19 @@ def result_header(name, peers_python=None):
 
 
 def write_json(path, data):
-    """Writes ``data`` as JSON to ``path`` atomically (a temporary file in
-    the same folder, then a rename); creates the folder. Returns ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as fh:
+    """Writes ``data`` as JSON to ``path`` through
+    :func:`kits_keras.io.atomic_write` (temporary file, then rename; the
+    folder is created). ``kits_keras.io`` needs only numpy and imports
+    nibabel on first use, so this works on the GPU host too. Returns
+    ``path``."""
+    from kits_keras.io import atomic_write
+
+    def dump(tmp):
+        with open(tmp, "w") as fh:
             json.dump(data, fh, indent=2, sort_keys=False)
             fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+
+    return atomic_write(path, dump)
 
 
 def write_results(name, payload, peers_python=None):

@@ -330,7 +330,7 @@ def versions():
          "numpy"))
 
 
-write_json = common.write_json  # stdlib only: the GPU host has no nibabel
+write_json = common.write_json  # no nibabel needed: the GPU host has none
 
 
 def summarise(sides):

@@ -200,7 +200,7 @@ def predict_case(volume, network, config, stats, progress=None):
     removed = remove_outside_body(labels, volume.array, volume.spacing,
                                   window.probabilities.shape[-1])
     score = mirroring_disagreement(window.probabilities, window.disagreement)
-    ml = float(np.prod(volume.spacing)) / 1000.0
+    ml = volume.voxel_volume_ml
     qc = {
         "mirroring_disagreement": score,
         "threshold": infer.qc_threshold,
