@@ -47,6 +47,10 @@ DEFAULT_PACKAGES = (
 )
 
 
+# The instruction sets that decide TensorFlow's and oneDNN's CPU kernels.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
 def default_peers_python():
     """``$KITS_PEERS_PYTHON``, else ``<repo>/../peers-venv/bin/python`` if
     it exists, else None (peer measurements are then skipped)."""
@@ -81,6 +85,10 @@ def machine_info():
             for line in fh:
                 if line.startswith("model name"):
                     info["cpu_model"] = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    # Figures differ ~3x between AVX-512 and AVX2-only hosts.
+                    flags = set(line.split(":", 1)[1].split())
+                    info["cpu_flags"] = {f: f in flags for f in CPU_FLAGS}
                     break
         with open("/proc/meminfo") as fh:
             kb = int(fh.readline().split()[1])  # MemTotal
