@@ -78,6 +78,14 @@ class _Progress:
 @click.option("--preview", is_flag=True,
               help="Also write <name>.png: axial, coronal, sagittal views "
               "with the prediction outlined.")
+@click.option("--report", is_flag=True,
+              help="Also write <name>.html beside each segmentation: one "
+              "self-contained page (open it in any browser; no viewer, "
+              "no network) with the QC flag, the volumes per kidney and "
+              "axial, coronal and sagittal views through each kidney and "
+              "the largest tumour, outlined on the CT. With a folder -o, "
+              "also -o/index.html: one row per case with its link, "
+              "volumes and QC flag, and the failed inputs.")
 @click.option("--output-type", default="nifti", show_default=True,
               type=click.Choice(["nifti", "dicom-seg", "both"]),
               help="For DICOM inputs: a NIfTI on the series' grid (as "
@@ -88,7 +96,7 @@ class _Progress:
 @user_errors
 def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
           device, backend, save_probabilities, no_postprocess, preview,
-          output_type, overwrite):
+          report, output_type, overwrite):
     """Segment kidneys and kidney tumours in CT volumes.
 
     INPUTS: NIfTI files, KiTS19 case folders (imaging.nii.gz inside),
@@ -102,8 +110,9 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     input failed (the others are still segmented).
 
     Nothing is overwritten without --overwrite: an input whose outputs
-    (segmentation, .json, and with the options _probabilities.npz, .png)
-    exist fails, and an existing summary.json stops the run. Two inputs
+    (segmentation, .json, and with the options _probabilities.npz, .png,
+    .html) exist fails, and an existing summary.json (or with --report,
+    index.html) stops the run. Two inputs
     that would write the same file (x.nii.gz from two folders into one -o,
     y.nii beside y.nii.gz), or an output that would replace an input, stop
     the run before any work. Hidden files (a dot first) in input folders
@@ -127,7 +136,8 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
                          "batch_size": batch_size},
         options=InferOptions(postprocess=not no_postprocess,
                              save_probabilities=save_probabilities,
-                             preview=preview, overwrite=overwrite,
+                             preview=preview, report=report,
+                             overwrite=overwrite,
                              output_type=output_type),
         progress=_Progress(),
     )
@@ -141,6 +151,14 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
             f"disagreement {'n/a' if score is None else f'{score:.3f}'}, "
             f"{case['timings_s']['total']:.1f} s{flag}"
         )
+    if report and summary["cases"]:
+        from kits_keras.predict import index_path
+
+        index = index_path(output, InferOptions(report=True))
+        pages = [index] if index else [
+            case["outputs"]["report_html"] for case in summary["cases"]]
+        for page in pages:
+            click.echo(f"Review page: {page}")
     for failure in summary["failures"]:
         click.echo(f"FAILED {failure['case_id']}: {failure['error']}",
                    err=True)

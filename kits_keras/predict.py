@@ -250,6 +250,9 @@ class InferOptions:
             float16 ``(z, y, x, C)`` at network resolution with its spacing.
         preview: bool. Also write ``<seg>.png`` (axial, coronal, sagittal
             through the largest tumour, prediction outlined on the CT).
+        report: bool. Also write ``<seg>.html``, a self-contained review
+            page (:mod:`kits_keras.report`), and for a folder ``output``
+            its ``index.html`` listing every case and failure.
         overwrite: bool. Replace existing outputs.
         output_type: str. "nifti" (``<seg>.nii.gz``), "dicom-seg"
             (``<seg>.dcm``, a DICOM SEG referencing the source series; DICOM
@@ -259,6 +262,7 @@ class InferOptions:
     postprocess: bool = True
     save_probabilities: bool = False
     preview: bool = False
+    report: bool = False
     overwrite: bool = False
     output_type: str = "nifti"
 
@@ -432,6 +436,8 @@ def _check_collisions(jobs, output, options):
     writers = {}
     if summary_path(output) is not None:
         writers[_key(summary_path(output))] = "the batch summary"
+    if index_path(output, options) is not None:
+        writers[_key(index_path(output, options))] = "the batch index"
     inputs = {_key(j.image_path): j.image_path for j in jobs if j.image_path}
     for job in jobs:
         if job.image_path is None:
@@ -456,6 +462,16 @@ def summary_path(output):
     return os.path.join(output, SUMMARY_FILE)
 
 
+def index_path(output, options):
+    """``index.html`` of a folder ``-o`` with ``options.report``, else
+    None."""
+    from kits_keras.report import INDEX_FILE
+
+    if not options.report or summary_path(output) is None:
+        return None
+    return os.path.join(output, INDEX_FILE)
+
+
 def output_paths(job, options=InferOptions()):
     """Every file :func:`infer_case` writes for ``job``, sidecars included."""
     paths = []
@@ -468,6 +484,8 @@ def output_paths(job, options=InferOptions()):
         paths.append(sidecar(job.output_path, "_probabilities.npz"))
     if options.preview:
         paths.append(sidecar(job.output_path, ".png"))
+    if options.report:
+        paths.append(sidecar(job.output_path, ".html"))
     return paths
 
 
@@ -538,13 +556,14 @@ def segment_volume(volume, network, config, stats, postprocess=True,
 
 
 def infer_case(job, network, config, stats, options=InferOptions(),
-               progress=None, orientation=io.KITS19_ORIENTATION):
+               progress=None, orientation=io.KITS19_ORIENTATION, model=""):
     """Segments one file and writes its outputs; returns the JSON report.
 
     The CT is reoriented to ``orientation`` (the model's training
     orientation, ``Artifact.orientation``) and the segmentation written
     back on the file's own grid (for a DICOM series: the grid of its
-    dcm2niix conversion, and/or a DICOM SEG referencing it).
+    dcm2niix conversion, and/or a DICOM SEG referencing it). ``model``
+    (the model's path) is named in the HTML report.
     """
     start = time.perf_counter()
     volume = read_input(job, orientation)
@@ -577,13 +596,22 @@ def infer_case(job, network, config, stats, options=InferOptions(),
             overlays=[(labels, viz.LABEL_COLOURS, "prediction")],
             title=f"{job.case_id} prediction",
         )
+    volumes = label_volumes_ml(labels, volume.spacing)
+    if options.report:
+        from kits_keras.report import write_case_report
+        from kits_keras.segmenter import Result
+
+        written["report_html"] = write_case_report(
+            sidecar(job.output_path, ".html"),
+            Result(labels, volumes, pred.qc, volume, job.series, model),
+            case_id=job.case_id, input_path=job.image_path)
     report = {
         "case_id": job.case_id,
         "input": job.image_path,
         "outputs": written,
         "shape": list(volume.array.shape),
         "spacing_mm": list(volume.spacing),
-        "volumes": label_volumes_ml(labels, volume.spacing),
+        "volumes": volumes,
         "postprocess": {"applied": options.postprocess,
                         "voxels_removed": removed},
         "qc": pred.qc,
@@ -682,15 +710,17 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
     Returns:
         dict with ``cases`` (per-case reports) and ``failures``
         (``{"case_id", "input", "error"}``), also written as
-        ``summary.json`` when ``output`` is a folder.
+        ``summary.json`` (and with ``options.report``, ``index.html``)
+        when ``output`` is a folder.
     """
     found = find_inputs(inputs)
     jobs = plan_jobs(found, output, options)
     summary_file = summary_path(output)
-    if (summary_file and os.path.lexists(summary_file)
-            and not options.overwrite):
-        raise ValueError(f"{summary_file}: exists; pass --overwrite to "
-                         "replace it")
+    index_file = index_path(output, options)
+    for path in (summary_file, index_file):
+        if path and os.path.lexists(path) and not options.overwrite:
+            raise ValueError(f"{path}: exists; pass --overwrite to "
+                             "replace it")
     failures, todo = [], []
     for job, item in zip(jobs, found):
         error = item[2]
@@ -723,7 +753,8 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         for job in todo:
             try:
                 reports.append(infer_case(job, art.network, config, art.stats,
-                                          options, progress, orientation))
+                                          options, progress, orientation,
+                                          str(art.path)))
             except (io.CaseError, ValueError, OSError, MemoryError) as err:
                 # One case's failure, even out of memory, is one line
                 # naming its file; the batch goes on.
@@ -734,4 +765,8 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
     summary = {"cases": reports, "failures": failures}
     if summary_file is not None and reports:
         io.atomic_write(summary_file, lambda tmp: _dump(summary, tmp))
+    if index_file is not None and reports:
+        from kits_keras.report import write_index
+
+        write_index(index_file, summary)
     return summary

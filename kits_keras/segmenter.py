@@ -25,6 +25,7 @@ Example (a tiny untrained model, so the labels mean nothing):
 >>> sorted(result.volumes_ml)
 ['kidney_and_tumour_ml', 'kidney_ml', 'tumour_ml']
 >>> path = result.save(tempfile.mkdtemp() + "/seg.nii.gz")
+>>> page = result.save_report(tempfile.mkdtemp() + "/report.html")
 """
 
 import dataclasses
@@ -51,6 +52,8 @@ class Result:
         volume: :class:`kits_keras.io.Volume`. The CT as read.
         series: :class:`kits_keras.dicom.Series` for a DICOM input, else
             None.
+        model: str. The model file or export that made it ("" when
+            unknown).
     """
 
     labels: np.ndarray
@@ -58,6 +61,17 @@ class Result:
     qc: dict
     volume: object
     series: object = None
+    model: str = ""
+
+    def save_report(self, path, case_id=None):
+        """Writes a self-contained HTML review page (atomic; returns
+        ``path``): QC status, volumes per kidney, axial, coronal and
+        sagittal views through each kidney and the largest tumour
+        (:func:`kits_keras.report.write_case_report`). ``case_id``
+        defaults to the input's file name."""
+        from kits_keras import report
+
+        return report.write_case_report(path, self, case_id=case_id)
 
     def save(self, path):
         """Writes the labels on the input's grid.
@@ -167,7 +181,8 @@ class Segmenter:
             volume, self.artifact.network, self.config, self.artifact.stats,
             self.postprocess, progress)
         return Result(labels, predict.label_volumes_ml(
-            labels, volume.spacing), pred.qc, volume, series)
+            labels, volume.spacing), pred.qc, volume, series,
+            str(self.artifact.path))
 
 
 def _is_export(path):

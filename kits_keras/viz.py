@@ -18,24 +18,39 @@ CT_WINDOW = (40.0, 400.0)  # (level, width) HU: abdominal soft tissue
 LABEL_COLOURS = {1: "#ffd21f", 2: "#ff3030"}  # kidney yellow, tumour red
 
 
+def central_voxel(mask):
+    """Voxel ``(z, y, x)`` of ``mask`` nearest the mask's centroid.
+
+    Lies in the structure even when it is curved (a horseshoe kidney's
+    centroid may not).
+    """
+    centre = np.array(ndimage.center_of_mass(mask))
+    points = np.argwhere(mask)
+    best = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
+    return tuple(int(v) for v in best)
+
+
+def largest_component(mask):
+    """The largest 26-connected component of a boolean ``mask`` (None when
+    the mask is empty)."""
+    comps, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return None
+    sizes = ndimage.sum_labels(mask, comps, range(1, n + 1))
+    return comps == int(np.argmax(sizes)) + 1
+
+
 def default_center(image_shape, labels=None):
     """Voxel ``(z, y, x)`` through the largest tumour, else kidney.
 
-    Picks the component's voxel nearest its centroid (so the point lies in
-    the structure even when it is curved); the volume centre without labels.
+    :func:`central_voxel` of the component; the volume centre without
+    labels.
     """
     if labels is not None:
         for value in (2, 1):
-            mask = labels == value
-            if not mask.any():
-                continue
-            comps, n = ndimage.label(mask)
-            sizes = ndimage.sum_labels(mask, comps, range(1, n + 1))
-            largest = comps == int(np.argmax(sizes)) + 1
-            centre = np.array(ndimage.center_of_mass(largest))
-            points = np.argwhere(largest)
-            best = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
-            return tuple(int(v) for v in best)
+            largest = largest_component(labels == value)
+            if largest is not None:
+                return central_voxel(largest)
     return tuple(int(n // 2) for n in image_shape)
 
 
@@ -56,10 +71,26 @@ def _planes(array, center):
 
 def save_orthogonal_views(path, image, spacing, overlays=None, center=None,
                           title="", window=CT_WINDOW):
-    """Writes a PNG with axial, coronal and sagittal planes of a volume.
+    """Writes :func:`orthogonal_views_png` to ``path`` (atomically).
+
+    Returns:
+        str: ``path``.
+    """
+    png = orthogonal_views_png(image, spacing, overlays, center, title,
+                               window)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(png)
+
+    return io.atomic_write(path, write)
+
+
+def orthogonal_views_png(image, spacing, overlays=None, center=None,
+                         title="", window=CT_WINDOW):
+    """PNG bytes of axial, coronal and sagittal planes of a volume.
 
     Args:
-        path: str. Destination ``.png`` (written atomically).
         image: ``(z, y, x)`` array, HU by default.
         spacing: ``(z, y, x)`` voxel size in mm (sets the pixel aspect).
         overlays: list of ``(label_array, {label: colour}, name)``; each
@@ -73,8 +104,10 @@ def save_orthogonal_views(path, image, spacing, overlays=None, center=None,
             abdominal window 40/400 HU.
 
     Returns:
-        str: ``path``.
+        bytes: the PNG file's content.
     """
+    import io as pyio
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -131,7 +164,9 @@ def save_orthogonal_views(path, image, spacing, overlays=None, center=None,
                   else f"window {window[0]:g}/{window[1]:g}")
     fig.suptitle(f"{title}  spacing {sz:g}x{sy:.2f}x{sx:.2f} mm, "
                  f"{level_text}".strip(), fontsize=9, x=0.01, ha="left")
-    return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    buffer = pyio.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def save_case_preview(path, case, window=CT_WINDOW):
