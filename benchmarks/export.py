@@ -10,9 +10,9 @@ Steps, each in a fresh process:
    artifact (``RUN/model.keras``);
 2. ``kits-keras export RUN OUT`` as a user runs it, timed end to end
    (interpreter start, imports, artifact load, jax2tf lowering, writing);
-3. the library call :func:`kits_keras.export.export_saved_model` on the
-   already loaded model, timed alone, plus a parity check of the SavedModel
-   against Keras on one patch.
+3. the library call :func:`kits_keras.inference.export.export_saved_model`
+   on the already loaded model, timed alone, plus a parity check of the
+   SavedModel against Keras on one patch.
 
 There is no peer: nnU-Net and MONAI ship no TF Serving export.
 """
@@ -34,8 +34,8 @@ def make_run(run_dir, config_name):
     """Saves a randomly initialised model of ``config_name`` as a run."""
     from kits_keras import artifact
     from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.model.unet import build_unet
+    from kits_keras.data.preprocessing import IntensityStats
 
     config = get_config(config_name)
     model = build_unet(config)
@@ -51,7 +51,7 @@ def measure_library(run_dir, out_dir):
     """Times ``export_saved_model`` on a loaded model; checks parity."""
     import numpy as np
 
-    from kits_keras import export
+    from kits_keras.inference import export
     from kits_keras.artifact import load_artifact
     from kits_keras.backend import import_tensorflow
 
@@ -73,7 +73,7 @@ def measure_library(run_dir, out_dir):
 
 def sizes(path):
     """MB of the version folder and its parts."""
-    from kits_keras.export import folder_size
+    from kits_keras.inference.export import folder_size
 
     def mb(nbytes):
         return round(nbytes / 1e6, 2)

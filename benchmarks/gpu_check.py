@@ -12,23 +12,23 @@ the GPU's memory at once), in order of importance:
 1. ``jax`` (Keras 3 on JAX, TensorFlow and nibabel made unimportable):
 
    * ``train``: the paper's network and loss, ``mixed_bfloat16``, batch 8,
-     48 x 192 x 192, Adam; :func:`kits_keras.train_step.make_train_step`
+     48 x 192 x 192, Adam; :func:`kits_keras.training.step.make_train_step`
      compiled ahead of time: compile seconds, median seconds per step over
      ``steps`` steps (after ``warmup``), FLOPs per step from XLA's cost
-     analysis and analytically (3 x :func:`kits_keras.model.count_flops`
+     analysis and analytically (3 x :func:`kits_keras.model.unet.count_flops`
      per sample: forward, and backward w.r.t. inputs and weights), achieved
      TFLOP/s (analytic FLOPs / median step) and its share of 790 TFLOP/s
      (the dense bf16 matrix rate measured on this H200 kind), peak device
      memory, and every timed step's loss finite.
    * ``data_parallel``: ``keras.distribution.DataParallel`` over every local
      device, the model compiled as ``kits-keras fit`` compiles it
-     (:func:`kits_keras.training.compile_model`): the first
+     (:func:`kits_keras.training.fit.compile_model`): the first
      ``train_on_batch`` loss equals the plain step's first loss (same
      weights, same batch) within ``DP_RTOL``.
-   * ``inference``: :func:`kits_keras.predict.predict_case` (resampling to
-     the config's spacing, sliding window, resampling back, body mask) with
-     the network of :class:`kits_keras.artifact.Artifact` on a synthetic
-     261 x 512 x 512 CT (1.0 x 0.94 x 0.94 mm), ``--tta none`` and
+   * ``inference``: :func:`kits_keras.inference.predict.predict_case`
+     (resampling to the config's spacing, sliding window, resampling back, body
+     mask) with the network of :class:`kits_keras.artifact.Artifact` on a
+     synthetic 261 x 512 x 512 CT (1.0 x 0.94 x 0.94 mm), ``--tta none`` and
      ``all``, float32 as ``kits-keras infer`` runs: seconds per case,
      tiles/s (tile passes, mirrored ones included, per sliding-window
      second) and the share of the case's time outside the network.
@@ -60,7 +60,7 @@ PyTorch) with whether each was met.
 ``--smoke`` runs the same code at toy sizes (the tiny network with 4..8
 features, 16 x 32 x 32 patches, a 24 x 40 x 40 case, data parallel over two
 virtual CPU devices) on the CPU in under a minute; CI runs it
-(``tests/test_gpu_check.py``).
+(``tests/benchmarks/test_gpu_check.py``).
 
 Run: ``python benchmarks/gpu_check.py`` (GPU host, about 7 minutes) or
 ``python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke.json``.
@@ -179,9 +179,9 @@ def _train(sizes, res):
     import keras
     import numpy as np
 
-    from kits_keras.model import build_unet
-    from kits_keras.model import count_flops
-    from kits_keras.train_step import make_train_step
+    from kits_keras.model.unet import build_unet
+    from kits_keras.model.unet import count_flops
+    from kits_keras.training.step import make_train_step
 
     cfg = experiment(sizes)
     keras.config.set_dtype_policy("mixed_bfloat16")
@@ -230,8 +230,8 @@ def _data_parallel(cfg, initial, batch, train, res):
     import jax
     import keras
 
-    from kits_keras import training
-    from kits_keras.model import build_unet
+    from kits_keras.training import fit as training
+    from kits_keras.model.unet import build_unet
 
     devices = jax.local_devices()
     names = [f"{d.platform}:{d.id}" for d in devices]
@@ -287,8 +287,8 @@ def synthetic_ct(shape, spacing):
 
 def _tile_batches(volume, cfg):
     """Batch sizes the sliding window will feed the network."""
-    from kits_keras import sliding_window as sw
-    from kits_keras.preprocessing import target_shape
+    from kits_keras.inference import sliding_window as sw
+    from kits_keras.data.preprocessing import target_shape
 
     shape = target_shape(volume.array.shape, volume.spacing,
                          cfg.data.target_spacing)
@@ -304,9 +304,9 @@ def _inference(sizes, cfg, res):
 
     from kits_keras.artifact import Artifact
     from kits_keras.config import override
-    from kits_keras.model import build_unet
-    from kits_keras.predict import predict_case
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.model.unet import build_unet
+    from kits_keras.inference.predict import predict_case
+    from kits_keras.data.preprocessing import IntensityStats
 
     keras.config.set_dtype_policy("float32")  # what `kits-keras infer` uses
     keras.utils.set_random_seed(0)
@@ -344,9 +344,9 @@ def _numerics(sizes, cfg, initial, batch, res):
     import keras
     import numpy as np
 
-    from kits_keras.model import build_unet
-    from kits_keras.train_step import init_state
-    from kits_keras.train_step import make_loss_and_grad_norm
+    from kits_keras.model.unet import build_unet
+    from kits_keras.training.step import init_state
+    from kits_keras.training.step import make_loss_and_grad_norm
 
     x, ys = batch
     values = {}
@@ -422,7 +422,7 @@ def jax_section(sizes, deadline, save):
 # ---------------------------------------------------------- torch section
 def torch_section(sizes, deadline, save):
     from kits_keras.config import model_strides
-    from kits_keras.model import level_filters
+    from kits_keras.model.unet import level_filters
 
     cfg = experiment(sizes)
     strides, features = model_strides(cfg), level_filters(cfg.model)
@@ -527,8 +527,8 @@ def max_batch_section(sizes, deadline, save):
     import keras
     import numpy as np
 
-    from kits_keras.model import build_unet
-    from kits_keras.train_step import make_train_step
+    from kits_keras.model.unet import build_unet
+    from kits_keras.training.step import make_train_step
 
     if sizes.needs_accelerator and jax.devices()[0].platform == "cpu":
         res = dict(run=False, reason=NO_ACCELERATOR)

@@ -9,8 +9,8 @@ Run from the repo root (about 6-8 min on 2 cores)::
    (130, 256, 256) float32 volume, roi (48, 192, 192), overlap 0.5, Gaussian
    weighting, without and with 8x mirroring. overhead = total - time inside
    the network calls, as a share of the total (the peers' definition).
-   Ours: :func:`kits_keras.sliding_window.sliding_window` with the net in
-   Keras (TensorFlow backend, the CPU default); the time inside our network
+   Ours: :func:`kits_keras.inference.sliding_window.sliding_window` with the net
+   in Keras (TensorFlow backend, the CPU default); the time inside our network
    callable is network time (its NumPy <-> tensor copies, which the
    peers' torch-only loops do not make, are reported apart as
    ``conversion_s``, and ``overhead_pct_incl_conversion`` counts them as
@@ -23,7 +23,7 @@ Run from the repo root (about 6-8 min on 2 cores)::
    One warm-up forward and one untimed full pass each, then the median of
    ``--repeats`` runs.
 2. Post-processing on the real KiTS19 label volumes (``$KITS19_LABELS``):
-   ours (:func:`kits_keras.postprocess.postprocess`) vs nnU-Net v2
+   ours (:func:`kits_keras.inference.postprocess.postprocess`) vs nnU-Net v2
    ``remove_all_but_largest_component_from_segmentation(seg, [1, 2])``,
    MONAI ``KeepLargestConnectedComponent(applied_labels=[1, 2],
    independent=True)`` and the cc3d route (one multi-label
@@ -104,7 +104,7 @@ def sliding_ours(volume_path, tta, repeats):
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import keras
 
-    from kits_keras import sliding_window as sw
+    from kits_keras.inference import sliding_window as sw
 
     keras.utils.set_random_seed(0)
     inputs = keras.Input((None, None, None, 1))
@@ -260,7 +260,7 @@ def _load_labels(labels_dir, case):
 def postprocess_times(lib, labels_dir, cases, repeats):
     """Median seconds per case of one post-processing route."""
     if lib == "ours":
-        from kits_keras.postprocess import postprocess as fn_of
+        from kits_keras.inference.postprocess import postprocess as fn_of
     elif lib == "nnunet":
         from nnunetv2.postprocessing.remove_connected_components import \
             remove_all_but_largest_component_from_segmentation as rm
@@ -309,7 +309,7 @@ def _cc3d_keep_largest(seg):
 def write_ct(path, shape, spacing):
     """A synthetic CT (int16 HU): body, two kidneys with a tumour."""
     from kits_keras import io
-    from kits_keras.synthetic import kits19_affine
+    from kits_keras.synthetic.cases import kits19_affine
 
     if os.path.exists(path):
         return path
@@ -334,8 +334,8 @@ def tiny_coarse_artifact(run_dir, paper_network=False):
     from kits_keras.artifact import save_artifact
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.model.unet import build_unet
+    from kits_keras.data.preprocessing import IntensityStats
 
     path = os.path.join(run_dir, "model.keras")
     if os.path.exists(path):

@@ -8,8 +8,8 @@ random crop, rotation about all three axes (+-15 deg), scaling (0.85-1.25),
 elastic deformation (alpha 0-900, sigma 9-13), gamma (0.7-1.5, stats
 retained), mirroring (0.5 per axis).
 
-* ours: ``kits_keras.data.patch_dataset`` (the training pipeline: tf.data,
-  parallel map, one resampling from the whole volume, trilinear image /
+* ours: ``kits_keras.data.pipeline.patch_dataset`` (the training pipeline:
+  tf.data, parallel map, one resampling from the whole volume, trilinear image /
   nearest labels, plus the label pyramid) on the volume stored as float16 as
   TFDS stores it. Run on both cores, and pinned to one core (per-core rate).
 * bg_v1: batchgenerators SpatialTransform(rot+scale+elastic, cubic image,
@@ -118,7 +118,7 @@ def measure_ours(source, probs, seconds, cores=0):
         # Before TensorFlow starts: its thread pools follow the affinity.
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cores])
     from kits_keras import config as config_lib
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
 
     tf = data.tf
     p = PROBS[probs]

@@ -4,7 +4,7 @@ Run from the repo root (about 5-8 min on 2 cores, most of it nnU-Net)::
 
     python benchmarks/preprocess.py [--peers-python /work/peers-venv/bin/python]
 
-Cases: synthetic CT (``kits_keras.synthetic.make_case``) around the real
+Cases: synthetic CT (``kits_keras.synthetic.cases.make_case``) around the real
 KiTS19 labels of case_00021 (38 slices, 5 mm), case_00002 (261, 1 mm) and
 case_00005 (834, 0.5 mm), generated once and cached as .npy
 (``--cache``, default ``/tmp/kits_keras_bench_cache``) outside any timing.
@@ -51,7 +51,7 @@ def _paths(cache, case):
 def make_inputs(cache, case, labels_dir):
     """Synthetic CT around the real labels, cached (ours env)."""
     from kits_keras import io
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     paths = _paths(cache, case)
     if all(os.path.exists(p) for p in paths.values()):
@@ -83,7 +83,7 @@ def _time(fn, repeats):
 def _resamplers(lib, spacing):
     """(image_fn(img, shape), labels_fn(lab, shape)) for a library."""
     if lib == "ours":
-        from kits_keras import preprocessing as pp
+        from kits_keras.data import preprocessing as pp
 
         return (lambda img, shape, sp=spacing: pp.resample_image(
                     img, sp, shape=shape),

@@ -74,9 +74,9 @@ def stage(work, name, fn, fresh=False):
 
 def run(work, steps, seed, fresh=False):
     from kits_keras import config as config_lib
-    from kits_keras import dataset
-    from kits_keras import synthetic
-    from kits_keras import training
+    from kits_keras.data import prepare as dataset
+    from kits_keras.synthetic import cases as synthetic
+    from kits_keras.training import fit as training
 
     os.makedirs(work, exist_ok=True)
     config = config_lib.get_config("tiny")
@@ -134,7 +134,7 @@ def run(work, steps, seed, fresh=False):
 
 
 def _validation_ids(config, data_dir):
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
 
     builder = data._builder(config, data_dir)
     return sorted(data.case_split(config, builder)[1])
@@ -144,7 +144,7 @@ def segment(work, case_ids, run_dir, tta, name):
     """``kits-keras infer`` + ``evaluate`` of ``case_ids``; returns
     ``({"report", "qc"}, seconds)``."""
     from kits_keras import evaluate
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     pred_dir = os.path.join(work, name)
     truth_dir = pred_dir + "_truth"
@@ -174,7 +174,7 @@ def score_case(work, row, qc, margin_mm=20.0):
     import numpy as np
     from scipy import ndimage
 
-    from kits_keras import body_mask
+    from kits_keras.inference import body_mask
     from kits_keras import io
 
     truth = io.read_labels(row["truth"])

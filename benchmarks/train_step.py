@@ -13,7 +13,7 @@ same threads and the same input arrays; peak RSS is measured in the child:
   ``deep_supervision_weights`` via ``model.compile``; ``train_on_batch`` and
   ``predict_on_batch`` (``jit_compile=False``: TF's oneDNN kernels).
 * ``tensorflow-xla``: the same with ``jit_compile=True`` (optional side).
-* ``jax``: ``kits_keras.train_step.make_train_step`` (one jitted XLA
+* ``jax``: ``kits_keras.training.step.make_train_step`` (one jitted XLA
   program) and ``make_forward``; FLOPs from XLA's cost analysis.
 
 A training step is forward + multi-scale loss + backward + Adam update.
@@ -120,7 +120,7 @@ def torch_multi_scale_loss(outputs, ys, num_classes=NUM_CLASSES):
     def powe(t, g):
         return (t + 1e-6) ** g - 1e-6**g
 
-    def exp_log(logits, y):  # the same loss as kits_keras.losses
+    def exp_log(logits, y):  # the same loss as kits_keras.model.losses
         p = torch.softmax(logits.float(), 1).clamp(1e-7, 1.0)
         oh = F.one_hot(y, num_classes).permute(0, 4, 1, 2, 3).float()
         axes = (0, 2, 3, 4)
@@ -176,7 +176,7 @@ def torch_worker(args):
 def keras_model(patch):
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.model import build_unet
+    from kits_keras.model.unet import build_unet
 
     cfg = override(get_config("paper"), model={"strides": PEER_STRIDES},
                    data={"patch_size": tuple(patch)})
@@ -191,8 +191,8 @@ def tensorflow_worker(args):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import keras
 
-    from kits_keras.losses import ExpLogLoss
-    from kits_keras.losses import deep_supervision_weights
+    from kits_keras.model.losses import ExpLogLoss
+    from kits_keras.model.losses import deep_supervision_weights
 
     keras.utils.set_random_seed(0)
     cfg, model = keras_model(args.patch)
@@ -227,10 +227,10 @@ def jax_worker(args, batch, patch, warmup, repeats, bfloat16=False):
     import keras
 
     from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.model import count_flops
-    from kits_keras.train_step import make_forward
-    from kits_keras.train_step import make_train_step
+    from kits_keras.model.unet import build_unet
+    from kits_keras.model.unet import count_flops
+    from kits_keras.training.step import make_forward
+    from kits_keras.training.step import make_train_step
 
     if bfloat16:
         keras.mixed_precision.set_global_policy("mixed_bfloat16")
@@ -370,7 +370,7 @@ def main_cpu(args):
     from kits_keras.backend import resolve_backend
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.model import count_flops
+    from kits_keras.model.unet import count_flops
 
     cfg = override(get_config("paper"), model={"strides": PEER_STRIDES})
     sides = {side: run_side(args, side) for side in args.sides.split(",")}

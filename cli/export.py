@@ -31,7 +31,7 @@ def export(model, out_dir, version, fixed_size):
     from kits_keras.backend import select_backend
 
     select_backend("jax")
-    from kits_keras.export import export_saved_model
+    from kits_keras.inference.export import export_saved_model
 
     path = export_saved_model(
         model, out_dir, version=version, fixed_size=fixed_size

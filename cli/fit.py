@@ -99,7 +99,7 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
     elif steps_per_epoch or batch_size or patch_size:
         raise click.UsageError(
             "--resume keeps the run's config; only --epochs may change.")
-    from kits_keras import training
+    from kits_keras.training import fit as training
 
     cluster = None
     if coordinator_address is not None:

@@ -127,8 +127,8 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     if device == "gpu" and not has_accelerator():
         raise UserError("--device gpu: no GPU visible to JAX on this host")
     select_backend(backend)
-    from kits_keras.predict import InferOptions
-    from kits_keras.predict import run_inference
+    from kits_keras.inference.predict import InferOptions
+    from kits_keras.inference.predict import run_inference
 
     summary = run_inference(
         list(inputs), output=output, model=model, saved_model=saved_model,
@@ -152,7 +152,7 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
             f"{case['timings_s']['total']:.1f} s{flag}"
         )
     if report and summary["cases"]:
-        from kits_keras.predict import index_path
+        from kits_keras.inference.predict import index_path
 
         index = index_path(output, InferOptions(report=True))
         pages = [index] if index else [

@@ -20,8 +20,8 @@ def postprocess(input_path, output_path, min_fraction, overwrite):
     IN and OUT are label NIfTI files (0 background, 1 kidney, 2 tumour);
     OUT keeps IN's grid and header.
     """
-    from kits_keras.postprocess import PostprocessConfig
-    from kits_keras.postprocess import postprocess_file
+    from kits_keras.inference.postprocess import PostprocessConfig
+    from kits_keras.inference.postprocess import postprocess_file
 
     removed = postprocess_file(
         input_path, output_path, PostprocessConfig(min_fraction=min_fraction),

@@ -50,7 +50,7 @@ def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases,
     an interrupted build is removed by the next run; an interrupted
     --rebuild leaves the old dataset in place.
     """
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
 
     result = dataset.prepare(manual_dir, data_dir, config_name, workers,
                              skip_bad_cases, rebuild=rebuild)

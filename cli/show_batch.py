@@ -28,7 +28,7 @@ def show_batch(data_dir, config_name, num, seed, output):
     foreground / tumour.
     """
     from kits_keras import config
-    from kits_keras.batch_preview import save_training_batch_preview
+    from kits_keras.data.preview import save_training_batch_preview
 
     path = save_training_batch_preview(
         output, config.get_config(config_name), data_dir, num=num, seed=seed

@@ -53,7 +53,7 @@ def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
     segmentation.nii.gz (0 background, 1 kidney, 2 tumour), axis 0 = slices.
     Nothing is moved into OUT_DIR until every case has been written.
     """
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     def report(case_dir, case):
         s = synthetic.case_summary(case)
@@ -66,7 +66,7 @@ def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
         if labels_from is not None or preview:
             raise ValueError("--format dicom takes neither --labels-from "
                              "nor --preview")
-        from kits_keras import dicom_write
+        from kits_keras.dicom import write as dicom_write
 
         written = dicom_write.write_dicom_cases(
             out_dir, num_cases or 3, seed=seed, size=size,

@@ -194,7 +194,7 @@ class Artifact:
     @property
     def full_resolution(self):
         if "_full" not in self.__dict__:
-            from kits_keras.model import full_resolution_model
+            from kits_keras.model.unet import full_resolution_model
 
             object.__setattr__(
                 self, "_full", full_resolution_model(self.model)
@@ -264,7 +264,7 @@ def load_artifact(path=None):
     Returns:
         Artifact.
     """
-    from kits_keras.model import build_unet
+    from kits_keras.model.unet import build_unet
 
     path = _model_path(path or latest_run(finished=True))
     metadata = read_metadata(path)
@@ -314,7 +314,7 @@ def _stats(d):
     if d is None:
         return None
     try:
-        from kits_keras.preprocessing import IntensityStats
+        from kits_keras.data.preprocessing import IntensityStats
     except ImportError:
         return d
     return IntensityStats.from_dict(d)

@@ -100,11 +100,11 @@ def _split_case_ids(prepared):
 def run_demo(options=DemoOptions()):
     """Runs the demo; returns the dict also written to ``OUT/demo.json``."""
     from kits_keras import config as config_lib
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
     from kits_keras import evaluate
-    from kits_keras import predict
-    from kits_keras import synthetic
-    from kits_keras import training
+    from kits_keras.inference import predict
+    from kits_keras.synthetic import cases as synthetic
+    from kits_keras.training import fit as training
 
     _check_out_dir(options)
     out = options.out_dir

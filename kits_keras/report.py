@@ -180,7 +180,7 @@ def kidney_components(labels, volume):
     """The kidneys of a label map, largest first, with their side.
 
     A kidney is a 26-connected component of kidney + tumour (labels > 0),
-    as :mod:`kits_keras.postprocess` counts them; the
+    as :mod:`kits_keras.inference.postprocess` counts them; the
     :data:`MAX_KIDNEYS` largest are kept.
 
     Returns:
@@ -242,8 +242,8 @@ def write_index(path, summary, created=None):
 
     Args:
         path: str. Destination, usually ``<output folder>/index.html``.
-        summary: dict of :func:`kits_keras.predict.run_inference`; a case's
-            page is its ``outputs["report_html"]``.
+        summary: dict of :func:`kits_keras.inference.predict.run_inference`; a
+            case's page is its ``outputs["report_html"]``.
         created: :class:`datetime.datetime`. Defaults to now (UTC).
 
     Returns:

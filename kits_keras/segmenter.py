@@ -1,17 +1,17 @@
 """The Python entry point: load a model once, segment many CTs.
 
 ``kits-keras infer`` and :class:`Segmenter` share every step
-(:func:`kits_keras.predict.segment_volume`: preprocessing, sliding window,
-back to the input's grid, post-processing), so both give the same labels,
-bit for bit.
+(:func:`kits_keras.inference.predict.segment_volume`: preprocessing, sliding
+window, back to the input's grid, post-processing), so both give the same
+labels, bit for bit.
 
 Example (a tiny untrained model, so the labels mean nothing):
 
 >>> import numpy as np, tempfile
 >>> from kits_keras.artifact import save_artifact
 >>> from kits_keras.config import get_config
->>> from kits_keras.model import build_unet
->>> from kits_keras.preprocessing import IntensityStats
+>>> from kits_keras.model.unet import build_unet
+>>> from kits_keras.data.preprocessing import IntensityStats
 >>> run = tempfile.mkdtemp()
 >>> config = get_config("tiny")
 >>> _ = save_artifact(build_unet(config), config,
@@ -50,7 +50,7 @@ class Result:
         qc: dict. The quality-control report (mirroring disagreement,
             ``flagged``, ...), as in ``kits-keras infer``'s JSON.
         volume: :class:`kits_keras.io.Volume`. The CT as read.
-        series: :class:`kits_keras.dicom.Series` for a DICOM input, else
+        series: :class:`kits_keras.dicom.read.Series` for a DICOM input, else
             None.
         model: str. The model file or export that made it ("" when
             unknown).
@@ -85,7 +85,7 @@ class Result:
             if self.series is None:
                 raise ValueError(f"{path}: a DICOM SEG needs a DICOM series "
                                  "input")
-            from kits_keras import dicom_write
+            from kits_keras.dicom import write as dicom_write
 
             return dicom_write.save_seg(path, self.labels, self.volume,
                                         self.series)
@@ -126,13 +126,13 @@ class Segmenter:
             **infer: :class:`kits_keras.config.InferenceConfig` fields to
                 change (``tta``, ``overlap``, ``batch_size``).
         """
-        from kits_keras import predict
+        from kits_keras.inference import predict
         from kits_keras.config import override
 
         if saved_model is None and model is not None and _is_export(model):
             model, saved_model = None, model
         if saved_model is not None:
-            from kits_keras.export import load_saved_model
+            from kits_keras.inference.export import load_saved_model
 
             art = load_saved_model(saved_model)
         else:
@@ -161,7 +161,7 @@ class Segmenter:
             return _from_nibabel(source, self.orientation), None
         path = os.fspath(source)
         if os.path.isdir(path):
-            from kits_keras import dicom
+            from kits_keras.dicom import read as dicom
 
             series, errors = dicom.find_series(path)
             if errors:
@@ -174,7 +174,7 @@ class Segmenter:
 
     def __call__(self, source, progress=None):
         """Segments one CT; returns a :class:`Result`."""
-        from kits_keras import predict
+        from kits_keras.inference import predict
 
         volume, series = self.read(source)
         labels, pred, _, _ = predict.segment_volume(

@@ -2,7 +2,7 @@
 
 ``synthetic_cases_dir``: a session-wide folder with 3 small synthetic KiTS19
 cases (``case_00000`` .. ``case_00002``, seed 0), written once by
-:func:`kits_keras.synthetic.write_cases`. Treat it as read-only; copy it
+:func:`kits_keras.synthetic.cases.write_cases`. Treat it as read-only; copy it
 (``shutil.copytree``) before modifying anything.
 
 :func:`save_untrained_tiny_run`: an untrained ``tiny`` U-Net saved as a run
@@ -40,7 +40,7 @@ def kits19_labels_path():
 @pytest.fixture(scope="session")
 def synthetic_cases_dir(tmp_path_factory):
     """Folder holding 3 small synthetic cases (seed 0); do not modify."""
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     out = tmp_path_factory.mktemp("synthetic_cases")
     synthetic.write_cases(str(out), SYNTHETIC_CASES, seed=SYNTHETIC_SEED,
@@ -65,8 +65,8 @@ def save_untrained_tiny_run(run_dir, seed=0):
 
     from kits_keras.artifact import save_artifact
     from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.model.unet import build_unet
+    from kits_keras.data.preprocessing import IntensityStats
 
     keras.utils.set_random_seed(seed)
     config = get_config("tiny")

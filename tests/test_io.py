@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from kits_keras import io
-from kits_keras.synthetic import kits19_affine
+from kits_keras.synthetic.cases import kits19_affine
 
 SPACING = (3.0, 0.8, 0.7)
 
@@ -341,7 +341,7 @@ def test_real_kits19_labels(kits19_labels_dir, case_id):
 
 def test_limits_are_checked_on_the_header_alone():
     """The documented limits, checked before any voxel is read (the CLI
-    table is tests/test_bad_volumes_cli.py)."""
+    table is tests/cli/test_bad_volumes.py)."""
     def header(shape, dtype=np.int16):
         h = nib.Nifti1Header()
         h.set_data_shape(shape)

@@ -20,7 +20,7 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_untrained_tiny_run
+from tests.conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 from nibabel import orientations as ornts
 
@@ -106,7 +106,7 @@ class Remembered:
 
 def segment(path, art, config, out, network=None):
     """``kits-keras infer --tta none --no-postprocess`` through the API."""
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     job = predict.Job(io.nifti_stem(path), path, out)
     predict.infer_case(job, network or art.network, config, art.stats,
@@ -196,7 +196,7 @@ def test_the_stored_orientation_is_the_one_used(reference, model_dir,
                                                 loaded, tmp_path):
     """A model trained on SAR arrays gets SAR arrays (and its answer is
     still written on the file's grid)."""
-    from kits_keras import predict
+    from kits_keras.inference import predict
     from kits_keras.artifact import METADATA_MEMBER
     from kits_keras.artifact import read_metadata
 

@@ -9,16 +9,16 @@ import shutil
 
 import numpy as np
 import pytest
-from browser import block_means
-from browser import chromium_binary
-from browser import load_pages
+from tests.browser import block_means
+from tests.browser import chromium_binary
+from tests.browser import load_pages
 from click.testing import CliRunner
-from conftest import save_untrained_tiny_run
+from tests.conftest import save_untrained_tiny_run
 from PIL import Image
 
 from kits_keras import io
 from kits_keras import report
-from kits_keras.predict import label_volumes_ml
+from kits_keras.inference.predict import label_volumes_ml
 from kits_keras.segmenter import Result
 
 _IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" '

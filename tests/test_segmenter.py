@@ -8,7 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_untrained_tiny_run
+from tests.conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 
 from kits_keras import io
@@ -74,7 +74,7 @@ def test_nifti_path_nibabel_and_array_give_the_cli_result(run_dir, ct_file,
 def test_dicom_folder_gives_the_cli_result(run_dir, tmp_path):
     pytest.importorskip("highdicom")
     from kits_keras import Segmenter
-    from kits_keras import dicom_write
+    from kits_keras.dicom import write as dicom_write
 
     folder = str(tmp_path / "series")
     dicom_write.write_synthetic_series(folder, seed=2)

@@ -9,7 +9,7 @@ patches so that reading and decoding volumes does not dominate. Each patch:
   ``data.tumour_fraction``, on a tumour voxel when the case has tumour
   (small tumours decide the tumour Dice); otherwise the patch lies anywhere
   in the volume;
-* is augmented by :mod:`kits_keras.augment` (one resampling from the whole
+* is augmented by :mod:`kits_keras.data.augment` (one resampling from the whole
   volume for rotation, scaling and elastic deformation; gamma; mirroring);
 * is padded where it leaves the volume: the image with the volume's minimum
   (after clipping and normalisation that is the lowest, air-like intensity,
@@ -27,7 +27,7 @@ i.e. nearest neighbour), as multi-scale supervision needs.
 
 import logging
 
-from kits_keras import augment
+from kits_keras.data import augment
 from kits_keras import config as config_lib
 from kits_keras.backend import import_tensorflow
 

@@ -18,7 +18,7 @@ def collect_patches(config, data_dir, num, seed=None):
 
     images float32 (num, z, y, x); labels int32 (num, z, y, x); kinds int.
     """
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
 
     seed = config.train.seed if seed is None else int(seed)
     volumes = data.volume_dataset(config, data_dir, "train", shuffle=True,

@@ -417,7 +417,7 @@ def read_folder(folder, orientation=io.KITS19_ORIENTATION):
     Example (a series that ``kits-keras synth --format dicom`` wrote):
 
     >>> import tempfile
-    >>> from kits_keras import dicom_write
+    >>> from kits_keras.dicom import write as dicom_write
     >>> folder = tempfile.mkdtemp()
     >>> _ = dicom_write.write_synthetic_series(folder, seed=0)
     >>> volume = read_folder(folder)

@@ -1,10 +1,10 @@
 """Writing DICOM: synthetic CT series (tests) and DICOM SEG results.
 
 Synthetic series (``kits-keras synth --format dicom``) carry a synthetic
-case (:func:`kits_keras.synthetic.make_case`) as single-frame CT Image
+case (:func:`kits_keras.synthetic.cases.make_case`) as single-frame CT Image
 Storage files, stored ``HU + 1024`` with RescaleIntercept -1024, in one of
 :data:`VARIANTS`: storage orders and encodings that must all read back as
-the same volume, and defects that :mod:`kits_keras.dicom` must refuse.
+the same volume, and defects that :mod:`kits_keras.dicom.read` must refuse.
 
 DICOM SEG (:func:`save_seg`): a binary Segmentation (highdicom) that
 references every slice of the source series, with segment 1 "Kidney"
@@ -22,13 +22,13 @@ import tempfile
 
 import numpy as np
 
-from kits_keras import dicom
+from kits_keras.dicom import read as dicom
 from kits_keras import io
 
 # Storage variants that read back as the same volume.
 SAME_VOLUME = ("head-first", "feet-first", "shuffled-names",
                "shuffled-instances", "rle", "jpeg-ls", "jpeg2000")
-# Defects, each refused by kits_keras.dicom with one line naming a file.
+# Defects, each refused by kits_keras.dicom.read with one line naming a file.
 DEFECTS = ("gantry-tilt", "irregular-spacing", "missing-slice", "mr",
            "localizer", "mixed")
 VARIANTS = SAME_VOLUME + DEFECTS
@@ -180,7 +180,7 @@ def write_synthetic_series(folder, seed=0, variant="head-first",
 
     Args:
         folder: str. Destination folder.
-        seed: int. Seed of :func:`kits_keras.synthetic.make_case`.
+        seed: int. Seed of :func:`kits_keras.synthetic.cases.make_case`.
         variant: one of :data:`VARIANTS`. Defaults to "head-first".
         size: "small" or "full". Defaults to "small".
         case_id: str. Defaults to "case_00000".
@@ -188,7 +188,7 @@ def write_synthetic_series(folder, seed=0, variant="head-first",
     Returns:
         :class:`kits_keras.io.Case` that was written.
     """
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     dicom.require_pydicom()
     if variant not in VARIANTS:
@@ -209,7 +209,7 @@ def write_dicom_cases(out_dir, num_cases=3, seed=0, size="small",
                       variant="head-first", overwrite=False, on_case=None):
     """Writes ``case_XXXXX/`` DICOM series folders under ``out_dir``.
 
-    Like :func:`kits_keras.synthetic.write_cases`: staged in a hidden
+    Like :func:`kits_keras.synthetic.cases.write_cases`: staged in a hidden
     folder, moved into place only when all are written.
 
     Returns:
@@ -300,8 +300,8 @@ def make_seg(labels, volume, series):
     Args:
         labels: uint8 array in {0, 1, 2} on ``volume.array``'s grid.
         volume: :class:`kits_keras.io.Volume` read by
-            :func:`kits_keras.dicom.read_series` from ``series``.
-        series: :class:`kits_keras.dicom.Series`.
+            :func:`kits_keras.dicom.read.read_series` from ``series``.
+        series: :class:`kits_keras.dicom.read.Series`.
 
     Raises:
         CaseError: the source lacks what a SEG must reference (one line

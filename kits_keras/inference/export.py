@@ -8,7 +8,7 @@ and the CUDA platform, so one export serves on either).
 
 The ``serving_default`` signature takes ``image``: float32
 ``(batch, z, y, x, 1)`` (normalised, resampled CT, as
-:func:`kits_keras.preprocessing.preprocess_image` makes it) and returns
+:func:`kits_keras.data.preprocessing.preprocess_image` makes it) and returns
 ``probabilities``: float32 ``(batch, z, y, x, C)``, the full-resolution
 softmax. Batch and spatial size are dynamic (``jax2tf`` shape polymorphism);
 each spatial size must be a multiple of the network's total stride
@@ -19,7 +19,8 @@ Everything a client needs to prepare the input and tile a volume travels in
 ``assets/kits_keras.json``: intensity statistics, target spacing (z, y, x) in
 mm, patch size, class names and label values, and the whole experiment config.
 :func:`load_saved_model_network` reads it back, so the NumPy predictor
-(:func:`kits_keras.predict.predict_case`) runs unchanged on the exported model.
+(:func:`kits_keras.inference.predict.predict_case`) runs unchanged on the
+exported model.
 """
 
 import dataclasses
@@ -59,7 +60,7 @@ def spatial_multiple(config):
         >>> spatial_multiple(get_config("paper"))
         (8, 16, 16)
     """
-    from kits_keras.model import total_stride
+    from kits_keras.model.unet import total_stride
 
     return total_stride(config)
 
@@ -210,7 +211,7 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
 def _full_resolution(model):
     if len(model.outputs) == 1:
         return model
-    from kits_keras.model import full_resolution_model
+    from kits_keras.model.unet import full_resolution_model
 
     return full_resolution_model(model)
 
@@ -501,7 +502,7 @@ def load_saved_model(path):
         SavedModelArtifact. ``predict_case(volume, art.network, art.config,
         art.stats)`` runs the predictor on the exported model.
     """
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.data.preprocessing import IntensityStats
 
     folder = resolve_version_dir(path)
     meta = read_metadata(folder)

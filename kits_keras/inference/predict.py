@@ -2,15 +2,16 @@
 
 :func:`predict_case` is pure NumPy/SciPy around a network callable
 (``Artifact.network``): it preprocesses with the very function the TFDS
-builder uses (:func:`kits_keras.preprocessing.preprocess_image`), predicts by
-overlapping sliding window with mirroring (:mod:`kits_keras.sliding_window`),
-brings the probabilities back to the input's grid and takes the argmax.
+builder uses (:func:`kits_keras.data.preprocessing.preprocess_image`), predicts
+by overlapping sliding window with mirroring
+(:mod:`kits_keras.inference.sliding_window`), brings the probabilities back to
+the input's grid and takes the argmax.
 
 Bounded memory: probabilities are held whole only at the network's
 (resampled) resolution. Going back to the original grid is done in slabs of
 slices: each slab is resampled along z with the preprocessing module's
 weights, then in-plane by
-:func:`kits_keras.preprocessing.resample_probabilities`, and reduced to
+:func:`kits_keras.data.preprocessing.resample_probabilities`, and reduced to
 labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
 exists.
 
@@ -33,7 +34,7 @@ import typing
 import numpy as np
 
 from kits_keras import io
-from kits_keras import sliding_window as sw
+from kits_keras.inference import sliding_window as sw
 from kits_keras.config import override
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,8 @@ def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
     """Argmax of ``probabilities`` brought to ``shape``, slab by slab.
 
     Equal to ``resample_probabilities(probabilities, shape).argmax(-1)``
-    (:mod:`kits_keras.preprocessing`): the same separable linear weights
-    (:func:`kits_keras.preprocessing.axis_weights`) applied axis by axis,
+    (:mod:`kits_keras.data.preprocessing`): the same separable linear weights
+    (:func:`kits_keras.data.preprocessing.axis_weights`) applied axis by axis,
     but slab by slab and one class at a time, reducing to labels at once,
     so the full-size float volume never exists (3.3 GB for 1059 x 512 x 512
     x 3) and nothing but the labels is written at full size.
@@ -112,7 +113,7 @@ def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
         uint8 ``(z, y, x)`` labels of ``shape`` (ties go to the lower label,
         as with argmax).
     """
-    from kits_keras.preprocessing import axis_weights
+    from kits_keras.data.preprocessing import axis_weights
 
     shape = tuple(int(s) for s in shape)
     if tuple(probabilities.shape[:3]) == shape:
@@ -149,8 +150,8 @@ def mirroring_disagreement(probabilities, disagreement):
     Args:
         probabilities: float32 ``(z, y, x, C)``.
         disagreement: float32 map of
-            :func:`kits_keras.sliding_window.sliding_window` (every 2nd
-            voxel of ``probabilities``), or None.
+            :func:`kits_keras.inference.sliding_window.sliding_window` (every
+            2nd voxel of ``probabilities``), or None.
 
     Returns:
         float in [0, 1], or None when there was no mirroring.
@@ -174,14 +175,15 @@ def predict_case(volume, network, config, stats, progress=None):
             probabilities (``Artifact.network``).
         config: :class:`kits_keras.config.ExperimentConfig`. Uses
             ``data.patch_size``, ``data.target_spacing`` and ``infer``.
-        stats: :class:`kits_keras.preprocessing.IntensityStats` of training.
+        stats: :class:`kits_keras.data.preprocessing.IntensityStats` of
+            training.
         progress: optional callable ``(tiles_done, tiles_total)``.
 
     Returns:
         :class:`Prediction` (labels before post-processing).
     """
-    from kits_keras.body_mask import remove_outside_body
-    from kits_keras.preprocessing import preprocess_image
+    from kits_keras.inference.body_mask import remove_outside_body
+    from kits_keras.data.preprocessing import preprocess_image
 
     infer = config.infer
     start = time.perf_counter()
@@ -245,7 +247,8 @@ class InferOptions:
     """What to write besides the segmentation, and how.
 
     Attributes:
-        postprocess: bool. Apply :func:`kits_keras.postprocess.postprocess`.
+        postprocess: bool. Apply
+            :func:`kits_keras.inference.postprocess.postprocess`.
         save_probabilities: bool. Also write ``<seg>_probabilities.npz``:
             float16 ``(z, y, x, C)`` at network resolution with its spacing.
         preview: bool. Also write ``<seg>.png`` (axial, coronal, sagittal
@@ -280,7 +283,7 @@ class Job:
     """One case to segment: its id, CT file and segmentation path.
 
     For a DICOM series, ``image_path`` is the series' folder and ``series``
-    the :class:`kits_keras.dicom.Series`.
+    the :class:`kits_keras.dicom.read.Series`.
     """
 
     case_id: str
@@ -295,7 +298,7 @@ class Found(typing.NamedTuple):
     case_id: str
     path: object  # str, or None when unusable
     error: object  # one-line message, or None
-    series: object = None  # kits_keras.dicom.Series for a DICOM series
+    series: object = None  # kits_keras.dicom.read.Series for a DICOM series
 
 
 def find_inputs(inputs):
@@ -304,7 +307,7 @@ def find_inputs(inputs):
     An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
     inside), a folder of either, or a folder holding DICOM series (searched
     recursively; used when it holds no NIfTI input): each series is a case
-    (:func:`kits_keras.dicom.find_series`), its ``image_path`` the series'
+    (:func:`kits_keras.dicom.read.find_series`), its ``image_path`` the series'
     folder. In a folder, our own ``*_seg.nii.gz`` outputs,
     ``segmentation.nii.gz`` files and hidden files (names starting with a
     dot: temporaries of an interrupted write, editor and OS files) are
@@ -318,7 +321,7 @@ def find_inputs(inputs):
             if io.is_nifti(path):
                 found.append(Found(io.nifti_stem(path), path, None))
             else:
-                from kits_keras.dicom import is_dicom_file
+                from kits_keras.dicom.read import is_dicom_file
 
                 hint = ("a single DICOM file; pass the folder of its series"
                         if is_dicom_file(path) else
@@ -350,7 +353,7 @@ def find_inputs(inputs):
 
 def _holds_dicom(folder):
     """Whether a file directly in ``folder`` is DICOM (header bytes only)."""
-    from kits_keras.dicom import is_dicom_file
+    from kits_keras.dicom.read import is_dicom_file
 
     return any(is_dicom_file(os.path.join(folder, name))
                for name in sorted(os.listdir(folder))[:64]
@@ -360,7 +363,7 @@ def _holds_dicom(folder):
 
 def _dicom_inputs(folder):
     """One :class:`Found` per DICOM series under ``folder``."""
-    from kits_keras import dicom
+    from kits_keras.dicom import read as dicom
 
     try:
         series, errors = dicom.find_series(folder)
@@ -512,7 +515,7 @@ def sidecar(seg_path, suffix):
 def read_input(job, orientation=io.KITS19_ORIENTATION):
     """The CT of ``job`` (NIfTI file or DICOM series), reoriented."""
     if job.series is not None:
-        from kits_keras import dicom
+        from kits_keras.dicom import read as dicom
 
         return dicom.read_series(job.series, orientation)
     volume = io.read_image(job.image_path, orientation)
@@ -545,7 +548,7 @@ def segment_volume(volume, network, config, stats, postprocess=True,
     Returns:
         ``(labels, prediction, voxels_removed, postprocess_seconds)``.
     """
-    from kits_keras.postprocess import postprocess as clean
+    from kits_keras.inference.postprocess import postprocess as clean
 
     pred = predict_case(volume, network, config, stats, progress=progress)
     t0 = time.perf_counter()
@@ -576,7 +579,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
     seg_path = sidecar(job.output_path, ".dcm")
     writes_seg = job.series is not None and options.output_type != "nifti"
     if writes_seg:  # built before anything is written: it may fail
-        from kits_keras import dicom_write
+        from kits_keras.dicom import write as dicom_write
 
         seg = dicom_write.make_seg(labels, volume, job.series)
     if job.series is None or options.output_type != "dicom-seg":
@@ -701,7 +704,8 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         model: str or None. Run folder or ``.keras`` file; None = latest run.
         saved_model: str or None. A ``kits-keras export`` folder (model base
             path or version folder) to run instead of ``model``, through
-            :func:`kits_keras.export.load_saved_model` (TensorFlow, CPU).
+            :func:`kits_keras.inference.export.load_saved_model` (TensorFlow,
+            CPU).
         infer_overrides: dict of :class:`InferenceConfig` fields to change
             (``overlap``, ``tta``, ``batch_size``), None values ignored.
         options: :class:`InferOptions`.
@@ -739,7 +743,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
             log.info("Removed %s (left by an interrupted run)", path)
     if todo:
         if saved_model is not None:
-            from kits_keras.export import load_saved_model
+            from kits_keras.inference.export import load_saved_model
 
             art = load_saved_model(saved_model)
         else:

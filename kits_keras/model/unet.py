@@ -20,8 +20,8 @@ The model imports and runs without TensorFlow (JAX backend).
 import keras
 
 from kits_keras import config as config_lib
-from kits_keras.layers import HeNormal
-from kits_keras.layers import InstanceNormalization
+from kits_keras.model.layers import HeNormal
+from kits_keras.model.layers import InstanceNormalization
 
 
 def level_filters(model_config):

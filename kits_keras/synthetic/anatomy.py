@@ -1,23 +1,23 @@
 """Body, spine and abdominal organs of a synthetic contrast-enhanced CT.
 
-Used by :mod:`kits_keras.synthetic`; kidneys and tumours are painted there,
-after everything here. Values are Hounsfield units of a portal-venous phase
-scan; each case draws its own enhancement so that liver, spleen, bowel and
+Used by :mod:`kits_keras.synthetic.cases`; kidneys and tumours are painted
+there, after everything here. Values are Hounsfield units of a portal-venous
+phase scan; each case draws its own enhancement so that liver, spleen, bowel and
 vessels overlap the kidney and tumour intensities (a network has to use shape
 and context, not a HU threshold). Coordinates are the patient frame of
-:mod:`kits_keras.synthetic_shapes` (mm; origin at the spine, kidney level).
+:mod:`kits_keras.synthetic.shapes` (mm; origin at the spine, kidney level).
 """
 
 import numpy as np
 
-from kits_keras.synthetic_shapes import Blob
-from kits_keras.synthetic_shapes import blob_field
-from kits_keras.synthetic_shapes import blob_distance
-from kits_keras.synthetic_shapes import box_shape
-from kits_keras.synthetic_shapes import paint
-from kits_keras.synthetic_shapes import random_bumps
-from kits_keras.synthetic_shapes import rotation
-from kits_keras.synthetic_shapes import smooth_noise
+from kits_keras.synthetic.shapes import Blob
+from kits_keras.synthetic.shapes import blob_field
+from kits_keras.synthetic.shapes import blob_distance
+from kits_keras.synthetic.shapes import box_shape
+from kits_keras.synthetic.shapes import paint
+from kits_keras.synthetic.shapes import random_bumps
+from kits_keras.synthetic.shapes import rotation
+from kits_keras.synthetic.shapes import smooth_noise
 
 AIR = -1000.0
 _CHUNK = 32  # slices per step for whole-volume operations (bounds memory)

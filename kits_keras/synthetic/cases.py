@@ -53,10 +53,10 @@ import numpy as np
 from scipy import ndimage
 
 from kits_keras import io
-from kits_keras import synthetic_anatomy as anatomy
-from kits_keras.synthetic_kidney import paint_kidneys
-from kits_keras.synthetic_kidney import paint_from_labels
-from kits_keras.synthetic_shapes import Grid
+from kits_keras.synthetic import anatomy
+from kits_keras.synthetic.kidney import paint_kidneys
+from kits_keras.synthetic.kidney import paint_from_labels
+from kits_keras.synthetic.shapes import Grid
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def make_case(seed, size="small", labels=None, spacing=None,
             kidney, as KiTS19 annotated them.
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
-        phase: contrast phase (one of ``synthetic_anatomy.PHASES``), or
+        phase: contrast phase (one of ``anatomy.PHASES``), or
             None to draw one (15 % non-contrast, 25 % arterial, 40 %
             portal venous, 20 % nephrographic).
 

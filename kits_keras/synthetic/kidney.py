@@ -1,4 +1,4 @@
-"""Kidneys and kidney tumours of a synthetic CT (see :mod:`synthetic`).
+"""Kidneys and kidney tumours of a synthetic CT (see :mod:`cases`).
 
 A kidney is a bean: a deformed ellipsoid, tilted like a real one (upper pole
 medial and posterior, hilum facing front-medial), with a 5-8 mm enhancing
@@ -16,14 +16,14 @@ do not.
 import numpy as np
 from scipy import ndimage
 
-from kits_keras.synthetic_anatomy import cavity_test
-from kits_keras.synthetic_shapes import Blob
-from kits_keras.synthetic_shapes import blob_field
-from kits_keras.synthetic_shapes import box_shape
-from kits_keras.synthetic_shapes import paint
-from kits_keras.synthetic_shapes import random_bumps
-from kits_keras.synthetic_shapes import rotation
-from kits_keras.synthetic_shapes import smooth_noise
+from kits_keras.synthetic.anatomy import cavity_test
+from kits_keras.synthetic.shapes import Blob
+from kits_keras.synthetic.shapes import blob_field
+from kits_keras.synthetic.shapes import box_shape
+from kits_keras.synthetic.shapes import paint
+from kits_keras.synthetic.shapes import random_bumps
+from kits_keras.synthetic.shapes import rotation
+from kits_keras.synthetic.shapes import smooth_noise
 
 BONE_HU = 300.0  # tumours and fat margins never overwrite bone
 

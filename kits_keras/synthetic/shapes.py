@@ -1,4 +1,4 @@
-"""Geometry helpers for :mod:`kits_keras.synthetic`: smooth blobs on a grid.
+"""Geometry helpers for :mod:`cases` (synthetic CT): smooth blobs on a grid.
 
 Shapes live in a patient frame measured in mm: ``s`` towards the head
 (superior), ``p`` towards the back (posterior), ``l`` towards the patient's

@@ -69,12 +69,12 @@ class ValidationSummary(keras.callbacks.Callback):
     ``val_dice_ma`` = its mean over the last ``window`` validations; the
     best checkpoint is chosen by ``val_dice_ma``.
 
-    With a ``volume_validator`` (:class:`kits_keras.validation.
+    With a ``volume_validator`` (:class:`kits_keras.training.validation.
     VolumeValidator`) those are full-volume sliding-window figures, computed
     on the first epoch, every ``volume_every`` epochs and on the last; the
     patch metrics of every epoch are kept as ``val_patch_kidney_dice`` /
     ``val_patch_tumour_dice``. Without one they are the pooled Dice of the
-    validation patches (:class:`kits_keras.metrics.RegionDice` of the
+    validation patches (:class:`kits_keras.model.metrics.RegionDice` of the
     full-resolution output; Keras names them ``val_<output>_kidney_dice``).
 
     Args:

@@ -28,7 +28,7 @@ import numpy as np
 
 from kits_keras import artifact
 from kits_keras import backend as backend_lib
-from kits_keras import callbacks as cb
+from kits_keras.training import callbacks as cb
 from kits_keras.config import ExperimentConfig
 from kits_keras.config import override
 
@@ -40,7 +40,7 @@ class Cluster:
     """Multi-host training on JAX's distributed runtime.
 
     Every process builds the same model from the same seed, reads its own
-    rows of every global batch (:func:`kits_keras.data.shard_rows`) and
+    rows of every global batch (:func:`kits_keras.data.pipeline.shard_rows`) and
     applies the same all-reduced update. Process 0 alone writes the run
     folder; on ``--resume`` every process reads it (share it).
     ``docs/multihost.md`` says how to launch one.
@@ -164,8 +164,8 @@ def setup_distribution(gpus, cluster=None, batch_size=None):
             f"The batch ({batch_size}) must split evenly over {len(chosen)} "
             f"devices. Received: gpus={gpus}, batch_size={batch_size}")
     names = [f"{d.platform}:{d.id}" for d in chosen]
-    # Several processes: each feeds its own rows (kits_keras.data's shard),
-    # not a copy of one dataset for Keras to shard.
+    # Several processes: each feeds its own rows (kits_keras.data.pipeline's
+    # shard), not a copy of one dataset for Keras to shard.
     distribution = keras.distribution.DataParallel(
         devices=names, auto_shard_dataset=processes == 1)
     keras.distribution.set_distribution(distribution)
@@ -213,7 +213,7 @@ def build_dataset(config, data_dir, seed, full_batches=False, shard=None):
         training ``tf.data.Dataset`` of that epoch; ``validation`` is finite,
         or None when the dataset has too few cases to hold any out.
     """
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
 
     def epoch_dataset(epoch):
         return data.make_train_dataset(config, data_dir,
@@ -251,7 +251,7 @@ def intensity_stats(config, data_dir):
 
 def build_model(config, seed):
     """The U-Net of ``config`` with weights initialised from ``seed``."""
-    from kits_keras.model import build_unet
+    from kits_keras.model.unet import build_unet
 
     keras.utils.set_random_seed(int(seed))
     return build_unet(config)
@@ -263,9 +263,9 @@ def compile_model(model, config):
     The loss of output ``i`` is weighted by ``deep_supervision_weights``
     (halving per level, normalised).
     """
-    from kits_keras.losses import ExpLogLoss
-    from kits_keras.losses import deep_supervision_weights
-    from kits_keras.metrics import RegionDice
+    from kits_keras.model.losses import ExpLogLoss
+    from kits_keras.model.losses import deep_supervision_weights
+    from kits_keras.model.metrics import RegionDice
 
     n = len(model.outputs)
     model.compile(
@@ -285,7 +285,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
     Returns ``(callbacks, checkpoint)``; ``checkpoint.restore(state)``
     restores every stateful one.
     """
-    from kits_keras.model import build_unet
+    from kits_keras.model.unet import build_unet
 
     summary = cb.ValidationSummary(config.train.metric_smoothing,
                                    volume_validator, volume_every)
@@ -343,10 +343,10 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         seed: int. Recorded in ``state.json``.
         state: dict from ``checkpoints/state.json`` to resume from, or None.
         verbose: Keras verbosity ("auto": a progress bar per epoch).
-        volume_validator: :class:`kits_keras.validation.VolumeValidator`
-            or None: full-volume validation on the first epoch, every
-            ``volume_every`` epochs and the last, which then decides the
-            best checkpoint.
+        volume_validator:
+            :class:`kits_keras.training.validation.VolumeValidator` or None:
+            full-volume validation on the first epoch, every ``volume_every``
+            epochs and the last, which then decides the best checkpoint.
         time_budget_s: float or None. Stop after the first epoch that ends
             past this many seconds of training.
 
@@ -529,7 +529,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
     # keep choosing by the patch Dice.
     if (validation is not None and distribution is None
             and config.train.volume_validation_every > 0):
-        from kits_keras import validation as validation_lib
+        from kits_keras.training import validation as validation_lib
 
         volumes = validation_lib.load_validation_volumes(config, data_dir)
         if volumes:

@@ -12,7 +12,7 @@ ones ``model.compile`` would use and can be written back into the model.
 Example:
     >>> import keras, numpy as np
     >>> from kits_keras.config import get_config
-    >>> from kits_keras.model import build_unet
+    >>> from kits_keras.model.unet import build_unet
     >>> cfg = get_config("tiny")
     >>> model = build_unet(cfg)
     >>> step, state = make_train_step(model, cfg.loss,
@@ -29,7 +29,7 @@ import dataclasses
 
 import keras
 
-from kits_keras.losses import multi_scale_loss
+from kits_keras.model.losses import multi_scale_loss
 
 
 @dataclasses.dataclass
@@ -87,8 +87,9 @@ def make_train_step(model, loss_config, optimizer, jit=True):
     """A training step ``step(state, x, ys) -> (state, loss)``.
 
     Args:
-        model: keras.Model from :func:`kits_keras.model.build_unet`.
-        loss_config: LossConfig of :func:`kits_keras.losses.multi_scale_loss`.
+        model: keras.Model from :func:`kits_keras.model.unet.build_unet`.
+        loss_config: LossConfig of
+            :func:`kits_keras.model.losses.multi_scale_loss`.
         optimizer: keras.optimizers.Optimizer (e.g. ``Adam(3e-4)``).
         jit: bool. Compile with ``jax.jit``, donating the state. Defaults to
             True.

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 
 from kits_keras import evaluate
-from kits_keras import sliding_window as sw
+from kits_keras.inference import sliding_window as sw
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class VolumeValidator:
         self.last_cases = {}
 
     def __call__(self, model, epoch):
-        from kits_keras.model import full_resolution_model
+        from kits_keras.model.unet import full_resolution_model
 
         network = full_resolution_model(model)
 
@@ -68,7 +68,7 @@ class VolumeValidator:
 
 def load_validation_volumes(config, data_dir):
     """``[(case_id, image, labels)]`` of the validation split (may be [])."""
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
 
     return [(ex["case_id"], np.asarray(ex["image"], np.float32),
              np.asarray(ex["labels"], np.uint8))

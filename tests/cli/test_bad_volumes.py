@@ -20,9 +20,9 @@ import zlib
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_untrained_tiny_run
-from cli_harness import run_cli
-from cli_harness import snapshot
+from tests.conftest import save_untrained_tiny_run
+from tests.cli_harness import run_cli
+from tests.cli_harness import snapshot
 
 from kits_keras import io
 
@@ -302,7 +302,7 @@ def test_infer_batch_goes_on_after_a_memory_error(good_cts, model_dir,
                                                   tmp_path, monkeypatch):
     """Whatever the limits miss: a MemoryError in one case is that case's
     one-line failure, naming its file, and the next case is segmented."""
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     real = predict.predict_case
 

@@ -7,7 +7,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_untrained_tiny_run
+from tests.conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 
 from kits_keras import io

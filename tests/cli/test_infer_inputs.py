@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kits_keras import io
-from kits_keras import predict
-from kits_keras.synthetic import kits19_affine
+from kits_keras.inference import predict
+from kits_keras.synthetic.cases import kits19_affine
 
 
 def test_label_map_is_refused(tmp_path):
@@ -32,7 +32,7 @@ def test_ct_is_not_a_label_map(synthetic_cases_dir, tmp_path):
 
 def test_folder_of_dicom_and_nifti_is_ambiguous(tmp_path):
     pytest.importorskip("pydicom")
-    from kits_keras import dicom_write  # noqa: F401  (the extra is there)
+    from kits_keras.dicom import write  # noqa: F401  (the extra is there)
 
     real = os.path.join(os.path.dirname(io.__file__), "..", "..", "shared",
                         "data", "real-ct-dicom")

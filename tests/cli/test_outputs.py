@@ -13,8 +13,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from cli_harness import run_cli
-from cli_harness import snapshot
+from tests.cli_harness import run_cli
+from tests.cli_harness import snapshot
 
 from kits_keras import io
 
@@ -48,8 +48,8 @@ def _ct(path, seed=0):
 def _save_model(path, config=None, metadata_config=None):
     from kits_keras.artifact import save_artifact
     from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.model.unet import build_unet
+    from kits_keras.data.preprocessing import IntensityStats
 
     config = config or get_config("tiny")
     stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
@@ -374,11 +374,11 @@ def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
 def test_fit_resume_sweeps_temporaries_and_marks_finished(tmp_path):
     """A killed run's temporaries go on resume; state.json says finished
     only when training ends; a damaged checkpoint is one line."""
-    from kits_keras import callbacks as cb
+    from kits_keras.training import callbacks as cb
     from kits_keras import config as config_lib
-    from kits_keras import dataset
-    from kits_keras import synthetic
-    from kits_keras import training
+    from kits_keras.data import prepare as dataset
+    from kits_keras.synthetic import cases as synthetic
+    from kits_keras.training import fit as training
 
     synthetic.write_cases(str(tmp_path / "cases"), 5, seed=0, size="small")
     data = str(tmp_path / "tfds")

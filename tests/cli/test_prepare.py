@@ -14,9 +14,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from cli_harness import REPO
-from cli_harness import run_cli
-from cli_harness import snapshot
+from tests.cli_harness import REPO
+from tests.cli_harness import run_cli
+from tests.cli_harness import snapshot
 from kits_keras import io
 
 CONFIG = "tiny"  # dataset demo_4.0x3.2mm
@@ -26,7 +26,7 @@ DATASET = "demo_4.0x3.2mm"
 @pytest.fixture(scope="module")
 def five_cases(tmp_path_factory):
     """5 small synthetic cases (seed 0); copy before changing anything."""
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     out = str(tmp_path_factory.mktemp("five_cases"))
     synthetic.write_cases(out, 5, seed=0, size="small")
@@ -157,7 +157,7 @@ def test_rerun_on_changed_folder(five_cases, tmp_path):
 
 def test_preprocessing_code_change_needs_rebuild(five_cases, tmp_path,
                                                  monkeypatch):
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
     from tfds_kits19.kits19 import kits19_dataset_builder as kb
 
     cases = cases_folder(five_cases, tmp_path / "cases", [0])
@@ -178,7 +178,7 @@ _KILLED_PREPARE = """
 import os, signal, sys
 from kits_keras.backend import import_tensorflow
 import_tensorflow()
-from kits_keras import dataset
+from kits_keras.data import prepare as dataset
 from tfds_kits19.kits19 import kits19_dataset_builder as kb
 real, calls = kb.process_case, []
 def dying(*args, **kwargs):
@@ -202,7 +202,7 @@ def killed_prepare(manual_dir, data_dir, rebuild=False):
 
 
 def test_killed_build_is_cleaned_up_by_the_next(five_cases, tmp_path):
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
 
     cases = cases_folder(five_cases, tmp_path / "cases", [0, 1])
     data_dir = str(tmp_path / "tfds")
@@ -227,7 +227,7 @@ def test_killed_build_is_cleaned_up_by_the_next(five_cases, tmp_path):
 def test_no_usable_training_case_is_one_line(five_cases, tmp_path):
     """Every training case bad (skipped): exit 1, one line, and no dataset
     or folder left behind; an existing data folder is left as it was."""
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
 
     cases = cases_folder(five_cases, tmp_path / "cases", range(5))
     for i in range(4):  # case_00004 alone is a test case
@@ -260,7 +260,7 @@ def test_empty_folder_is_one_line(tmp_path):
 
 
 def test_all_test_cases_bad_leaves_test_split_out(five_cases, tmp_path):
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
 
     cases = cases_folder(five_cases, tmp_path / "cases", range(5))
     corrupt(os.path.join(cases, "case_00004", io.IMAGE_FILE))

@@ -1,4 +1,4 @@
-"""Tests of kits_keras.augment, each op eagerly and inside Dataset.map."""
+"""Tests of kits_keras.data.augment, each op eagerly and inside Dataset.map."""
 
 import dataclasses
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from kits_keras import augment
+from kits_keras.data import augment
 from kits_keras.config import AugmentConfig
 
 tf = augment.tf

@@ -1,4 +1,4 @@
-"""Tests of kits_keras.data on in-memory synthetic volumes (and TFDS)."""
+"""Tests of kits_keras.data.pipeline on in-memory synthetic volumes, TFDS."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kits_keras import config as config_lib
-from kits_keras import data
+from kits_keras.data import pipeline as data
 
 tf = data.tf
 
@@ -176,8 +176,8 @@ def test_case_split_holds_out_last_ids():
 def tfds_dir(tmp_path_factory):
     """A tiny prepared kits19/demo dataset: 5 synthetic cases (4 train of
     which 1 is held out for validation, 1 test)."""
-    from kits_keras import dataset
-    from kits_keras import synthetic
+    from kits_keras.data import prepare as dataset
+    from kits_keras.synthetic import cases as synthetic
 
     root = tmp_path_factory.mktemp("kits19")
     synthetic.write_cases(str(root / "cases"), 5, seed=0)

@@ -1,5 +1,5 @@
-"""Tests of ``kits-keras prepare`` (kits_keras/dataset.py + the TFDS builder)
-on small synthetic cases at the demo spacing."""
+"""Tests of ``kits-keras prepare`` (kits_keras/data/prepare.py + the TFDS
+builder) on small synthetic cases at the demo spacing."""
 
 import os
 import shutil
@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from kits_keras import io
-from kits_keras import preprocessing as pp
+from kits_keras.data import preprocessing as pp
 
 CONFIG = "demo_4.0x3.2mm"
 NUM_CASES = 5  # sorted ids, index 4 -> test: case_00004
@@ -19,7 +19,7 @@ NUM_CASES = 5  # sorted ids, index 4 -> test: case_00004
 def manual_dir(tmp_path_factory):
     """5 synthetic cases; the test case gets +300 HU so that statistics
     that looked at it would differ."""
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     out = str(tmp_path_factory.mktemp("cases"))
     synthetic.write_cases(out, NUM_CASES, seed=3, size="small")
@@ -144,7 +144,7 @@ def test_bad_case_stops_or_is_skipped(manual_dir, tmp_path):
 
 
 def test_interrupted_build_can_be_rerun(manual_dir, tmp_path, monkeypatch):
-    from kits_keras import dataset
+    from kits_keras.data import prepare as dataset
     from tfds_kits19.kits19 import kits19_dataset_builder as kb
 
     real = kb.process_case

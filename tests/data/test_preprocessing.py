@@ -1,4 +1,4 @@
-"""Tests of kits_keras/preprocessing.py (resampling, intensity statistics)."""
+"""Tests of kits_keras/data/preprocessing.py (resampling, intensity stats)."""
 
 import os
 
@@ -7,9 +7,9 @@ import pytest
 
 from kits_keras import config
 from kits_keras import io
-from kits_keras import preprocessing as pp
+from kits_keras.data import preprocessing as pp
 
-from conftest import kits19_labels_path
+from tests.conftest import kits19_labels_path
 
 COARSE = config.DATASET_SPACINGS["coarse_3.22x1.62mm"]
 
@@ -139,7 +139,7 @@ def test_real_labels_case_00021_coarse():
     path = os.path.join(kits19_labels_path(), "case_00021", io.LABELS_FILE)
     if not os.path.exists(path):
         pytest.skip(f"{path} absent")
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     case = synthetic.make_case(0, labels=io.read_labels(path),
                                case_id="case_00021")

@@ -1,4 +1,4 @@
-"""DICOM series in (kits_keras.dicom), DICOM SEG out (kits_keras.dicom_write).
+"""DICOM series in (kits_keras.dicom.read), SEG out (kits_keras.dicom.write).
 
 The real series (``../shared/data/real-ct-dicom``: 20 JPEG 2000 slices, and
 the grid of TotalSegmentator's own conversion of it) is read onto the
@@ -12,20 +12,21 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import save_untrained_tiny_run
+from tests.conftest import save_untrained_tiny_run
 
 from kits_keras import io
-from cli_harness import run_cli
-from cli_harness import snapshot
+from tests.cli_harness import run_cli
+from tests.cli_harness import snapshot
 
 pytest.importorskip("pydicom")
 pytest.importorskip("highdicom")
 
-from kits_keras import dicom  # noqa: E402
-from kits_keras import dicom_write  # noqa: E402
+from kits_keras.dicom import read as dicom  # noqa: E402
+from kits_keras.dicom import write as dicom_write  # noqa: E402
 
 REAL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "shared", "data", "real-ct-dicom")
+    os.path.dirname(os.path.abspath(__file__))))), "shared", "data",
+    "real-ct-dicom")
 # Affine agreement with the reference conversion, mm (and direction
 # cosines x spacing): far below a voxel.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -111,7 +112,7 @@ def test_each_defect_is_refused_naming_a_file(variant, tmp_path):
 
 
 def test_a_missing_extra_is_named(tmp_path, monkeypatch):
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     folder = str(tmp_path / "s")
     dicom_write.write_synthetic_series(folder, seed=0)
@@ -122,7 +123,7 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch):
 
 
 def test_a_single_dicom_file_asks_for_its_folder(tmp_path):
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     folder = str(tmp_path / "s")
     dicom_write.write_synthetic_series(folder, seed=0)
@@ -131,7 +132,7 @@ def test_a_single_dicom_file_asks_for_its_folder(tmp_path):
 
 
 def test_several_series_are_several_cases(tmp_path):
-    from kits_keras import predict
+    from kits_keras.inference import predict
 
     for i in range(2):
         dicom_write.write_synthetic_series(

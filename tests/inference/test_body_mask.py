@@ -1,13 +1,13 @@
-"""Tests for kits_keras/body_mask.py and its use by the predictor."""
+"""Tests for kits_keras/inference/body_mask.py and its use by the predictor."""
 
 import os
 
 import numpy as np
 import pytest
 
-from kits_keras import body_mask
+from kits_keras.inference import body_mask
 from kits_keras import io
-from kits_keras import synthetic
+from kits_keras.synthetic import cases as synthetic
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -30,7 +30,7 @@ def test_body_mask_holds_every_label_and_no_air(seed):
 
 
 def test_table_is_not_body():
-    from kits_keras import synthetic_anatomy as anatomy
+    from kits_keras.synthetic import anatomy
 
     for seed in range(20):
         rng = np.random.default_rng(seed)
@@ -76,10 +76,10 @@ def _tumour_everywhere_network(batch):
 
 
 def test_predictor_never_puts_foreground_outside_body():
-    from kits_keras import predict
+    from kits_keras.inference import predict
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.data.preprocessing import IntensityStats
 
     case = synthetic.make_case(1)
     config = override(get_config("tiny"), infer={"tta": "none"})

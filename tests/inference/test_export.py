@@ -1,4 +1,4 @@
-"""Tests of kits_keras/export.py: SavedModel parity with the Keras model."""
+"""Tests of kits_keras/inference/export.py: SavedModel parity with Keras."""
 
 import json
 import os
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from kits_keras import config as config_lib
-from kits_keras import export
+from kits_keras.inference import export
 from kits_keras.backend import import_tensorflow
-from kits_keras.preprocessing import IntensityStats
+from kits_keras.data.preprocessing import IntensityStats
 
 STATS = IntensityStats(clip_low=-79.0, clip_high=304.0, mean=101.0, std=76.9)
 
@@ -42,7 +42,7 @@ def config():
 def model(config):
     import keras
 
-    from kits_keras.model import build_unet
+    from kits_keras.model.unet import build_unet
 
     keras.utils.set_random_seed(0)
     return build_unet(config)
@@ -223,7 +223,7 @@ def run_dir(model, config, tmp_path_factory):
 def small_ct(tmp_path_factory):
     """A synthetic CT cut to one tile of the tiny model (fast to segment)."""
     from kits_keras import io
-    from kits_keras import synthetic
+    from kits_keras.synthetic import cases as synthetic
 
     image = synthetic.make_case(0).image
     z0 = image.array.shape[0] // 2 - 8

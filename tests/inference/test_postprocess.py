@@ -6,12 +6,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kits_keras import postprocess as pp
+from kits_keras.inference import postprocess as pp
 
 LABELS_DIR = os.environ.get(
     "KITS19_LABELS",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                 "kits19-labels"),
+    os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared",
+                 "data", "kits19-labels"),
 )
 REAL_CASES = ("case_00002", "case_00003", "case_00004", "case_00005",
               "case_00010", "case_00021", "case_00030", "case_00040")
@@ -136,7 +136,7 @@ def test_cli_postprocess(tmp_path):
 
     from cli.postprocess import postprocess as command
     from kits_keras import io
-    from kits_keras.synthetic import kits19_affine
+    from kits_keras.synthetic.cases import kits19_affine
 
     seg = two_kidneys()
     seg[30:38, 40:58, 30:45] = 1

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from kits_keras import predict
-from kits_keras import sliding_window as sw
+from kits_keras.inference import predict
+from kits_keras.inference import sliding_window as sw
 
 
 def one_hot_network(batch):
@@ -166,7 +166,7 @@ def test_disagreement_of_a_direction_sensitive_network():
 
 @pytest.mark.parametrize("shape", [(7, 30, 26), (33, 30, 26), (12, 9, 13)])
 def test_slabwise_labels_equal_whole_volume_resampling(shape):
-    from kits_keras.preprocessing import resample_probabilities
+    from kits_keras.data.preprocessing import resample_probabilities
 
     rng = np.random.default_rng(3)
     logits = ndimage.gaussian_filter(rng.normal(size=(12, 15, 13, 3)),
@@ -208,8 +208,8 @@ def test_predict_case_output_on_input_grid(shape, spacing):
     from kits_keras import io
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.preprocessing import IntensityStats
-    from kits_keras.synthetic import kits19_affine
+    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.synthetic.cases import kits19_affine
 
     image = np.full(shape, -100.0, dtype=np.float32)
     # A bright ellipsoid of about 60 x 80 x 80 mm.

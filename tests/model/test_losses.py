@@ -1,14 +1,14 @@
-"""Tests of kits_keras/losses.py against a float64 NumPy reference."""
+"""Tests of kits_keras/model/losses.py against a float64 NumPy reference."""
 
 import keras
 import numpy as np
 import pytest
 
 from kits_keras.config import LossConfig
-from kits_keras.losses import ExpLogLoss
-from kits_keras.losses import deep_supervision_weights
-from kits_keras.losses import exp_log_loss
-from kits_keras.losses import multi_scale_loss
+from kits_keras.model.losses import ExpLogLoss
+from kits_keras.model.losses import deep_supervision_weights
+from kits_keras.model.losses import exp_log_loss
+from kits_keras.model.losses import multi_scale_loss
 
 
 def reference_loss(y_true, y_pred, cfg, eps=1e-6, p_eps=1e-7):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from kits_keras.metrics import RegionDice
+from kits_keras.model.metrics import RegionDice
 
 
 def _probs(labels):

@@ -1,4 +1,4 @@
-"""Tests of kits_keras/model.py and kits_keras/layers.py."""
+"""Tests of kits_keras/model/unet.py and kits_keras/model/layers.py."""
 
 import os
 import subprocess
@@ -12,12 +12,12 @@ import pytest
 from kits_keras.config import get_config
 from kits_keras.config import output_strides
 from kits_keras.config import override
-from kits_keras.layers import InstanceNormalization
-from kits_keras.model import build_unet
-from kits_keras.model import count_flops
-from kits_keras.model import full_resolution_model
-from kits_keras.model import level_filters
-from kits_keras.model import total_stride
+from kits_keras.model.layers import InstanceNormalization
+from kits_keras.model.unet import build_unet
+from kits_keras.model.unet import count_flops
+from kits_keras.model.unet import full_resolution_model
+from kits_keras.model.unet import level_filters
+from kits_keras.model.unet import total_stride
 
 # The strides of the PlainConvUNet measured in benchmarks/train_step.py.
 PEER_STRIDES = ((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (1, 2, 2))
@@ -120,7 +120,7 @@ FUSED_GRADIENT_CHECK = """
 import numpy as np
 import keras
 from keras import ops
-from kits_keras.layers import instance_norm_leaky_relu
+from kits_keras.model.layers import instance_norm_leaky_relu
 
 rng = np.random.default_rng(0)
 x = rng.normal(2.0, 3.0, (2, 6, 5, 4, 7)).astype("float32")
@@ -283,8 +283,8 @@ def test_runs_without_tensorflow(tmp_path):
         import numpy as np
         import keras
         from kits_keras.config import get_config
-        from kits_keras.losses import multi_scale_loss
-        from kits_keras.model import build_unet
+        from kits_keras.model.losses import multi_scale_loss
+        from kits_keras.model.unet import build_unet
         assert keras.backend.backend() == "jax"
         cfg = get_config("tiny")
         model = build_unet(cfg)

@@ -1,4 +1,4 @@
-"""Tests for kits_keras/synthetic.py and the ``kits-keras synth`` command."""
+"""Tests for kits_keras/synthetic/cases.py and ``kits-keras synth``."""
 
 import os
 import shutil
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from cli.main import main
 from kits_keras import io
-from kits_keras import synthetic
+from kits_keras.synthetic import cases as synthetic
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_contrast_phases_change_kidney_and_organs():
     assert medians["non-contrast"][1] < 60
     for phase in ("arterial", "portal-venous", "nephrographic"):
         assert medians[phase][0] > 100, (phase, medians)
-    from kits_keras import synthetic_anatomy as anatomy
+    from kits_keras.synthetic import anatomy
 
     drawn = {anatomy.sample_tissue(np.random.default_rng(seed))["phase"]
              for seed in range(40)}

@@ -1,4 +1,4 @@
-"""Tests of ``kits_keras.training`` and ``kits-keras fit``.
+"""Tests of ``kits_keras.training.fit`` and ``kits-keras fit``.
 
 In-process tests run on this process's Keras backend (JAX unless
 ``KERAS_BACKEND`` says otherwise). The data-parallel test runs the CLI in a
@@ -8,9 +8,9 @@ convolutions are several times faster than XLA:CPU's (issue #6) and which
 needs ~100 steps.
 
 All training data except the overfitting test's go through the real
-pipeline: synthetic cases -> ``kits_keras.dataset.prepare`` (TFDS) ->
-``kits_keras.data``. Patches are 16 x 32 x 32 (the smallest the tiny U-Net's
-total stride allows with three decoder outputs) to keep the tests fast.
+pipeline: synthetic cases -> ``kits_keras.data.prepare.prepare`` (TFDS) ->
+``kits_keras.data.pipeline``. Patches are 16 x 32 x 32 (the smallest the tiny
+U-Net's total stride allows with three decoder outputs) to keep the tests fast.
 """
 
 import csv
@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 SMALL = {"patch_size": (16, 32, 32)}
 SMALL_TRAIN = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 2,
                "lr_patience": 1, "metric_smoothing": 2}
@@ -39,8 +40,8 @@ def _env(**extra):
 def data_dir(tmp_path_factory):
     """A prepared ``kits19/demo_4.0x3.2mm`` dataset of 5 synthetic cases
     (4 train of which 1 is held out for validation, 1 test)."""
-    from kits_keras import dataset
-    from kits_keras import synthetic
+    from kits_keras.data import prepare as dataset
+    from kits_keras.synthetic import cases as synthetic
 
     cases = tmp_path_factory.mktemp("cases")
     synthetic.write_cases(str(cases), 5, seed=0, size="small")
@@ -57,7 +58,7 @@ def _small_config(**train):
 
 
 def test_epoch_seed_depends_on_seed_and_epoch_only():
-    from kits_keras.training import epoch_seed
+    from kits_keras.training.fit import epoch_seed
 
     seeds = {epoch_seed(s, e) for s in range(3) for e in range(50)}
     assert len(seeds) == 150
@@ -97,8 +98,8 @@ def _history(run):
 
 def _checkpoint_arrays(run, config):
     """Weights and optimizer variables of a run's last checkpoint."""
-    from kits_keras import callbacks
-    from kits_keras import training
+    from kits_keras.training import callbacks
+    from kits_keras.training import fit as training
 
     state = callbacks.read_state(os.path.join(run, "checkpoints"))
     model = training.compile_model(training.build_model(config, 0), config)
@@ -111,7 +112,7 @@ def _checkpoint_arrays(run, config):
 def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     """Epochs 1-2 in one go == epoch 1, stop, resume for epoch 2."""
     from kits_keras import artifact
-    from kits_keras import training
+    from kits_keras.training import fit as training
 
     config = _small_config()
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
@@ -192,9 +193,9 @@ def overfit(run_dir, epochs=5, steps=20):
     import keras
 
     from kits_keras import config as config_lib
-    from kits_keras import preprocessing
-    from kits_keras import synthetic
-    from kits_keras import training
+    from kits_keras.data import preprocessing
+    from kits_keras.synthetic import cases as synthetic
+    from kits_keras.training import fit as training
     from kits_keras.backend import import_tensorflow
 
     tf = import_tensorflow()

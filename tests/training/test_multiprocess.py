@@ -17,9 +17,9 @@ take minutes on this CPU). Results:
   uninterrupted two-process run;
 * a process that dies stops the other within ``DEATH_LIMIT_S`` with an
   error, not a hang;
-* each process reads its own patches: :func:`kits_keras.data.shard_rows`
-  gives process ``p`` rows ``p`` of every batch, disjoint, and side by side
-  they are the single-process batches.
+* each process reads its own patches:
+  :func:`kits_keras.data.pipeline.shard_rows` gives process ``p`` rows ``p`` of
+  every batch, disjoint, and side by side they are the single-process batches.
 """
 
 import os
@@ -32,7 +32,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 FIT = ["fit", "--config", "tiny", "--batch-size", "2", "--patch-size", "16",
        "32", "32", "--steps-per-epoch", "2", "--seed", "3"]
 # The all-reduce of two replicas may sum in another order than one
@@ -91,7 +92,8 @@ def _final_state(run):
     """Weights and optimizer variables of the run's last checkpoint."""
     code = (
         "import json, os, sys, numpy as np\n"
-        "from kits_keras import callbacks, training\n"
+        "from kits_keras.training import callbacks\n"
+        "from kits_keras.training import fit as training\n"
         "from kits_keras.config import ExperimentConfig\n"
         "run = sys.argv[1]\n"
         "cfg = ExperimentConfig.from_json(open(os.path.join(run, "
@@ -117,8 +119,8 @@ def _final_state(run):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """A prepared ``kits19/demo_4.0x3.2mm`` dataset of one synthetic case."""
-    from kits_keras import dataset
-    from kits_keras import synthetic
+    from kits_keras.data import prepare as dataset
+    from kits_keras.synthetic import cases as synthetic
 
     cases = tmp_path_factory.mktemp("cases")
     synthetic.write_cases(str(cases), 1, seed=0, size="small")
@@ -130,7 +132,7 @@ def data_dir(tmp_path_factory):
 def test_each_process_reads_its_own_rows_of_every_batch():
     import tensorflow as tf
 
-    from kits_keras import data
+    from kits_keras.data import pipeline as data
     from test_data import in_memory_volumes
     from test_data import make_config
     from test_data import synthetic_volume

@@ -1,4 +1,4 @@
-"""Tests of kits_keras/train_step.py (JAX only; run in a JAX subprocess so
+"""Tests of kits_keras/training/step.py (JAX only; run in a JAX subprocess so
 they do not depend on the backend the test session imported)."""
 
 import os
@@ -15,10 +15,10 @@ SCRIPT = textwrap.dedent("""
     import keras
     import numpy as np
     from kits_keras.config import get_config, override
-    from kits_keras.losses import multi_scale_loss
-    from kits_keras.model import build_unet
-    from kits_keras.train_step import assign_state, make_forward
-    from kits_keras.train_step import make_train_step
+    from kits_keras.model.losses import multi_scale_loss
+    from kits_keras.model.unet import build_unet
+    from kits_keras.training.step import assign_state, make_forward
+    from kits_keras.training.step import make_train_step
 
     keras.utils.set_random_seed(0)
     cfg = override(get_config("tiny"), model={"base_filters": 4,
@@ -65,8 +65,8 @@ def test_step_trains_and_writes_back():
                     reason="checks the error on other backends")
 def test_other_backend_is_refused():
     from kits_keras.config import get_config
-    from kits_keras.model import build_unet
-    from kits_keras.train_step import make_train_step
+    from kits_keras.model.unet import build_unet
+    from kits_keras.training.step import make_train_step
 
     cfg = get_config("tiny")
     with pytest.raises(ValueError, match="JAX"):

@@ -1,9 +1,10 @@
-"""Tests for kits_keras/validation.py and the validation summary callback."""
+"""Tests for kits_keras/training/validation.py and the validation summary
+callback."""
 
 import numpy as np
 import pytest
 
-from kits_keras import callbacks as cb
+from kits_keras.training import callbacks as cb
 from kits_keras.config import get_config
 
 
@@ -51,8 +52,8 @@ def test_patch_dice_without_validator():
 
 
 def test_volume_validator_scores_whole_volumes():
-    from kits_keras import training
-    from kits_keras import validation
+    from kits_keras.training import fit as training
+    from kits_keras.training import validation
 
     config = get_config("tiny")
     model = training.build_model(config, 0)
@@ -67,8 +68,8 @@ def test_volume_validator_scores_whole_volumes():
     assert set(validator.last_cases) == {"case_a", "case_b"}
     # The untrained network's argmax, scored as evaluate would.
     from kits_keras import evaluate
-    from kits_keras import sliding_window as sw
-    from kits_keras.model import full_resolution_model
+    from kits_keras.inference import sliding_window as sw
+    from kits_keras.model.unet import full_resolution_model
 
     net = full_resolution_model(model)
     probs = sw.sliding_window(

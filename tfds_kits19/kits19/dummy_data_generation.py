@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 
 from kits_keras import io
-from kits_keras import synthetic
+from kits_keras.synthetic import cases as synthetic
 
 DUMMY_DIR = os.path.join(os.path.dirname(__file__), "dummy_data")
 # (shape (z, y, x), spacing mm (z, y, x), has_tumour)

@@ -2,14 +2,14 @@
 
 Each example is one whole case on the config's target grid: the CT clipped
 to the training split's foreground 0.5/99.5 percentiles, z-scored with the
-foreground mean/std (``kits_keras.preprocessing.preprocess_image``, the same
-function the predictor calls), and labels resampled as one-hot + argmax.
+foreground mean/std (``kits_keras.data.preprocessing.preprocess_image``, the
+same function the predictor calls), and labels resampled as one-hot + argmax.
 
 Split rule (deterministic, documented in README.md): the labelled case ids
 are sorted and every fifth one (index % 5 == 4) goes to ``test``, the others
 to ``train`` (KiTS19's 210 labelled cases -> 168 train / 42 test, the paper's
 sizes). Folders without ``segmentation.nii.gz`` (the KiTS19 challenge test
-cases 210-299) are ignored. ``kits_keras.data`` holds out the last
+cases 210-299) are ignored. ``kits_keras.data.pipeline`` holds out the last
 ``data.validation_cases`` ids of ``metadata["train_case_ids"]`` for
 validation.
 
@@ -18,8 +18,8 @@ labelled cases have no ``test`` split; so has a folder whose test cases were
 all skipped as bad), with one log line; no usable training case is an error.
 
 ``metadata["source"]`` fingerprints what the dataset was built from (see
-:func:`source_fingerprint`); ``kits_keras.dataset.prepare`` compares it with
-the case folder before reusing a dataset.
+:func:`source_fingerprint`); ``kits_keras.data.prepare.prepare`` compares it
+with the case folder before reusing a dataset.
 """
 
 import concurrent.futures
@@ -36,7 +36,7 @@ from etils import epath
 
 from kits_keras import config as kk_config
 from kits_keras import io
-from kits_keras import preprocessing
+from kits_keras.data import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,8 @@ def labelled_case_dirs(manual_dir):
 
 def code_version():
     """sha256 (16 hex digits) of the code that turns case files into
-    examples: this module, ``kits_keras.preprocessing`` and ``kits_keras.io``.
+    examples: this module, ``kits_keras.data.preprocessing`` and
+        ``kits_keras.io``.
 
     Any edit to them (a comment too) changes it, so a dataset is never
     silently reused after the preprocessing changed; a spurious change

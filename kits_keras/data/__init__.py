@@ -1,0 +1,1 @@
+"""Cases to training patches: TFDS build, preprocessing, tf.data, augment."""

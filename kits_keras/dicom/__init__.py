@@ -1,0 +1,1 @@
+"""DICOM CT series in, DICOM SEG (and synthetic series) out."""

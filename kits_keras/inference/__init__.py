@@ -1,0 +1,1 @@
+"""Prediction on whole CTs: sliding window, clean-up, SavedModel export."""

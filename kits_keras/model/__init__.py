@@ -1,0 +1,1 @@
+"""The multi-scale supervised 3-D U-Net, its layers, loss and metrics."""

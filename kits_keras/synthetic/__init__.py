@@ -1,0 +1,1 @@
+"""Synthetic CT cases in the KiTS19 layout (no download needed)."""

@@ -1,0 +1,1 @@
+"""Training: ``fit`` and its callbacks, the jitted JAX step, validation."""
