@@ -197,11 +197,3 @@ def test_rotated_patch_reads_volume_not_padding_at_corners():
     out, _ = augment.spatial_transform(image, labels, SPACING, [3, 20, 20],
                                        (4, 24, 24), params, 8.0, -9.0)
     assert (out.numpy() == 1.0).all()
-
-
-def test_unknown_interpolation_is_a_clear_error():
-    image, labels = volume()
-    config = dataclasses.replace(NONE, image_interpolation="cubic")
-    with pytest.raises(ValueError, match="image_interpolation='cubic'"):
-        augment.augment_patch(image, labels, SPACING, [0, 0, 0], (4, 8, 8),
-                              config, seed(0), 0.0)
