@@ -92,6 +92,15 @@ class AugmentConfig:
         gamma_range: gamma range, intensities rescaled to [0, 1] first and
             back afterwards (mean and std retained).
         p_mirror: probability of mirroring along each of (z, y, x).
+        p_brightness: probability of multiplying a patch's intensities by
+            one factor (nnU-Net's multiplicative brightness).
+        brightness_range: range of that factor.
+        p_contrast: probability of scaling intensities about the patch
+            mean, clipped to the patch's former range.
+        contrast_range: range of the contrast factor.
+        p_noise: probability of adding Gaussian noise.
+        noise_variance: range of the noise variance, in units of the
+            normalised intensities (z-scores).
 
     The image is resampled trilinearly, the labels by nearest neighbour
     (cubic would need 8x the gathers).
@@ -108,6 +117,14 @@ class AugmentConfig:
     p_gamma: float = 0.3
     gamma_range: tuple = (0.7, 1.5)
     p_mirror: tuple = (0.5, 0.5, 0.5)
+    # nnU-Net's intensity transforms: across scanners and contrast phases
+    # the same organ sits at different HU, which gamma alone does not cover.
+    p_brightness: float = 0.15
+    brightness_range: tuple = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple = (0.75, 1.25)
+    p_noise: float = 0.1
+    noise_variance: tuple = (0.0, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
