@@ -609,7 +609,6 @@ def run_section(name, mode, deadline, hard, log):
                        tempfile.gettempdir(), "kits_keras_jax_cache")),
                PYTHONPATH=os.pathsep.join(
                    p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
-    env.pop("KITS_KERAS_USER_BACKEND", None)
     if mode == "smoke" and name == "jax":  # data parallel over 2 devices
         env["XLA_FLAGS"] = " ".join(filter(None, (
             env.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=2")))

@@ -98,7 +98,7 @@ def run(work, steps, seed, fresh=False):
         from kits_keras.demo import _split_case_ids
 
         result = dataset.prepare(os.path.join(work, "cases"), data_dir=path,
-                                 config=config.data.dataset)
+                                 config=config.data)
         train_ids, test_ids = _split_case_ids(result)
         return {"train": sorted(train_ids), "test": sorted(test_ids)}
 

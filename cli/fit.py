@@ -86,19 +86,16 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
         name = "jax"
     backend_lib.select_backend(name)
 
-    config = None
-    if config_name is not None:
-        train = {k: v for k, v in (("epochs", epochs),
-                                   ("steps_per_epoch", steps_per_epoch),
-                                   ("batch_size", batch_size)) if v}
-        data = {"patch_size": tuple(patch_size)} if patch_size else {}
-        config = config_lib.override(config_lib.get_config(config_name),
-                                     train=train, data=data)
-    elif not resume:
+    if config_name is None and not resume:
         raise click.UsageError("--config is required (unless --resume).")
-    elif steps_per_epoch or batch_size or patch_size:
-        raise click.UsageError(
-            "--resume keeps the run's config; only --epochs may change.")
+    config = (None if config_name is None
+              else config_lib.get_config(config_name))
+    # Flags not given are None: training.fit applies the rest (to the
+    # named config, or to the resumed run's) with config.override.
+    changes = {"train": {"epochs": epochs,
+                         "steps_per_epoch": steps_per_epoch,
+                         "batch_size": batch_size, "seed": seed},
+               "data": {"patch_size": patch_size or None}}
     from kits_keras.training import fit as training
 
     cluster = None
@@ -107,8 +104,8 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
                                    process_id, heartbeat_s)
     try:
         run_dir = training.fit(config, data_dir, out_dir=out_dir, gpus=gpus,
-                               resume=resume, seed=seed, cluster=cluster,
-                               epochs=epochs if config is None else None)
+                               resume=resume, changes=changes,
+                               cluster=cluster)
     except training.ClusterError as err:
         click.echo(f"Error: {err}", err=True)
         # Now: JAX's distributed shutdown at exit would wait for the lost

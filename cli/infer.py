@@ -1,6 +1,5 @@
 """``kits-keras infer``: segment CT volumes with a trained model."""
 
-import os
 import sys
 
 import click
@@ -8,16 +7,6 @@ import click
 from cli.common import UserError
 from cli.common import backend_option
 from cli.common import user_errors
-
-
-def _set_device(device):
-    """Hides the GPU from JAX and TensorFlow for ``--device cpu``.
-
-    Must run before Keras (and JAX) are imported.
-    """
-    if device == "cpu":
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 
 
 class _Progress:
@@ -120,9 +109,12 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     """
     if model and saved_model:
         raise UserError("--model and --saved-model exclude each other")
-    _set_device(device)
     from kits_keras.backend import has_accelerator
+    from kits_keras.backend import hide_accelerators
     from kits_keras.backend import select_backend
+
+    if device == "cpu":  # before Keras (and JAX) are imported
+        hide_accelerators()
 
     if device == "gpu" and not has_accelerator():
         raise UserError("--device gpu: no GPU visible to JAX on this host")

@@ -3,13 +3,14 @@
 import click
 
 from cli.common import user_errors
+from kits_keras.config import PostprocessConfig
 
 
 @click.command("postprocess")
 @click.argument("input_path", metavar="IN", type=click.Path(path_type=str))
 @click.argument("output_path", metavar="OUT", type=click.Path(path_type=str))
-@click.option("--min-fraction", type=click.FloatRange(0, 1), default=0.05,
-              show_default=True,
+@click.option("--min-fraction", type=click.FloatRange(0, 1),
+              default=PostprocessConfig.min_fraction, show_default=True,
               help="Drop kidney components smaller than this share of the "
               "largest.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
@@ -20,7 +21,6 @@ def postprocess(input_path, output_path, min_fraction, overwrite):
     IN and OUT are label NIfTI files (0 background, 1 kidney, 2 tumour);
     OUT keeps IN's grid and header.
     """
-    from kits_keras.inference.postprocess import PostprocessConfig
     from kits_keras.inference.postprocess import postprocess_file
 
     removed = postprocess_file(

@@ -43,7 +43,8 @@ def prepare(manual_dir, data_dir, config_name, workers, skip_bad_cases,
     \b
     Reuse: the dataset records what it was built from (case ids; each
     file's size, modification time and gzip checksum; a hash of the
-    preprocessing code). A rerun on the same files (in any folder) does
+    preprocessing code; the experiment's data.foreground_samples, the
+    default one for a dataset config name). A rerun on the same files (in any folder) does
     nothing; on changed files (cases added, removed or re-saved, a folder
     with other cases, new preprocessing code) it stops with one line naming
     what changed: pass --rebuild to replace the dataset. A folder left by

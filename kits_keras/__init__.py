@@ -8,7 +8,7 @@ TensorFlow (tf.data, TFDS, SavedModel export) get it through
 that JAX keeps the accelerator.
 """
 
-import os
+from kits_keras import backend as _backend
 
 __version__ = "0.1.0"
 __all__ = ["Segmenter"]
@@ -23,16 +23,7 @@ def __getattr__(name):
         return Segmenter
     raise AttributeError(f"module 'kits_keras' has no attribute {name!r}")
 
-_chosen = os.environ.get("KERAS_BACKEND")
-# A KERAS_BACKEND that this package set itself (in this process or in a
-# parent whose environment was inherited) is a default, not a user's choice.
-if _chosen and _chosen != os.environ.get("KITS_KERAS_DEFAULT_BACKEND"):
-    # Remembered so that ``backend="auto"`` honours an explicit user choice.
-    os.environ.setdefault("KITS_KERAS_USER_BACKEND", _chosen)
-if not _chosen:
-    os.environ["KERAS_BACKEND"] = "jax"
-    os.environ["KITS_KERAS_DEFAULT_BACKEND"] = "jax"
-del _chosen
-# TensorFlow is only a host-side tool here (tf.data, TFDS, export): keep its
-# C++ start-up chatter out of the user's terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# Before Keras can be imported: see kits_keras.backend for the state kept in
+# the environment.
+_backend.set_import_defaults()

@@ -4,6 +4,18 @@ Keras 3 runs one model on JAX or TensorFlow. JAX is the backend wherever there
 is an accelerator. On CPU-only hosts TensorFlow's oneDNN 3-D convolutions are
 several times faster than XLA:CPU's (see ``benchmarks/train_step.py``), so
 ``auto`` picks TensorFlow there when it is installed.
+
+All of the package's backend state lives in the environment, and this
+module alone reads and writes it (environment variables, because Keras
+reads ``KERAS_BACKEND`` once, at its first import, and child processes must
+inherit the state):
+
+* ``KERAS_BACKEND``: Keras's own; the backend of this process.
+* ``KITS_KERAS_DEFAULT_BACKEND``: the value this package last wrote to
+  ``KERAS_BACKEND`` as a default, not a user's choice. A ``KERAS_BACKEND``
+  that differs from it (or is set without it) is the user's choice and wins
+  over ``auto``; one equal to it is not, so a child process of a script
+  that imported this package still resolves ``auto`` for its own host.
 """
 
 import importlib.util
@@ -14,6 +26,35 @@ import sys
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "jax", "tensorflow")
+_KERAS = "KERAS_BACKEND"
+_DEFAULT = "KITS_KERAS_DEFAULT_BACKEND"
+
+
+def set_import_defaults():
+    """What ``import kits_keras`` does: JAX for Keras unless a backend is
+    chosen already, and TensorFlow's C++ start-up chatter kept out of the
+    user's terminal (TensorFlow is only a host-side tool here)."""
+    if not os.environ.get(_KERAS):
+        os.environ[_KERAS] = os.environ[_DEFAULT] = "jax"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def user_choice():
+    """The user's ``KERAS_BACKEND``, or None when unset or set by this
+    package as a default."""
+    chosen = os.environ.get(_KERAS)
+    if chosen and chosen != os.environ.get(_DEFAULT):
+        return chosen
+    return None
+
+
+def hide_accelerators():
+    """Makes JAX and TensorFlow run on the CPU (``infer --device cpu``).
+
+    Must run before JAX is first used.
+    """
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["CUDA_VISIBLE_DEVICES"] = "-1"
 
 
 def import_tensorflow():
@@ -22,7 +63,7 @@ def import_tensorflow():
     TensorFlow only feeds data and exports models here; if it claimed a GPU it
     would reserve most of its memory and starve JAX.
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    set_import_defaults()
     import tensorflow as tf
 
     try:
@@ -58,9 +99,9 @@ def resolve_backend(name="auto"):
         )
     if name != "auto":
         return name
-    user_choice = os.environ.get("KITS_KERAS_USER_BACKEND")
-    if user_choice:
-        return user_choice
+    chosen = user_choice()
+    if chosen:
+        return chosen
     if has_accelerator():
         return "jax"
     if importlib.util.find_spec("tensorflow") is not None:
@@ -87,9 +128,10 @@ def select_backend(name="auto"):
                 backend,
             )
         return current
-    os.environ["KERAS_BACKEND"] = backend
-    if not os.environ.get("KITS_KERAS_USER_BACKEND"):
+    user = user_choice()
+    os.environ[_KERAS] = backend
+    if not user:
         # Child processes resolve "auto" again instead of taking this as
         # the user's choice.
-        os.environ["KITS_KERAS_DEFAULT_BACKEND"] = backend
+        os.environ[_DEFAULT] = backend
     return backend

@@ -1,9 +1,13 @@
 """The one configuration object that flows from the CLI to every stage.
 
 An :class:`ExperimentConfig` groups frozen dataclasses for data, augmentation,
-model, loss, training and inference. Named experiments live in
-``kits_keras/configs/<name>.py``, each with a ``get_config()``; variants import
-a base and override fields with :func:`dataclasses.replace`.
+model, loss, training, inference and post-processing. Named experiments live
+in ``kits_keras/configs/<name>.py``, each with a ``get_config()``; variants
+import a base and override fields with :func:`dataclasses.replace`. Every
+later change (command-line flags, the demo, benchmarks) goes through
+:func:`override`. Every field is read by the code (``tests/test_config.py``
+checks it): a field nothing reads would be a setting that silently does
+nothing.
 
 Axis order everywhere is ``(z, y, x)``; spacings are in mm.
 """
@@ -11,6 +15,9 @@ Axis order everywhere is ``(z, y, x)``; spacings are in mm.
 import dataclasses
 import importlib
 import json
+import pkgutil
+
+from kits_keras import configs as _configs
 
 # TFDS builder configs: name -> target spacing (z, y, x) in mm. The name says
 # what the config is, so that ``tfds.load("kits19/<name>")`` is self-describing.
@@ -23,7 +30,10 @@ DATASET_SPACINGS = {
     "demo_4.0x3.2mm": (4.0, 3.2, 3.2),
 }
 
-EXPERIMENTS = ("paper", "coarse", "tiny")
+# The experiments are the modules of ``kits_keras/configs/``: adding a file
+# there adds an experiment.
+EXPERIMENTS = tuple(sorted(
+    m.name for m in pkgutil.iter_modules(_configs.__path__)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,8 +50,11 @@ class DataConfig:
         patches_per_volume: patches cut from each loaded volume.
         shuffle_volumes: volumes held in the shuffle buffer.
         validation_cases: training cases held out for validation.
-        foreground_samples: voxel coordinates of each foreground class stored
-            per case for oversampling.
+        foreground_samples: voxel coordinates of each foreground class
+            (kidney-or-tumour, tumour) that ``kits-keras prepare`` stores
+            per case for oversampling. Part of the dataset: ``prepare``
+            records it (a dataset built with another value is out of date)
+            and training refuses a dataset built with another value.
     """
 
     dataset: str = "interp_3.0x0.78mm"
@@ -79,8 +92,18 @@ class AugmentConfig:
         gamma_range: gamma range, intensities rescaled to [0, 1] first and
             back afterwards (mean and std retained).
         p_mirror: probability of mirroring along each of (z, y, x).
-        image_interpolation: "linear" (trilinear; the only one implemented:
-            cubic would need 8x the gathers).
+        p_brightness: probability of multiplying a patch's intensities by
+            one factor (nnU-Net's multiplicative brightness).
+        brightness_range: range of that factor.
+        p_contrast: probability of scaling intensities about the patch
+            mean, clipped to the patch's former range.
+        contrast_range: range of the contrast factor.
+        p_noise: probability of adding Gaussian noise.
+        noise_variance: range of the noise variance, in units of the
+            normalised intensities (z-scores).
+
+    The image is resampled trilinearly, the labels by nearest neighbour
+    (cubic would need 8x the gathers).
     """
 
     p_rotation: float = 0.2
@@ -94,7 +117,14 @@ class AugmentConfig:
     p_gamma: float = 0.3
     gamma_range: tuple = (0.7, 1.5)
     p_mirror: tuple = (0.5, 0.5, 0.5)
-    image_interpolation: str = "linear"
+    # nnU-Net's intensity transforms: across scanners and contrast phases
+    # the same organ sits at different HU, which gamma alone does not cover.
+    p_brightness: float = 0.15
+    brightness_range: tuple = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple = (0.75, 1.25)
+    p_noise: float = 0.1
+    noise_variance: tuple = (0.0, 0.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,8 +226,33 @@ class InferenceConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+    """Connected-component clean-up (:func:`kits_keras.postprocess.
+    postprocess`, whose docstring gives the rules).
+
+    Attributes:
+        max_components: kidney-plus-tumour components kept at most.
+        min_fraction: smallest kept component, as a share of the largest.
+        min_fraction_tumour_only: smallest kept component without kidney
+            voxels, as a share of the largest kidney-bearing one.
+        min_ml_tumour_only: smallest kept component without kidney voxels
+            when no component bears kidney (mL; needs the voxel size).
+    """
+
+    max_components: int = 2
+    min_fraction: float = 0.05
+    min_fraction_tumour_only: float = 0.3
+    min_ml_tumour_only: float = 100.0
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything one experiment needs, from data to inference."""
+    """Everything one experiment needs, from data to post-processing.
+
+    Saved with the model (``config.json`` and inside ``model.keras``), so
+    ``infer`` runs with the inference and post-processing settings the run
+    was made with.
+    """
 
     name: str = "paper"
     data: DataConfig = DataConfig()
@@ -206,6 +261,7 @@ class ExperimentConfig:
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     infer: InferenceConfig = InferenceConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -215,7 +271,13 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Inverse of :meth:`to_dict`; lists become tuples again."""
+        """Inverse of :meth:`to_dict`; lists become tuples again.
+
+        A section missing from ``d`` (``postprocess`` in runs saved before
+        it was part of the config) takes its defaults. A retired field
+        (:data:`RETIRED_FIELDS`) is accepted only with the value the code
+        now always uses.
+        """
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs = {}
         for key, value in d.items():
@@ -226,6 +288,7 @@ class ExperimentConfig:
                 continue
             section_cls = type(getattr(cls(), key))
             known = {f.name for f in dataclasses.fields(section_cls)}
+            value = _without_retired(key, value)
             unknown = set(value) - known
             if unknown:
                 raise ValueError(
@@ -239,6 +302,31 @@ class ExperimentConfig:
     @classmethod
     def from_json(cls, text):
         return cls.from_dict(json.loads(text))
+
+
+# Fields that older runs stored and the code no longer has, with the only
+# value those runs could have used (anything else would have been ignored or
+# refused then too).
+RETIRED_FIELDS = {
+    # Trilinear was the only interpolation implemented.
+    ("augment", "image_interpolation"): "linear",
+}
+
+
+_ABSENT = object()
+
+
+def _without_retired(section, fields):
+    kept = {}
+    for key, value in fields.items():
+        retired = RETIRED_FIELDS.get((section, key), _ABSENT)
+        if retired is _ABSENT:
+            kept[key] = value
+        elif value != retired:
+            raise ValueError(
+                f"{section}.{key} is no longer a setting (always "
+                f"{retired!r}). Received: {key}={value!r}")
+    return kept
 
 
 def _tuples(value):
@@ -265,16 +353,41 @@ def get_config(name):
 def override(config, **sections):
     """Returns ``config`` with fields of its sections replaced.
 
+    The one function that changes a config after ``get_config``: command-
+    line flags (``fit``, ``infer``), the demo and the benchmarks all go
+    through it. A ``None`` value keeps the config's value (an option not
+    given); lists become tuples, as in :meth:`ExperimentConfig.from_dict`.
+
+    Args:
+        config: ExperimentConfig.
+        **sections: section name -> ``{field: value}``, or ``name=str``.
+
+    Raises:
+        ValueError: for an unknown section or field.
+
     Example:
-        >>> cfg = override(get_config("tiny"), train={"epochs": 2})
-        >>> cfg.train.epochs
-        2
+        >>> cfg = override(get_config("tiny"), train={"epochs": 2,
+        ...                                           "seed": None})
+        >>> cfg.train.epochs, cfg.train.seed
+        (2, 0)
     """
     changes = {}
     for section, fields in sections.items():
-        changes[section] = dataclasses.replace(
-            getattr(config, section), **fields
-        )
+        if section == "name":
+            if fields is not None:
+                changes["name"] = str(fields)
+            continue
+        current = getattr(config, section, None)
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"Unknown config section. Received: {section!r}")
+        known = {f.name for f in dataclasses.fields(current)}
+        given = {k: _tuples(v) for k, v in (fields or {}).items()
+                 if v is not None}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown {section} config fields. Received: {unknown}")
+        changes[section] = dataclasses.replace(current, **given)
     return dataclasses.replace(config, **changes)
 
 

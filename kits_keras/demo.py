@@ -126,7 +126,7 @@ def run_demo(options=DemoOptions()):
     _timed(timings, "synthesise", synthetic.write_cases, paths["cases"],
            options.num_cases, seed=options.seed, size="small")
     prepared = _timed(timings, "prepare", dataset.prepare, paths["cases"],
-                      data_dir=paths["tfds"], config=config.data.dataset)
+                      data_dir=paths["tfds"], config=config.data)
     _timed(timings, "train", training.fit, config, paths["tfds"],
            out_dir=paths["run"])
     train_ids, test_ids = _split_case_ids(prepared)

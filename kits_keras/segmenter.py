@@ -137,9 +137,7 @@ class Segmenter:
             art = load_saved_model(saved_model)
         else:
             art = predict.load_model(model)
-        changes = {k: v for k, v in infer.items() if v is not None}
-        config = override(art.config, infer=changes) if changes else (
-            art.config)
+        config = override(art.config, infer=infer)
         segmenter = cls(art, config)
         segmenter.postprocess = postprocess
         return segmenter

@@ -9,8 +9,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLEAN = {k: v for k, v in os.environ.items()
-         if k not in ("KERAS_BACKEND", "KITS_KERAS_USER_BACKEND",
-                      "KITS_KERAS_DEFAULT_BACKEND")}
+         if k not in ("KERAS_BACKEND", "KITS_KERAS_DEFAULT_BACKEND")}
 RESOLVE = ("import kits_keras; from kits_keras.backend import "
            "resolve_backend; print(resolve_backend())")
 

@@ -17,7 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(*args):
     env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("KITS_KERAS_USER_BACKEND", None)
     return subprocess.run(
         [sys.executable, "-c", "from cli.main import main; main()", *args],
         capture_output=True, text=True, env=env, timeout=900)

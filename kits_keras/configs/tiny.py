@@ -24,7 +24,6 @@ def get_config():
             patches_per_volume=4,
             shuffle_volumes=4,
             validation_cases=1,
-            foreground_samples=2000,
         ),
         model=dataclasses.replace(
             base.model, num_levels=4, base_filters=8, max_filters=64

@@ -243,7 +243,24 @@ def _builder(config, data_dir):
             f"{data_dir}: no prepared {name} dataset there (expected "
             f"{builder.data_dir}); run `kits-keras prepare` first."
         )
+    _check_foreground_samples(config, builder)
     return builder
+
+
+def _check_foreground_samples(config, builder):
+    """Refuses a dataset that stores another number of foreground
+    coordinates per class than ``config.data.foreground_samples`` (the
+    setting would otherwise silently do nothing)."""
+    from tfds_kits19.kits19 import kits19_dataset_builder as kb
+
+    stored = (builder.info.metadata or {}).get(
+        "foreground_samples", kb.UNRECORDED_FOREGROUND_SAMPLES)
+    wanted = config.data.foreground_samples
+    if stored != wanted:
+        raise ValueError(
+            f"{builder.data_dir}: built with foreground_samples={stored}, "
+            f"the config has {wanted}; run `kits-keras prepare --config "
+            f"{config.name} --rebuild`.")
 
 
 def case_split(config, builder):

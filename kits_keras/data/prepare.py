@@ -42,13 +42,17 @@ class PrepareResult:
     skipped_cases: dict
 
 
-def dataset_config_name(name):
-    """A TFDS config name, from itself or from an experiment name
-    (``paper``/``coarse``/``tiny`` -> that experiment's ``data.dataset``)."""
-    if name in kk_config.DATASET_SPACINGS:
+def data_config(name):
+    """The :class:`kits_keras.config.DataConfig` whose ``dataset`` and
+    ``foreground_samples`` ``prepare`` builds: that of an experiment
+    (``paper``/``coarse``/``tiny``), or for a TFDS config name the default
+    one naming that dataset; a DataConfig is returned as it is."""
+    if isinstance(name, kk_config.DataConfig):
         return name
+    if name in kk_config.DATASET_SPACINGS:
+        return kk_config.DataConfig(dataset=name)
     if name in kk_config.EXPERIMENTS:
-        return kk_config.get_config(name).data.dataset
+        return kk_config.get_config(name).data
     raise ValueError(
         f"Unknown dataset config. Received: config={name!r}; expected one of "
         f"{sorted(kk_config.DATASET_SPACINGS)} or an experiment name "
@@ -80,7 +84,8 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
             ``kits-keras synth`` output).
         data_dir: str. TFDS data directory. Defaults to
             :func:`default_data_dir`.
-        config: str. TFDS config or experiment name.
+        config: str or DataConfig. TFDS config or experiment name, or an
+            experiment's ``data`` (see :func:`data_config`).
         workers: int. Cases processed in parallel (default: usable cores).
         skip_bad_cases: bool. Skip unreadable cases (listed in the result)
             instead of stopping at the first.
@@ -89,7 +94,8 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     Returns:
         PrepareResult.
     """
-    config_name = dataset_config_name(config)
+    data = data_config(config)
+    config_name = data.dataset
     name = f"kits19/{config_name}"
     data_dir = os.fspath(data_dir or default_data_dir())
     if not os.path.isdir(manual_dir):
@@ -115,10 +121,11 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
 
         def make_builder():
             return kb.Builder(config=config_name, data_dir=data_dir,
-                              workers=workers, skip_bad_cases=skip_bad_cases)
+                              workers=workers, skip_bad_cases=skip_bad_cases,
+                              foreground_samples=data.foreground_samples)
 
         builder = make_builder()
-        source = kb.source_fingerprint(manual_dir)
+        source = kb.source_fingerprint(manual_dir, data.foreground_samples)
         built = True
         if os.path.isdir(builder.data_path):
             stored = None  # an unfinished folder: no record either

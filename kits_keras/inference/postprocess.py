@@ -29,32 +29,15 @@ small share of an abdominal CT), sizes come from one ``np.bincount`` on
 int32 labels, and the output is a copy: the input is never modified.
 """
 
-import dataclasses
 import os
 
 import numpy as np
 from scipy import ndimage
 
+# Defined with the other config sections (``ExperimentConfig.postprocess``).
+from kits_keras.config import PostprocessConfig
+
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class PostprocessConfig:
-    """Options of :func:`postprocess`.
-
-    Attributes:
-        max_components: kidney-plus-tumour components kept at most.
-        min_fraction: smallest kept component, as a share of the largest.
-        min_fraction_tumour_only: smallest kept component without kidney
-            voxels, as a share of the largest kidney-bearing one.
-        min_ml_tumour_only: smallest kept component without kidney voxels
-            when no component bears kidney (mL; needs the voxel size).
-    """
-
-    max_components: int = 2
-    min_fraction: float = 0.05
-    min_fraction_tumour_only: float = 0.3
-    min_ml_tumour_only: float = 100.0
 
 
 def foreground_bbox(labels):

@@ -543,7 +543,8 @@ def _refuse_label_map(volume, sample=1 << 20):
 
 def segment_volume(volume, network, config, stats, postprocess=True,
                    progress=None):
-    """:func:`predict_case`, then post-processing.
+    """:func:`predict_case`, then post-processing with
+    ``config.postprocess``.
 
     Returns:
         ``(labels, prediction, voxels_removed, postprocess_seconds)``.
@@ -552,7 +553,8 @@ def segment_volume(volume, network, config, stats, postprocess=True,
 
     pred = predict_case(volume, network, config, stats, progress=progress)
     t0 = time.perf_counter()
-    labels = (clean(pred.labels, voxel_ml=volume.voxel_volume_ml)
+    labels = (clean(pred.labels, config.postprocess,
+                    voxel_ml=volume.voxel_volume_ml)
               if postprocess else pred.labels)
     removed = int(np.count_nonzero(pred.labels != labels))
     return labels, pred, removed, time.perf_counter() - t0
@@ -748,9 +750,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
             art = load_saved_model(saved_model)
         else:
             art = load_model(model)
-        changes = {k: v for k, v in (infer_overrides or {}).items()
-                   if v is not None}
-        config = override(art.config, infer=changes) if changes else art.config
+        config = override(art.config, infer=infer_overrides)
         from kits_keras.artifact import orientation_of
 
         orientation = orientation_of(art.metadata, art.path)

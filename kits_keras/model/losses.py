@@ -36,6 +36,8 @@ from kits_keras.config import LossConfig
 POWER_EPSILON = 1e-6
 # Floor on probabilities before the logarithm.
 PROB_EPSILON = 1e-7
+# ExpLogLoss's keyword defaults: LossConfig holds the numbers.
+_DEFAULTS = LossConfig()
 
 
 def _stable_power(x, gamma):
@@ -147,10 +149,12 @@ class ExpLogLoss(keras.losses.Loss):
         0.3
     """
 
-    def __init__(self, w_dice=0.8, w_ce=0.2, gamma_dice=0.3, gamma_ce=0.3,
-                 class_weights=(1.0, 1.0, 2.0), smooth=1.0,
-                 name="exp_log_loss", reduction="sum_over_batch_size",
-                 dtype=None):
+    def __init__(self, w_dice=_DEFAULTS.w_dice, w_ce=_DEFAULTS.w_ce,
+                 gamma_dice=_DEFAULTS.gamma_dice,
+                 gamma_ce=_DEFAULTS.gamma_ce,
+                 class_weights=_DEFAULTS.class_weights,
+                 smooth=_DEFAULTS.smooth, name="exp_log_loss",
+                 reduction="sum_over_batch_size", dtype=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.loss_config = LossConfig(
             w_dice=float(w_dice), w_ce=float(w_ce),

@@ -278,9 +278,11 @@ def compile_model(model, config):
     return model
 
 
-def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
-                   volume_every=1):
+def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
     """The callbacks of a run, in the order they must run.
+
+    ``volume_validator`` (or None) runs every
+    ``config.train.volume_validation_every`` epochs.
 
     Returns ``(callbacks, checkpoint)``; ``checkpoint.restore(state)``
     restores every stateful one.
@@ -288,7 +290,8 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
     from kits_keras.model.unet import build_unet
 
     summary = cb.ValidationSummary(config.train.metric_smoothing,
-                                   volume_validator, volume_every)
+                                   volume_validator,
+                                   config.train.volume_validation_every)
     plateau = cb.ResumableReduceLROnPlateau(
         monitor="loss", factor=config.train.lr_factor,
         patience=config.train.lr_patience, verbose=1,
@@ -327,7 +330,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None,
 
 def train(config, model, epoch_dataset, validation, run_dir, stats=None,
           seed=0, state=None, verbose="auto", volume_validator=None,
-          volume_every=1, time_budget_s=None):
+          time_budget_s=None):
     """Trains a compiled ``model`` into ``run_dir``; the core of :func:`fit`.
 
     Args:
@@ -343,10 +346,10 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         seed: int. Recorded in ``state.json``.
         state: dict from ``checkpoints/state.json`` to resume from, or None.
         verbose: Keras verbosity ("auto": a progress bar per epoch).
-        volume_validator:
-            :class:`kits_keras.training.validation.VolumeValidator` or None:
-            full-volume validation on the first epoch, every ``volume_every``
-            epochs and the last, which then decides the best checkpoint.
+        volume_validator: :class:`kits_keras.training.validation.VolumeValidator`
+            or None: full-volume validation on the first epoch, every
+            ``config.train.volume_validation_every`` epochs and the last,
+            which then decides the best checkpoint.
         time_budget_s: float or None. Stop after the first epoch that ends
             past this many seconds of training.
 
@@ -355,7 +358,7 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
     """
     os.makedirs(run_dir, exist_ok=True)
     callbacks, checkpoint = make_callbacks(
-        run_dir, config, stats, seed, volume_validator, volume_every)
+        run_dir, config, stats, seed, volume_validator)
     if time_budget_s:
         # Before the checkpoint callback, so the last epoch is still saved.
         callbacks.insert(-1, cb.TimeBudget(time_budget_s))
@@ -430,13 +433,17 @@ def _check_checkpoint(run_dir, state):
                            f"{damaged})")
 
 
-def prepare_run(config, out_dir, resume):
+def prepare_run(config, out_dir, resume, changes=None):
     """``(run_dir, config, state)`` for a new or resumed run.
 
-    Resuming takes the run's stored config; ``config`` may only differ from
-    it in ``train.epochs`` (to train longer). A new run refuses a folder
-    that already holds checkpoints.
+    ``changes`` (``{section: {field: value}}``, None values ignored) are
+    applied with :func:`kits_keras.config.override` to ``config``, or when
+    resuming without one to the run's stored config. Resuming takes the
+    run's stored config, which the result may only differ from in
+    ``train.epochs`` (to train longer). A new run refuses a folder that
+    already holds checkpoints.
     """
+    changes = changes or {}
     if resume:
         run_dir = out_dir or artifact.latest_run(
             member=os.path.join("checkpoints", cb.STATE_FILE))
@@ -447,16 +454,15 @@ def prepare_run(config, out_dir, resume):
         _check_checkpoint(run_dir, state)
         with open(os.path.join(run_dir, "config.json")) as f:
             stored = ExperimentConfig.from_json(f.read())
-        if config is not None:
-            wanted = override(config, train={"epochs": stored.train.epochs})
-            if wanted != stored:
-                raise ValueError(
-                    f"{run_dir}: config differs from the run's config.json "
-                    "(only --epochs may change on --resume).")
-            stored = override(stored, train={"epochs": config.train.epochs})
-        return run_dir, stored, state
+        wanted = override(stored if config is None else config, **changes)
+        if override(wanted, train={"epochs": stored.train.epochs}) != stored:
+            raise ValueError(
+                f"{run_dir}: config differs from the run's config.json "
+                "(only --epochs may change on --resume).")
+        return run_dir, wanted, state
     if config is None:
         raise ValueError("A config is needed to start a run.")
+    config = override(config, **changes)
     run_dir = out_dir or artifact.new_run_dir(artifact.default_runs_root(),
                                               config.name)
     if cb.read_state(os.path.join(run_dir, "checkpoints")) is not None:
@@ -466,8 +472,8 @@ def prepare_run(config, out_dir, resume):
     return run_dir, config, None
 
 
-def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
-        cluster=None, verbose="auto", epochs=None, time_budget_s=None):
+def fit(config, data_dir, out_dir=None, gpus=1, resume=False, changes=None,
+        cluster=None, verbose="auto", time_budget_s=None):
     """Trains on a prepared dataset; the library side of ``kits-keras fit``.
 
     Args:
@@ -478,25 +484,23 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
             latest run there).
         gpus: int. Devices per process for data parallelism.
         resume: bool. Continue the run in ``out_dir`` from its checkpoint.
-        seed: int or None. Overrides ``config.train.seed``.
+        changes: dict or None. Command-line changes,
+            ``{section: {field: value}}`` with None for "not given",
+            applied to ``config`` (or the resumed run's) by
+            :func:`prepare_run`; on ``resume`` only ``train.epochs`` may
+            differ from the run's.
         cluster: Cluster or None. Multi-host training.
         verbose: Keras verbosity.
-        epochs: int or None. Overrides ``train.epochs`` (resuming without
-            a config).
         time_budget_s: float or None. Training time budget in seconds.
 
     Returns:
         str. The run folder.
     """
-    if seed is not None and config is not None:
-        config = override(config, train={"seed": int(seed)})
     if cluster is not None and not out_dir:
         raise ValueError(
             "Several processes need --out: one run folder that every "
             "process reaches (process 0 writes it; --resume reads it).")
-    run_dir, config, state = prepare_run(config, out_dir, resume)
-    if epochs:
-        config = override(config, train={"epochs": int(epochs)})
+    run_dir, config, state = prepare_run(config, out_dir, resume, changes)
     seed = config.train.seed
     distribution = setup_distribution(gpus, cluster, config.train.batch_size)
     shard = None
@@ -510,7 +514,8 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
     # Before anything is written: a missing dataset leaves no empty run.
     epoch_dataset, validation = build_dataset(
         config, data_dir, seed, distribution is not None, shard=shard)
-    log.info("Run folder: %s; precision %s", run_dir, set_precision())
+    policy = set_precision()  # before the model is built
+    log.info("Run folder: %s; precision %s", run_dir, policy)
     writes = cluster is None or cluster.writes
     if writes:
         os.makedirs(run_dir, exist_ok=True)
@@ -539,8 +544,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, seed=None,
         train(config, model, epoch_dataset, validation, folder,
               stats=intensity_stats(config, data_dir), seed=seed,
               state=state, verbose=verbose, time_budget_s=time_budget_s,
-              volume_validator=validator,
-              volume_every=config.train.volume_validation_every)
+              volume_validator=validator)
     if distribution is not None:
         devices = model.trainable_weights[0].value.sharding.device_set
         log.info("Weights replicated on %s", sorted(map(str, devices)))

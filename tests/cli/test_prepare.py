@@ -172,6 +172,30 @@ def test_preprocessing_code_change_needs_rebuild(five_cases, tmp_path,
     assert result.built
 
 
+def test_foreground_samples_are_part_of_the_dataset(five_cases, tmp_path):
+    """``data.foreground_samples`` caps the coordinates stored per class;
+    a dataset built with another value is out of date for ``prepare`` and
+    refused by training's reader."""
+    from kits_keras import config as config_lib
+    from kits_keras import data
+    from kits_keras import dataset
+
+    cases = cases_folder(five_cases, tmp_path / "cases", [0])
+    data_dir = str(tmp_path / "tfds")
+    tiny = config_lib.get_config(CONFIG)
+    few = config_lib.override(tiny, data={"foreground_samples": 50})
+    dataset.prepare(cases, data_dir, few.data, workers=1)
+    (case,) = data.load_volumes(few, data_dir, "train")
+    assert (case["labels"] > 0).sum() > 50
+    assert case["foreground_coords"].shape == (50, 3)
+    with pytest.raises(ValueError, match="built with foreground_samples=50, "
+                                         "the config has 10000"):
+        list(data.load_volumes(tiny, data_dir, "train"))
+    with pytest.raises(ValueError, match=r"out of date .*\(foreground_"
+                                         r"samples 50 -> 10000\)"):
+        dataset.prepare(cases, data_dir, CONFIG, workers=1)
+
+
 # Runs prepare in a process that SIGKILLs itself on the 2nd case it
 # preprocesses: what `kill -9` or the OOM killer leaves behind.
 _KILLED_PREPARE = """

@@ -12,7 +12,8 @@ from kits_keras.config import AugmentConfig
 tf = augment.tf
 
 NONE = AugmentConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0,
-                     p_gamma=0.0, p_mirror=(0.0, 0.0, 0.0))
+                     p_gamma=0.0, p_mirror=(0.0, 0.0, 0.0),
+                     p_brightness=0.0, p_contrast=0.0, p_noise=0.0)
 ALL = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_elastic=1.0,
                     p_gamma=1.0, p_mirror=(0.5, 0.5, 0.5))
 SPACING = (3.0, 0.8, 0.8)
@@ -199,9 +200,47 @@ def test_rotated_patch_reads_volume_not_padding_at_corners():
     assert (out.numpy() == 1.0).all()
 
 
-def test_unknown_interpolation_is_a_clear_error():
-    image, labels = volume()
-    config = dataclasses.replace(NONE, image_interpolation="cubic")
-    with pytest.raises(ValueError, match="image_interpolation='cubic'"):
-        augment.augment_patch(image, labels, SPACING, [0, 0, 0], (4, 8, 8),
-                              config, seed(0), 0.0)
+def test_intensity_params_follow_probabilities_and_ranges():
+    config = AugmentConfig(p_brightness=0.5, brightness_range=(0.6, 0.7),
+                           p_contrast=1.0, contrast_range=(1.3, 1.4),
+                           p_noise=0.0, noise_variance=(0.04, 0.09))
+    draws = [augment.sample_intensity_params(config, seed(i))
+             for i in range(200)]
+    brightness = np.array([float(d["brightness"]) for d in draws])
+    contrast = np.array([float(d["contrast"]) for d in draws])
+    changed = brightness != 1.0
+    # p = 0.5: 200 draws give 100 +- 7; 60..140 fails only if p is wrong.
+    assert 60 < changed.sum() < 140
+    assert np.all((brightness[changed] >= 0.6) & (brightness[changed] < 0.7))
+    assert np.all((contrast >= 1.3) & (contrast < 1.4))
+    assert all(float(d["noise_std"]) == 0.0 for d in draws)
+
+
+def test_noise_has_the_drawn_variance_and_leaves_labels_alone():
+    image, labels = volume((16, 48, 48))
+    config = dataclasses.replace(NONE, p_noise=1.0,
+                                 noise_variance=(0.09, 0.09))
+
+    def fn(img, lab):
+        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
+                                     (16, 48, 48), config, seed(3), 0.0)
+
+    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    np.testing.assert_array_equal(out, mapped)
+    np.testing.assert_array_equal(out_labels, labels)
+    # Noise of std 0.3 added to the image: the difference's std is 0.3.
+    assert abs(float(np.std(out - image)) - 0.3) < 0.01
+
+
+def test_brightness_and_contrast_change_intensities_not_labels():
+    image, labels = volume((16, 48, 48))
+    config = dataclasses.replace(NONE, p_brightness=1.0,
+                                 brightness_range=(1.2, 1.2000001),
+                                 p_contrast=1.0, contrast_range=(0.5, 0.5001))
+    out, out_labels = augment.augment_patch(
+        image, labels, SPACING, [0, 0, 0], (16, 48, 48), config, seed(4), 0.0)
+    out = out.numpy()
+    np.testing.assert_array_equal(out_labels.numpy(), labels)
+    scaled = image * 1.2
+    expected = (scaled - scaled.mean()) * 0.5 + scaled.mean()
+    np.testing.assert_allclose(out, expected, atol=1e-3)

@@ -32,7 +32,6 @@ SMALL_TRAIN = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 2,
 
 def _env(**extra):
     env = dict(os.environ, PYTHONPATH=REPO, **extra)
-    env.pop("KITS_KERAS_USER_BACKEND", None)
     return env
 
 

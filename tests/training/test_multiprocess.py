@@ -46,7 +46,7 @@ DEATH_LIMIT_S = 60
 def _env(**extra):
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
                PYTHONUNBUFFERED="1")
-    for name in ("KITS_KERAS_USER_BACKEND", "XLA_FLAGS", "KERAS_BACKEND"):
+    for name in ("XLA_FLAGS", "KERAS_BACKEND"):
         env.pop(name, None)
     env.update(extra)
     return env

@@ -18,8 +18,16 @@ labelled cases have no ``test`` split; so has a folder whose test cases were
 all skipped as bad), with one log line; no usable training case is an error.
 
 ``metadata["source"]`` fingerprints what the dataset was built from (see
-:func:`source_fingerprint`); ``kits_keras.data.prepare.prepare`` compares it
-with the case folder before reusing a dataset.
+:func:`source_fingerprint`); ``kits_keras.dataset.prepare`` compares it with
+the case folder before reusing a dataset.
+
+``metadata["foreground_samples"]``: at most this many voxel coordinates of
+each foreground class (kidney-or-tumour, tumour) are stored per case for
+oversampling; the experiment's ``data.foreground_samples``, given to the
+builder by ``kits_keras.dataset.prepare``. It is part of the source
+fingerprint (a dataset built with another value is out of date), and
+``kits_keras.data`` refuses a dataset built with another value than the
+experiment's.
 """
 
 import concurrent.futures
@@ -60,6 +68,9 @@ _CITATION = """
 """
 
 TEST_EVERY = 5  # every 5th sorted labelled case (index % 5 == 4) is test
+# Datasets built before ``metadata["foreground_samples"]`` was recorded
+# stored at most this many coordinates per class (then a fixed number).
+UNRECORDED_FOREGROUND_SAMPLES = 10_000
 
 
 @dataclasses.dataclass
@@ -68,14 +79,11 @@ class BuilderConfig(tfds.core.BuilderConfig):
 
     Attributes:
         target_spacing: (z, y, x) mm of the stored volumes.
-        max_coords: at most this many foreground (and tumour) voxel
-            coordinates stored per case for oversampling.
         stats_voxels: foreground voxels sampled per training case for the
             intensity statistics.
     """
 
     target_spacing: tuple = (3.0, 0.78, 0.78)
-    max_coords: int = 10_000
     stats_voxels: int = 100_000
 
 
@@ -115,11 +123,12 @@ def code_version():
     return digest.hexdigest()[:16]
 
 
-def source_fingerprint(manual_dir):
+def source_fingerprint(manual_dir, foreground_samples):
     """What a dataset built from ``manual_dir`` now would be built from.
 
     Returns a JSON-able dict: ``folder`` (absolute path, informative only),
-    ``code`` (:func:`code_version`) and ``cases``: labelled case id ->
+    ``code`` (:func:`code_version`), ``foreground_samples`` (coordinates
+    stored per class and case) and ``cases``: labelled case id ->
     ``{file name: file_fingerprint(...)}`` of its image and labels.
     """
     cases = {}
@@ -128,7 +137,8 @@ def source_fingerprint(manual_dir):
             name: file_fingerprint(epath.Path(case_dir) / name)
             for name in (io.IMAGE_FILE, io.LABELS_FILE)}
     return {"folder": str(epath.Path(manual_dir).resolve()),
-            "code": code_version(), "cases": cases}
+            "code": code_version(),
+            "foreground_samples": int(foreground_samples), "cases": cases}
 
 
 def file_fingerprint(path):
@@ -170,6 +180,11 @@ def fingerprint_differences(stored, current):
             phrases.append(f"{len(ids)} case(s) {verb}: {shown}")
     if stored.get("code") != current["code"]:
         phrases.append("preprocessing code changed")
+    old_samples = stored.get("foreground_samples",
+                             UNRECORDED_FOREGROUND_SAMPLES)
+    if old_samples != current["foreground_samples"]:
+        phrases.append(f"foreground_samples {old_samples} -> "
+                       f"{current['foreground_samples']}")
     return phrases
 
 
@@ -179,7 +194,8 @@ def _as_lists(files):
 
 
 def _coords(mask, max_coords, seed):
-    """Up to ``max_coords`` voxel indices of ``mask``, int32 (n, 3)."""
+    """Up to ``max_coords`` voxel indices of ``mask``, int32 (n, 3): all of
+    them, or a seeded uniform sample in raster order."""
     flat = np.flatnonzero(mask)
     if flat.size > max_coords:
         rng = np.random.default_rng(seed)
@@ -234,13 +250,21 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for name, spacing in kk_config.DATASET_SPACINGS.items()
     ]
 
-    def __init__(self, *, workers=None, skip_bad_cases=False, **kwargs):
+    def __init__(self, *, workers=None, skip_bad_cases=False,
+                 foreground_samples=kk_config.DataConfig.foreground_samples,
+                 **kwargs):
         """Args beyond TFDS's: ``workers`` (cases processed in parallel,
-        default: usable cores) and ``skip_bad_cases`` (log and skip cases
-        that cannot be read instead of stopping)."""
+        default: usable cores), ``skip_bad_cases`` (log and skip cases
+        that cannot be read instead of stopping) and ``foreground_samples``
+        (coordinates stored per class and case; an experiment's
+        ``data.foreground_samples``, whose default it takes)."""
         super().__init__(**kwargs)
+        if int(foreground_samples) < 1:
+            raise ValueError("foreground_samples must be >= 1. Received: "
+                             f"foreground_samples={foreground_samples}")
         self._workers = workers or preprocessing.usable_cores()
         self._skip_bad_cases = skip_bad_cases
+        self._foreground_samples = int(foreground_samples)
         self.skipped_cases = {}
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -305,7 +329,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if not dirs:
             raise io.CaseError(f"{manual_dir}: no case_XXXXX "
                                f"folder with {io.LABELS_FILE}")
-        source = source_fingerprint(manual_dir)
+        source = source_fingerprint(manual_dir, self._foreground_samples)
         train_ids, test_ids = split_case_ids(dirs)
         cfg = self.builder_config
         samples = []
@@ -328,6 +352,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "target_spacing": list(cfg.target_spacing),
             "split_rule": "sorted labelled case ids; index % 5 == 4 -> test",
             "skipped_cases": self.skipped_cases,
+            "foreground_samples": self._foreground_samples,
             "source": source,
         })
         # Each split's first example is made here, so that a split with no
@@ -366,8 +391,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         while todo:
             case_dir = todo.pop(0)
             _, first = self._call(case_dir, lambda: process_case(  # noqa
-                case_dir, stats, cfg.target_spacing, cfg.max_coords,
-                preprocessing.usable_cores()))
+                case_dir, stats, cfg.target_spacing,
+                self._foreground_samples, preprocessing.usable_cores()))
             if first is not None:
                 return itertools.chain(
                     [first], self._generate_examples(todo, stats))
@@ -384,7 +409,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         threads = max(1, preprocessing.usable_cores() // self._workers)
         fn = lambda d: process_case(d, stats, cfg.target_spacing,  # noqa
-                                    cfg.max_coords, threads)
+                                    self._foreground_samples, threads)
         todo = [d for d in case_dirs
                 if epath.Path(d).name not in self.skipped_cases]
         for case_dir, result in self._map(fn, todo):

@@ -3,6 +3,7 @@
 import numpy as np
 import tensorflow_datasets as tfds
 
+from kits_keras.config import DataConfig
 from tfds_kits19.kits19 import kits19_dataset_builder
 
 
@@ -22,9 +23,11 @@ class Kits19Test(tfds.testing.DatasetBuilderTestCase):
         self.assertEqual(meta["test_case_ids"], ["case_00004"])
         self.assertEqual(len(meta["train_case_ids"]), 4)
         self.assertGreater(meta["intensity_stats"]["std"], 0)
+        samples = DataConfig.foreground_samples  # the builder's default
+        self.assertEqual(meta["foreground_samples"], samples)
         source = meta["source"]
         self.assertEqual(source, kits19_dataset_builder.source_fingerprint(
-            self.dummy_data))
+            self.dummy_data, samples))
         self.assertEqual(len(source["cases"]), 5)
         self.assertFalse(kits19_dataset_builder.fingerprint_differences(
             source, source))
