@@ -7,11 +7,10 @@ overlapping sliding window with mirroring (:mod:`kits_keras.sliding_window`),
 brings the probabilities back to the input's grid and takes the argmax.
 
 Bounded memory: probabilities are held whole only at the network's
-(resampled) resolution. Going back to the original grid is done in slabs of
-slices: each slab is resampled along z with the preprocessing module's
-weights, then in-plane by
-:func:`kits_keras.preprocessing.resample_probabilities`, and reduced to
-labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
+(resampled) resolution. Going back to the original grid is
+:func:`kits_keras.preprocessing.resample_probabilities` with
+``labels=True``: the preprocessing resampler, reducing each slab of slices
+to labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
 exists.
 
 Quality control: the mirroring-disagreement score is the share of predicted
@@ -38,9 +37,6 @@ from kits_keras.config import override
 
 log = logging.getLogger(__name__)
 
-# Bytes of float32 probabilities per slab when going back to the input grid.
-SLAB_BYTES = 256 * 2**20
-
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
@@ -63,84 +59,6 @@ class Prediction:
     network_spacing: tuple
     qc: dict
     timings: dict
-
-
-def _taps(matrix):
-    """Column index and weight of each row's nonzeros, ``(n_out, K)`` each.
-
-    A linear resampling matrix has 2 nonzeros per row when upsampling (more
-    when downsampling, antialiased), so applying it as K gathers is ~50x
-    cheaper than a dense product.
-    """
-    nonzero = matrix != 0
-    k = int(nonzero.sum(axis=1).max())
-    index = np.argsort(~nonzero, axis=1, kind="stable")[:, :k]
-    return index, np.take_along_axis(matrix, index, axis=1)
-
-
-def _resample_axis(array, taps, axis):
-    """Applies a resampling matrix (given as :func:`_taps`) along ``axis``."""
-    index, weight = taps
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    out = np.take(array, index[:, 0], axis=axis)
-    out *= weight[:, 0].reshape(shape)
-    for k in range(1, index.shape[1]):
-        part = np.take(array, index[:, k], axis=axis)
-        part *= weight[:, k].reshape(shape)
-        out += part
-    return out
-
-
-def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
-    """Argmax of ``probabilities`` brought to ``shape``, slab by slab.
-
-    Equal to ``resample_probabilities(probabilities, shape).argmax(-1)``
-    (:mod:`kits_keras.preprocessing`): the same separable linear weights
-    (:func:`kits_keras.preprocessing.axis_weights`) applied axis by axis,
-    but slab by slab and one class at a time, reducing to labels at once,
-    so the full-size float volume never exists (3.3 GB for 1059 x 512 x 512
-    x 3) and nothing but the labels is written at full size.
-
-    Args:
-        probabilities: float32 ``(z, y, x, C)`` at network resolution.
-        shape: tuple ``(z, y, x)`` of the original grid.
-        slab_bytes: int. Memory of one slab of one class's float32
-            probabilities on the original grid. Defaults to 256 MiB.
-
-    Returns:
-        uint8 ``(z, y, x)`` labels of ``shape`` (ties go to the lower label,
-        as with argmax).
-    """
-    from kits_keras.preprocessing import axis_weights
-
-    shape = tuple(int(s) for s in shape)
-    if tuple(probabilities.shape[:3]) == shape:
-        return probabilities.argmax(-1).astype(np.uint8)
-    net = probabilities.shape
-    slab = max(1, int(slab_bytes // (shape[1] * shape[2] * 4)))
-    wz = axis_weights(net[0], shape[0], order=1)
-    taps_y = _taps(axis_weights(net[1], shape[1], order=1))
-    taps_x = _taps(axis_weights(net[2], shape[2], order=1))
-    labels = np.empty(shape, dtype=np.uint8)
-    for first in range(0, shape[0], slab):
-        last = min(shape[0], first + slab)
-        rows = wz[first:last]
-        used = np.flatnonzero(rows.any(axis=0))
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        # z pass (dense: few rows), then classes first for contiguous planes.
-        part = rows[:, lo:hi] @ probabilities[lo:hi].reshape(hi - lo, -1)
-        part = np.moveaxis(part.reshape((last - first,) + net[1:]), -1, 0)
-        part = _resample_axis(np.ascontiguousarray(part), taps_y, axis=2)
-        best = _resample_axis(part[0], taps_x, axis=2)
-        out = np.zeros(best.shape, dtype=np.uint8)
-        for c in range(1, net[3]):
-            prob = _resample_axis(part[c], taps_x, axis=2)
-            wins = prob > best
-            out[wins] = c
-            np.maximum(best, prob, out=best)
-        labels[first:last] = out
-    return labels
 
 
 def mirroring_disagreement(probabilities, disagreement):
@@ -182,6 +100,7 @@ def predict_case(volume, network, config, stats, progress=None):
     """
     from kits_keras.body_mask import remove_outside_body
     from kits_keras.preprocessing import preprocess_image
+    from kits_keras.preprocessing import resample_probabilities
 
     infer = config.infer
     start = time.perf_counter()
@@ -195,7 +114,8 @@ def predict_case(volume, network, config, stats, progress=None):
     )
     del image
     t_win = time.perf_counter()
-    labels = labels_on_grid(window.probabilities, volume.array.shape)
+    labels = resample_probabilities(window.probabilities, volume.array.shape,
+                                    labels=True)
     t_res = time.perf_counter()
     removed = remove_outside_body(labels, volume.array, volume.spacing,
                                   window.probabilities.shape[-1])
