@@ -73,10 +73,13 @@ def mirroring_disagreement(probabilities, disagreement):
     Returns:
         float in [0, 1], or None when there was no mirroring.
     """
+    from kits_keras.preprocessing import argmax_labels
+
     if disagreement is None:
         return None
     # The disagreement map samples every 2nd voxel (sliding_window).
-    foreground = sw._labels(probabilities[::2, ::2, ::2]) > 0
+    sample = probabilities[::2, ::2, ::2]
+    foreground = argmax_labels(np.moveaxis(sample, -1, 0)) > 0
     count = int(np.count_nonzero(foreground))
     if count == 0:
         return 0.0
