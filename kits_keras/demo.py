@@ -17,7 +17,6 @@ in one folder::
 """
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -150,11 +149,7 @@ def run_demo(options=DemoOptions()):
         "outputs": {"run": paths["run"], "evaluation": report_paths,
                     "predictions": paths["predictions"]},
     }
-    from kits_keras.io import atomic_write
+    from kits_keras.io import write_json
 
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-
-    atomic_write(os.path.join(out, "demo.json"), dump)
+    write_json(os.path.join(out, "demo.json"), result, default=str)
     return result

@@ -261,11 +261,7 @@ def _write_saved_model(model, path, config, fixed_size):
 
 
 def _write_metadata(path, meta):
-    assets = os.path.join(path, "assets")
-    os.makedirs(assets, exist_ok=True)
-    with open(os.path.join(assets, ASSET_NAME), "w") as fh:
-        json.dump(meta, fh, indent=2)
-        fh.write("\n")
+    io.write_json(os.path.join(path, "assets", ASSET_NAME), meta)
 
 
 def _tensorflow():

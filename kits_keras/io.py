@@ -33,6 +33,7 @@ KiTS19/KiTS23 case (at most 1059 x 512 x 512 voxels, 796 in-plane; voxels
 
 import dataclasses
 import gzip
+import json
 import os
 import re
 import tempfile
@@ -527,6 +528,19 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
         raise
     return path
+
+
+def write_json(path, obj, default=None):
+    """Writes ``obj`` as indented JSON and a final newline, through
+    :func:`atomic_write` (the folder is created). ``default`` is passed to
+    :func:`json.dump` (e.g. ``str`` for paths). Returns ``path``."""
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=default)
+            fh.write("\n")
+
+    return atomic_write(path, write)
 
 
 def first_line(err, limit=200):

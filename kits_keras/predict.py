@@ -23,7 +23,6 @@ the cost) and is None with ``tta="none"``. Cases above
 """
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -516,7 +515,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         report["dicom_series_uid"] = job.series.uid
     report["timings_s"]["total"] = time.perf_counter() - start
     path = sidecar(job.output_path, ".json")
-    io.atomic_write(path, lambda tmp: _dump(report, tmp))
+    io.write_json(path, report)
     written["report"] = path
     return report
 
@@ -533,12 +532,6 @@ def _save_probabilities(job, pred, volume):
                 original_spacing=np.asarray(volume.spacing))
 
     return io.atomic_write(path, write)
-
-
-def _dump(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
 
 
 def _case_error(job, err):
@@ -656,5 +649,5 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                                  "input": job.image_path, "error": error})
     summary = {"cases": reports, "failures": failures}
     if summary_file is not None and reports:
-        io.atomic_write(summary_file, lambda tmp: _dump(summary, tmp))
+        io.write_json(summary_file, summary)
     return summary

@@ -83,13 +83,7 @@ class IntensityStats:
 
     def save_json(self, path):
         """Writes the statistics as JSON (atomically)."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-
-        def write(tmp):
-            with open(tmp, "w") as fh:
-                fh.write(text)
-
-        return io.atomic_write(path, write)
+        return io.write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path):
