@@ -110,7 +110,7 @@ class Volume:
     @property
     def voxel_volume_ml(self):
         """Volume of one voxel in mL."""
-        return float(np.prod(self.spacing)) / 1000.0
+        return voxel_ml(self.spacing)
 
     @property
     def array_affine(self):
@@ -138,6 +138,36 @@ class Case:
     @property
     def spacing(self):
         return self.image.spacing
+
+
+def voxel_ml(spacing):
+    """Volume in mL of one voxel of ``spacing`` (mm; 1 mL = 1000 mm^3).
+
+    >>> voxel_ml((2.0, 1.0, 0.5))
+    0.001
+    """
+    return float(np.prod(spacing)) / 1000.0
+
+
+def label_volumes_ml(labels, spacing):
+    """Kidney (label 1), tumour (label 2) and their sum in mL.
+
+    Args:
+        labels: integer array ``(z, y, x)``.
+        spacing: ``(z, y, x)`` voxel size in mm.
+
+    Returns:
+        dict of floats: ``kidney_ml``, ``tumour_ml``,
+        ``kidney_and_tumour_ml``.
+    """
+    # count_nonzero of a comparison: np.bincount on small ints is slow.
+    kidney, tumour = (int(np.count_nonzero(labels == v)) for v in (1, 2))
+    ml = voxel_ml(spacing)
+    return {
+        "kidney_ml": float(kidney * ml),
+        "tumour_ml": float(tumour * ml),
+        "kidney_and_tumour_ml": float((kidney + tumour) * ml),
+    }
 
 
 def check_orientation(codes):

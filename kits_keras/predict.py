@@ -145,18 +145,6 @@ def predict_case(volume, network, config, stats, progress=None):
     return Prediction(labels, window.probabilities, target, qc, timings)
 
 
-def label_volumes_ml(labels, spacing):
-    """Kidney (label 1), tumour (label 2) and their sum in mL."""
-    # count_nonzero of a comparison: np.bincount on small ints is slow.
-    counts = [0] + [int(np.count_nonzero(labels == v)) for v in (1, 2)]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return {
-        "kidney_ml": float(counts[1] * voxel_ml),
-        "tumour_ml": float(counts[2] * voxel_ml),
-        "kidney_and_tumour_ml": float((counts[1] + counts[2]) * voxel_ml),
-    }
-
-
 # --- Batch inference: files in, segmentations + JSON reports out. ---------
 
 SEG_SUFFIX = "_seg"
@@ -505,7 +493,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         "outputs": written,
         "shape": list(volume.array.shape),
         "spacing_mm": list(volume.spacing),
-        "volumes": label_volumes_ml(labels, volume.spacing),
+        "volumes": io.label_volumes_ml(labels, volume.spacing),
         "postprocess": {"applied": options.postprocess,
                         "voxels_removed": removed},
         "qc": pred.qc,

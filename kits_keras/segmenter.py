@@ -166,8 +166,8 @@ class Segmenter:
         labels, pred, _, _ = predict.segment_volume(
             volume, self.artifact.network, self.config, self.artifact.stats,
             self.postprocess, progress)
-        return Result(labels, predict.label_volumes_ml(
-            labels, volume.spacing), pred.qc, volume, series)
+        return Result(labels, io.label_volumes_ml(labels, volume.spacing),
+                      pred.qc, volume, series)
 
 
 def _is_export(path):

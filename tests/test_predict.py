@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from kits_keras import io
 from kits_keras import predict
 from kits_keras import sliding_window as sw
 
@@ -168,7 +169,7 @@ def test_label_volumes_ml():
     labels = np.zeros((4, 4, 4), dtype=np.uint8)
     labels[0, 0, :3] = 1
     labels[1, 1, 1] = 2
-    vols = predict.label_volumes_ml(labels, (2.0, 1.0, 0.5))
+    vols = io.label_volumes_ml(labels, (2.0, 1.0, 0.5))
     assert vols == {"kidney_ml": 0.003, "tumour_ml": 0.001,
                     "kidney_and_tumour_ml": 0.004}
 
@@ -187,7 +188,6 @@ def threshold_network(batch):
     ((64, 512, 796), (4.0, 0.70, 0.70)),     # wide field of view
 ])
 def test_predict_case_output_on_input_grid(shape, spacing):
-    from kits_keras import io
     from kits_keras.config import get_config
     from kits_keras.config import override
     from kits_keras.preprocessing import IntensityStats
