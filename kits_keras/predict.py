@@ -205,12 +205,13 @@ class Found(typing.NamedTuple):
 
 
 def find_inputs(inputs):
-    """``[Found(case_id, image_path or None, error or None, series)]``.
+    """One :class:`Found` per case: ``(case_id, path or None, error or
+    None, series or None)``.
 
     An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
     inside), a folder of either, or a folder holding DICOM series (searched
     recursively; used when it holds no NIfTI input): each series is a case
-    (:func:`kits_keras.dicom.find_series`), its ``image_path`` the series'
+    (:func:`kits_keras.dicom.find_series`), its ``path`` the series'
     folder. In a folder, our own ``*_seg.nii.gz`` outputs,
     ``segmentation.nii.gz`` files and hidden files (names starting with a
     dot: temporaries of an interrupted write, editor and OS files) are
@@ -299,7 +300,8 @@ SUMMARY_FILE = "summary.json"
 
 
 def plan_jobs(found, output=None, options=None):
-    """Output path of every found input (see ``kits-keras infer --help``).
+    """One :class:`Job` per :class:`Found` of :func:`find_inputs`: where
+    its outputs go (see ``kits-keras infer --help``).
 
     Raises:
         ValueError: before anything is written, when two inputs would write
@@ -315,8 +317,7 @@ def plan_jobs(found, output=None, options=None):
         )
     jobs = []
     for item in found:
-        case_id, image_path = item[0], item[1]
-        series = item[3] if len(item) > 3 else None
+        case_id, image_path, series = item.case_id, item.path, item.series
         if single_file:
             out = output
         elif output is not None:
@@ -597,7 +598,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                          "replace it")
     failures, todo = [], []
     for job, item in zip(jobs, found):
-        error = item[2]
+        error = item.error
         if error is None:
             error = existing_output(job, options)
         if error:
