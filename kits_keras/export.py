@@ -12,7 +12,8 @@ The ``serving_default`` signature takes ``image``: float32
 ``probabilities``: float32 ``(batch, z, y, x, C)``, the full-resolution
 softmax. Batch and spatial size are dynamic (``jax2tf`` shape polymorphism);
 each spatial size must be a multiple of the network's total stride
-(:func:`spatial_multiple`), which the signature checks. ``fixed_size=True``
+(:func:`kits_keras.model.total_stride`, ``signature.spatial_multiple`` in
+the asset), which the signature checks. ``fixed_size=True``
 pins the spatial size to the training patch instead.
 
 Everything a client needs to prepare the input and tile a volume travels in
@@ -51,19 +52,6 @@ FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda")
 
 
-def spatial_multiple(config):
-    """Total stride ``(z, y, x)``: every input size must be a multiple of it.
-
-    Example:
-        >>> from kits_keras.config import get_config
-        >>> spatial_multiple(get_config("paper"))
-        (8, 16, 16)
-    """
-    from kits_keras.model import total_stride
-
-    return total_stride(config)
-
-
 def input_shape(config, fixed_size=False):
     """Signature shape ``(batch, z, y, x, 1)``; ``None`` marks dynamic axes."""
     if fixed_size:
@@ -79,12 +67,14 @@ def polymorphic_shape(config, fixed_size=False):
     every transposed convolution restores it, so one lowering serves all
     valid sizes.
     """
+    from kits_keras.model import total_stride
+
     if fixed_size:
         dims = [str(s) for s in config.data.patch_size]
     else:
         dims = [
             name if m == 1 else f"{m}*{name}"
-            for m, name in zip(spatial_multiple(config), ("z", "y", "x"))
+            for m, name in zip(total_stride(config), ("z", "y", "x"))
         ]
     return f"(batch, {', '.join(dims)}, 1)"
 
@@ -92,6 +82,7 @@ def polymorphic_shape(config, fixed_size=False):
 def metadata(config, stats, source="", fixed_size=False):
     """The asset dict: what a client needs besides the signature."""
     import kits_keras
+    from kits_keras.model import total_stride
 
     stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
     return {
@@ -110,7 +101,7 @@ def metadata(config, stats, source="", fixed_size=False):
             "output": OUTPUT_NAME,
             "output_shape": [None, None, None, None, config.model.num_classes],
             "output_dtype": "float32",
-            "spatial_multiple": list(spatial_multiple(config)),
+            "spatial_multiple": list(total_stride(config)),
             "fixed_size": bool(fixed_size),
         },
         "intensity_stats": stats_dict,
@@ -220,6 +211,8 @@ def _write_saved_model(model, path, config, fixed_size):
     tf = _tensorflow()
     import keras
 
+    from kits_keras.model import total_stride
+
     spec = tf.TensorSpec(
         input_shape(config, fixed_size), tf.float32, name=INPUT_NAME
     )
@@ -239,7 +232,8 @@ def _write_saved_model(model, path, config, fixed_size):
     archive = keras.export.ExportArchive()
     archive.track(model)
     raw = archive.add_endpoint(RAW_ENDPOINT, probabilities, [spec], **kwargs)
-    multiple = tf.constant(spatial_multiple(config), tf.int32)
+    stride = total_stride(config)
+    multiple = tf.constant(stride, tf.int32)
 
     @tf.function(input_signature=[spec], autograph=False)
     def serving_default(image):
@@ -248,7 +242,7 @@ def _write_saved_model(model, path, config, fixed_size):
             tf.math.floormod(tf.shape(image)[1:4], multiple), 0,
             message=(
                 f"{INPUT_NAME}: spatial size (z, y, x) must be a multiple of "
-                f"{spatial_multiple(config)}; pad the patch"
+                f"{stride}; pad the patch"
             ),
         )
         with tf.control_dependencies([check]):
