@@ -212,14 +212,22 @@ class Artifact:
             np.ndarray float32 ``(B, z, y, x, C)``. Compiled (jit) once per
             input shape.
         """
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 5 or batch.shape[-1] != 1:
-            raise ValueError(
-                "Expected a batch of shape (B, z, y, x, 1). Received: "
-                f"shape={batch.shape}"
-            )
-        probs = self.full_resolution.predict_on_batch(batch)
+        probs = self.full_resolution.predict_on_batch(network_batch(batch))
         return np.asarray(probs, dtype=np.float32)
+
+
+def network_batch(batch):
+    """``batch`` as float32, checked to be ``(B, z, y, x, 1)``: the input
+    of every network callable (``Artifact.network``, an export's).
+
+    Raises:
+        ValueError: for any other shape.
+    """
+    batch = np.asarray(batch, dtype=np.float32)
+    if batch.ndim != 5 or batch.shape[-1] != 1:
+        raise ValueError("network expects float32 (B, z, y, x, 1). "
+                         f"Received: shape={batch.shape}")
+    return batch
 
 
 def orientation_of(metadata, path=""):

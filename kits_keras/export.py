@@ -491,6 +491,7 @@ def load_saved_model(path):
         SavedModelArtifact. ``predict_case(volume, art.network, art.config,
         art.stats)`` runs the predictor on the exported model.
     """
+    from kits_keras.artifact import network_batch
     from kits_keras.preprocessing import IntensityStats
 
     folder = resolve_version_dir(path)
@@ -503,13 +504,8 @@ def load_saved_model(path):
     signature = loaded.signatures[SIGNATURE]
 
     def network(batch):
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 5 or batch.shape[-1] != 1:
-            raise ValueError(
-                "network expects float32 (B, z, y, x, 1). Received: "
-                f"shape={batch.shape}"
-            )
-        out = signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME]
+        batch = tf.constant(network_batch(batch))
+        out = signature(**{INPUT_NAME: batch})[OUTPUT_NAME]
         return np.asarray(out.numpy(), dtype=np.float32)
 
     # The signature holds only weak references to the variables: keep the
