@@ -19,7 +19,7 @@ pins the spatial size to the training patch instead.
 Everything a client needs to prepare the input and tile a volume travels in
 ``assets/kits_keras.json``: intensity statistics, target spacing (z, y, x) in
 mm, patch size, class names and label values, and the whole experiment config.
-:func:`load_saved_model_network` reads it back, so the NumPy predictor
+:func:`load_saved_model` reads it back, so the NumPy predictor
 (:func:`kits_keras.predict.predict_case`) runs unchanged on the exported model.
 """
 
@@ -272,6 +272,16 @@ def folder_size(path):
     return total
 
 
+def is_export(path):
+    """Whether :func:`resolve_version_dir` finds a SavedModel in ``path``
+    (a version folder, or a model base path with numeric versions)."""
+    try:
+        resolve_version_dir(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def resolve_version_dir(path):
     """The SavedModel folder for ``path``.
 
@@ -515,15 +525,3 @@ def load_saved_model(path):
     return SavedModelArtifact(network, config, stats, folder, meta)
 
 
-def load_saved_model_network(path):
-    """``(network, config, stats)`` of an export; see :func:`load_saved_model`.
-
-    ``network`` follows the contract of ``Artifact.network``: float32
-    ``(B, z, y, x, 1)`` -> float32 ``(B, z, y, x, C)``.
-
-    Example:
-        network, config, stats = load_saved_model_network("exports/kits")
-        prediction = predict_case(volume, network, config, stats)
-    """
-    art = load_saved_model(path)
-    return art.network, art.config, art.stats

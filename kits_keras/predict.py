@@ -533,14 +533,34 @@ def _case_error(job, err):
     return text
 
 
-def load_model(model=None):
-    """Loads ``model`` (run folder or file), or the latest finished run.
+def load_model(model=None, saved_model=None):
+    """The one way to load a model for inference.
+
+    Args:
+        model: str or None. A run folder or ``.keras`` file
+            (:func:`kits_keras.artifact.load_artifact`), a ``kits-keras
+            export`` folder (as ``saved_model``), or None for the latest
+            finished run.
+        saved_model: str or None. A ``kits-keras export`` folder (model
+            base path or version folder), run through
+            :func:`kits_keras.export.load_saved_model` (TensorFlow, CPU)
+            instead of ``model``.
+
+    Returns:
+        :class:`kits_keras.artifact.Artifact` or
+        :class:`kits_keras.export.SavedModelArtifact`: both give
+        ``network``, ``config``, ``stats``, ``path`` and ``metadata``.
 
     Raises:
         FileNotFoundError: with instructions when there is no model at all.
     """
     from kits_keras import artifact
+    from kits_keras import export
 
+    if saved_model is None and model is not None and export.is_export(model):
+        model, saved_model = None, model
+    if saved_model is not None:
+        return export.load_saved_model(saved_model)
     if model is None:
         root = artifact.default_runs_root()
         try:
@@ -613,12 +633,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         for path in io.sweep_temporaries(folder):
             log.info("Removed %s (left by an interrupted run)", path)
     if todo:
-        if saved_model is not None:
-            from kits_keras.export import load_saved_model
-
-            art = load_saved_model(saved_model)
-        else:
-            art = load_model(model)
+        art = load_model(model, saved_model)
         changes = {k: v for k, v in (infer_overrides or {}).items()
                    if v is not None}
         config = override(art.config, infer=changes) if changes else art.config

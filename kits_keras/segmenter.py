@@ -115,14 +115,7 @@ class Segmenter:
         from kits_keras import predict
         from kits_keras.config import override
 
-        if saved_model is None and model is not None and _is_export(model):
-            model, saved_model = None, model
-        if saved_model is not None:
-            from kits_keras.export import load_saved_model
-
-            art = load_saved_model(saved_model)
-        else:
-            art = predict.load_model(model)
+        art = predict.load_model(model, saved_model)
         changes = {k: v for k, v in infer.items() if v is not None}
         config = override(art.config, infer=changes) if changes else (
             art.config)
@@ -168,13 +161,6 @@ class Segmenter:
             self.postprocess, progress)
         return Result(labels, io.label_volumes_ml(labels, volume.spacing),
                       pred.qc, volume, series)
-
-
-def _is_export(path):
-    path = os.fspath(path)
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(root, "saved_model.pb"))
-        for root, _, _ in os.walk(path))
 
 
 def _from_nibabel(image, orientation):

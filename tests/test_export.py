@@ -184,26 +184,33 @@ def test_saved_model_cli_run(exported, model, tmp_path):
     assert_parity(probs, _keras_probs(model, batch))
 
 
-def test_load_saved_model_network(exported, model, config):
+def test_load_saved_model(exported, model, config):
     base, _ = exported
     # The model base path resolves to its highest version, like TF Serving.
-    network, loaded_config, stats = export.load_saved_model_network(base)
-    assert loaded_config == config
-    assert stats == STATS
+    art = export.load_saved_model(base)
+    assert art.config == config
+    assert art.stats == STATS
     batch = _random_patch((2, 16, 32, 32, 1), seed=3)
-    probs = network(batch)
+    probs = art.network(batch)
     assert probs.dtype == np.float32
     assert_parity(probs, _keras_probs(model, batch))
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
-        network(batch[..., 0])
+        art.network(batch[..., 0])
+    # The one loader of inference recognises an export given as a model.
+    from kits_keras import predict
+
+    loaded = predict.load_model(base)
+    assert isinstance(loaded, export.SavedModelArtifact)
+    assert loaded.path == art.path
 
 
 def test_load_rejects_foreign_folders(tmp_path):
+    assert not export.is_export(tmp_path)
     with pytest.raises(FileNotFoundError, match="no saved_model.pb"):
-        export.load_saved_model_network(tmp_path)
+        export.load_saved_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
-        export.load_saved_model_network(tmp_path)
+        export.load_saved_model(tmp_path)
 
 
 # --- CLI: kits-keras export, and infer --saved-model against --model -------
