@@ -25,7 +25,6 @@ mm, patch size, class names and label values, and the whole experiment config.
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import re
@@ -307,33 +306,21 @@ def resolve_version_dir(path):
     return os.path.join(path, str(max(versions)))
 
 
-def read_metadata(path):
-    """The ``assets/kits_keras.json`` dict of an export (see :func:`metadata`).
+def check_format(meta, path):
+    """Refuses an asset dict of another format, or of a newer version.
 
     Raises:
-        ValueError: the asset is missing or not a kits-keras export.
+        CaseError: naming ``path``.
     """
-    folder = resolve_version_dir(path)
-    asset = os.path.join(folder, "assets", ASSET_NAME)
-    if not os.path.exists(asset):
-        raise ValueError(
-            f"{asset}: missing; {folder} was not exported by kits-keras"
-        )
-    try:
-        with open(asset) as fh:
-            meta = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{asset}: not valid JSON ({err})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{asset}: format {meta.get('format')!r}, expected {FORMAT!r}"
+        raise io.CaseError(
+            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}"
         )
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{asset}: format_version {meta['format_version']} is newer than "
+        raise io.CaseError(
+            f"{path}: format_version {meta['format_version']} is newer than "
             f"this kits-keras reads ({FORMAT_VERSION}); upgrade kits-keras"
         )
-    return meta
 
 
 # --- Refusing exports that do more than compute. -------------------------
@@ -502,6 +489,7 @@ def load_saved_model(path):
         art.stats)`` runs the predictor on the exported model.
     """
     from kits_keras.artifact import network_batch
+    from kits_keras.artifact import read_metadata
     from kits_keras.preprocessing import IntensityStats
 
     folder = resolve_version_dir(path)

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from kits_keras import artifact
 from kits_keras import config as config_lib
 from kits_keras import export
 from kits_keras.backend import import_tensorflow
@@ -211,6 +212,16 @@ def test_load_rejects_foreign_folders(tmp_path):
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
         export.load_saved_model(tmp_path)
+    asset = tmp_path / "assets" / export.ASSET_NAME
+    asset.parent.mkdir()
+    asset.write_text("{")
+    with pytest.raises(ValueError, match=f"{asset}: not a kits-keras model"):
+        export.load_saved_model(tmp_path)
+    meta = {"config": {}, "format": export.FORMAT,
+            "format_version": export.FORMAT_VERSION + 1}
+    asset.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{asset}: format_version"):
+        artifact.read_metadata(tmp_path)
 
 
 # --- CLI: kits-keras export, and infer --saved-model against --model -------
@@ -254,7 +265,7 @@ def test_cli_export_run_dir(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     path = tmp_path / "served" / "3"
     assert result.output.strip().endswith(str(path))
-    meta = export.read_metadata(tmp_path / "served")
+    meta = artifact.read_metadata(tmp_path / "served")
     assert meta["source"] == str(run_dir / "model.keras")
     assert meta["intensity_stats"] == STATS.to_dict()
     again = _cli("export", run_dir, tmp_path / "served", "--version", 3)
