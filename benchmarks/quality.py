@@ -136,7 +136,7 @@ def run(work, steps, seed, fresh=False):
 def _validation_ids(config, data_dir):
     from kits_keras import data
 
-    builder = data._builder(config, data_dir)
+    builder = data.prepared_builder(config, data_dir)
     return sorted(data.case_split(config, builder)[1])
 
 
