@@ -78,9 +78,16 @@ def polymorphic_shape(config, fixed_size=False):
     return f"(batch, {', '.join(dims)}, 1)"
 
 
-def metadata(config, stats, source="", fixed_size=False):
-    """The asset dict: what a client needs besides the signature."""
+def metadata(config, stats, source="", fixed_size=False,
+             orientation=io.KITS19_ORIENTATION):
+    """The asset dict: what a client needs besides the signature.
+
+    ``orientation`` (nibabel axis codes) is the voxel orientation the
+    network was trained in, stored as in a ``.keras`` archive
+    (:func:`kits_keras.artifact.orientation_of` reads either).
+    """
     import kits_keras
+    from kits_keras.artifact import ORIENTATION_KEY
     from kits_keras.model import total_stride
 
     stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
@@ -108,12 +115,13 @@ def metadata(config, stats, source="", fixed_size=False):
         "patch_size": list(config.data.patch_size),
         "class_names": list(io.CLASS_NAMES),
         "label_values": list(io.LABEL_VALUES),
+        ORIENTATION_KEY: "".join(io.check_orientation(orientation)),
         "config": config.to_dict(),
     }
 
 
 def export_saved_model(model, out_dir, version=1, config=None, stats=None,
-                       fixed_size=False):
+                       fixed_size=False, orientation=io.KITS19_ORIENTATION):
     """Exports a trained model as ``out_dir/<version>/`` for TF Serving.
 
     The export is written to a hidden temporary folder inside ``out_dir`` and
@@ -133,6 +141,9 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         fixed_size: bool. Pin the spatial input size to
             ``config.data.patch_size`` instead of any multiple of the total
             stride. Defaults to False.
+        orientation: axis codes the network was trained in, for a
+            keras.Model (an artifact's own is used otherwise). Defaults to
+            KiTS19's.
 
     Returns:
         str. The version folder written.
@@ -159,7 +170,7 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
 
         artifact = load_artifact(model)
         model, config, stats = artifact.model, artifact.config, artifact.stats
-        source = artifact.path
+        source, orientation = artifact.path, artifact.orientation
         if stats is None:
             raise ValueError(
                 f"{source}: holds no intensity statistics (trained on "
@@ -183,7 +194,8 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         _write_saved_model(model, tmp, config, fixed_size)
-        _write_metadata(tmp, metadata(config, stats, source, fixed_size))
+        _write_metadata(tmp, metadata(config, stats, source, fixed_size,
+                                      orientation))
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

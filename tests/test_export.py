@@ -79,7 +79,14 @@ def test_layout_and_metadata(exported, config):
     assert meta["patch_size"] == list(config.data.patch_size)
     assert meta["class_names"] == ["background", "kidney", "tumour"]
     assert meta["signature"]["spatial_multiple"] == [8, 8, 8]
+    assert meta["orientation"] == "IPL"
     assert config_lib.ExperimentConfig.from_dict(meta["config"]) == config
+
+
+def test_metadata_keeps_the_training_orientation(config):
+    meta = export.metadata(config, STATS, orientation=("S", "A", "R"))
+    assert meta["orientation"] == "SAR"
+    assert artifact.orientation_of(meta) == ("S", "A", "R")
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), (1, 16, 24, 40, 1)])
