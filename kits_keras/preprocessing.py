@@ -30,6 +30,11 @@ Kernel choices (measured in ``benchmarks/preprocess.py``):
   the label that covers most of it, boundaries are smoother than nearest
   neighbour and volumes survive (nnU-Net also resamples one-hot, with one
   float64 resize per label, background included).
+* Predicted class probabilities: linear, back to the CT's grid
+  (:func:`resample_probabilities`); with ``labels=True`` each slab of
+  slices is reduced to labels (:func:`argmax_labels`) as soon as it is
+  resampled, so the float probabilities never exist on the CT's grid. Label
+  volumes are reduced the same way.
 """
 
 import concurrent.futures
