@@ -227,19 +227,12 @@ def result_header(name, peers_python=None):
 
 
 def write_json(path, data):
-    """Writes ``data`` as JSON to ``path`` through
-    :func:`kits_keras.io.atomic_write` (temporary file, then rename; the
-    folder is created). ``kits_keras.io`` needs only numpy and imports
-    nibabel on first use, so this works on the GPU host too. Returns
-    ``path``."""
-    from kits_keras.io import atomic_write
+    """:func:`kits_keras.io.write_json`, imported when called (the peers
+    env has no ``kits_keras``). ``kits_keras.io`` needs only numpy and
+    imports nibabel on first use, so this works on the GPU host too."""
+    from kits_keras.io import write_json as write
 
-    def dump(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
-
-    return atomic_write(path, dump)
+    return write(path, data)
 
 
 def write_results(name, payload, peers_python=None):

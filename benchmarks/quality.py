@@ -136,7 +136,7 @@ def run(work, steps, seed, fresh=False):
 def _validation_ids(config, data_dir):
     from kits_keras.data import pipeline as data
 
-    builder = data._builder(config, data_dir)
+    builder = data.prepared_builder(config, data_dir)
     return sorted(data.case_split(config, builder)[1])
 
 
@@ -193,15 +193,16 @@ def score_case(work, row, qc, margin_mm=20.0):
                      zip(pred.array.shape, steps, coarse.shape)])
     tumour_far = int(np.count_nonzero((pred.array == 2) & far[index]))
     in_air = int(np.count_nonzero((pred.array > 0) & (image.array < -500)))
-    count = lambda a, v: float(np.count_nonzero(a == v)) * ml  # noqa: E731
+    true_ml = io.label_volumes_ml(truth.array, truth.spacing)
+    pred_ml = io.label_volumes_ml(pred.array, truth.spacing)
     return {
         "case_id": row["case_id"],
         "kidney_dice": round(row["kidney_dice"], 4),
         "tumour_dice": round(row["tumour_dice"], 4),
-        "true_ml": {"kidney": round(count(truth.array, 1), 1),
-                    "tumour": round(count(truth.array, 2), 1)},
-        "predicted_ml": {"kidney": round(count(pred.array, 1), 1),
-                         "tumour": round(count(pred.array, 2), 1)},
+        "true_ml": {"kidney": round(true_ml["kidney_ml"], 1),
+                    "tumour": round(true_ml["tumour_ml"], 1)},
+        "predicted_ml": {"kidney": round(pred_ml["kidney_ml"], 1),
+                         "tumour": round(pred_ml["tumour_ml"], 1)},
         "tumour_ml_outside_kidney_region": round(tumour_far * ml, 2),
         "foreground_ml_in_air": round(in_air * ml, 2),
         "removed_outside_body_ml": qc.get("removed_outside_body_ml"),

@@ -35,7 +35,8 @@ class _Progress:
               "+ .json per case, summary.json). Default: <name>_seg.nii.gz "
               "beside each input.")
 @click.option("--model", type=click.Path(exists=True, path_type=str),
-              help="Run folder or .keras file. Default: the latest "
+              help="Run folder, .keras file or `kits-keras export` "
+              "folder (as --saved-model). Default: the latest "
               "finished run under $KITS_KERAS_RUNS or ./runs (not one "
               "still training or interrupted).")
 @click.option("--saved-model", type=click.Path(exists=True, file_okay=False,

@@ -151,19 +151,46 @@ def save_artifact(model, config, stats, path, extra=None,
 
 
 def read_metadata(path):
-    """The ``kits_keras.json`` dict of a model archive."""
+    """The ``kits_keras.json`` dict stored with a model.
+
+    Args:
+        path: str. A ``.keras`` model archive (its ``kits_keras.json``
+            member), or a ``kits-keras export`` folder, version folder or
+            model base path (its ``assets/kits_keras.json``, see
+            :func:`kits_keras.inference.export.metadata`).
+
+    Raises:
+        CaseError: naming the file: not written by kits-keras, damaged, or
+            an export format newer than this kits-keras reads.
+        FileNotFoundError: a folder that holds no SavedModel.
+    """
+    path = os.fspath(path)
+    exported = os.path.isdir(path)
+    if exported:
+        from kits_keras.inference import export
+
+        folder = export.resolve_version_dir(path)
+        path = os.path.join(folder, "assets", export.ASSET_NAME)
+        if not os.path.exists(path):
+            raise io.CaseError(
+                f"{path}: missing; {folder} was not exported by kits-keras")
     try:
-        with zipfile.ZipFile(path) as archive:
-            metadata = json.loads(archive.read(METADATA_MEMBER))
+        if exported:
+            with open(path) as fh:
+                metadata = json.load(fh)
+        else:
+            with zipfile.ZipFile(path) as archive:
+                metadata = json.loads(archive.read(METADATA_MEMBER))
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as err:
         raise io.CaseError(
-            f"{path}: not a kits-keras model archive "
-            f"({io.first_line(err)})."
+            f"{path}: not a kits-keras model ({io.first_line(err)})."
         ) from None
     if not isinstance(metadata, dict) or "config" not in metadata:
         raise io.CaseError(
-            f"{path}: {METADATA_MEMBER} has no experiment config; not a "
-            "kits-keras model archive, or a damaged one.")
+            f"{path}: no experiment config; not a kits-keras model, or a "
+            "damaged one.")
+    if exported:
+        export.check_format(metadata, path)
     return metadata
 
 
@@ -212,14 +239,22 @@ class Artifact:
             np.ndarray float32 ``(B, z, y, x, C)``. Compiled (jit) once per
             input shape.
         """
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 5 or batch.shape[-1] != 1:
-            raise ValueError(
-                "Expected a batch of shape (B, z, y, x, 1). Received: "
-                f"shape={batch.shape}"
-            )
-        probs = self.full_resolution.predict_on_batch(batch)
+        probs = self.full_resolution.predict_on_batch(network_batch(batch))
         return np.asarray(probs, dtype=np.float32)
+
+
+def network_batch(batch):
+    """``batch`` as float32, checked to be ``(B, z, y, x, 1)``: the input
+    of every network callable (``Artifact.network``, an export's).
+
+    Raises:
+        ValueError: for any other shape.
+    """
+    batch = np.asarray(batch, dtype=np.float32)
+    if batch.ndim != 5 or batch.shape[-1] != 1:
+        raise ValueError("network expects float32 (B, z, y, x, 1). "
+                         f"Received: shape={batch.shape}")
+    return batch
 
 
 def orientation_of(metadata, path=""):

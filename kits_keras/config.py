@@ -227,7 +227,7 @@ class InferenceConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PostprocessConfig:
-    """Connected-component clean-up (:func:`kits_keras.postprocess.
+    """Connected-component clean-up (:func:`kits_keras.inference.postprocess.
     postprocess`, whose docstring gives the rules).
 
     Attributes:

@@ -17,7 +17,6 @@ in one folder::
 """
 
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -84,16 +83,11 @@ def _truth_folder(cases_dir, case_ids, truth_dir):
     return truth_dir
 
 
-def _split_case_ids(prepared):
+def _split_case_ids(config, data_dir):
     """``(train ids, test ids)`` recorded in the prepared dataset."""
-    from kits_keras.backend import import_tensorflow
+    from kits_keras.data.pipeline import prepared_builder
 
-    import_tensorflow()
-    import tensorflow_datasets as tfds
-
-    import tfds_kits19  # noqa: F401  (registers kits19)
-
-    meta = tfds.builder(prepared.name, data_dir=prepared.data_dir).info.metadata
+    meta = prepared_builder(config, data_dir).info.metadata
     return list(meta["train_case_ids"]), sorted(meta["test_case_ids"])
 
 
@@ -125,11 +119,11 @@ def run_demo(options=DemoOptions()):
     timings = {}
     _timed(timings, "synthesise", synthetic.write_cases, paths["cases"],
            options.num_cases, seed=options.seed, size="small")
-    prepared = _timed(timings, "prepare", dataset.prepare, paths["cases"],
-                      data_dir=paths["tfds"], config=config.data)
+    _timed(timings, "prepare", dataset.prepare, paths["cases"],
+           data_dir=paths["tfds"], config=config.data)
     _timed(timings, "train", training.fit, config, paths["tfds"],
            out_dir=paths["run"])
-    train_ids, test_ids = _split_case_ids(prepared)
+    train_ids, test_ids = _split_case_ids(config, paths["tfds"])
     inputs = [os.path.join(paths["cases"], c) for c in test_ids]
     summary = _timed(
         timings, "infer", predict.run_inference, inputs,
@@ -150,11 +144,7 @@ def run_demo(options=DemoOptions()):
         "outputs": {"run": paths["run"], "evaluation": report_paths,
                     "predictions": paths["predictions"]},
     }
-    from kits_keras.io import atomic_write
+    from kits_keras.io import write_json
 
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, default=str)
-
-    atomic_write(os.path.join(out, "demo.json"), dump)
+    write_json(os.path.join(out, "demo.json"), result, default=str)
     return result

@@ -16,7 +16,6 @@ Conventions (where the challenge code is silent):
 """
 
 import csv
-import json
 import logging
 import os
 import re
@@ -230,18 +229,13 @@ def write_report(report, out_dir):
     paths = {"json": os.path.join(out_dir, "scores.json"),
              "csv": os.path.join(out_dir, "scores.csv")}
 
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(report["cases"])
 
-    io.atomic_write(paths["json"], write_json)
+    io.write_json(paths["json"], report)
     io.atomic_write(paths["csv"], write_csv)
     paths["boxplot"] = save_boxplot(
         report, os.path.join(out_dir, "dice_boxplot.png"))

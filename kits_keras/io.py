@@ -33,6 +33,7 @@ KiTS19/KiTS23 case (at most 1059 x 512 x 512 voxels, 796 in-plane; voxels
 
 import dataclasses
 import gzip
+import json
 import os
 import re
 import tempfile
@@ -109,7 +110,7 @@ class Volume:
     @property
     def voxel_volume_ml(self):
         """Volume of one voxel in mL."""
-        return float(np.prod(self.spacing)) / 1000.0
+        return voxel_ml(self.spacing)
 
     @property
     def array_affine(self):
@@ -137,6 +138,36 @@ class Case:
     @property
     def spacing(self):
         return self.image.spacing
+
+
+def voxel_ml(spacing):
+    """Volume in mL of one voxel of ``spacing`` (mm; 1 mL = 1000 mm^3).
+
+    >>> voxel_ml((2.0, 1.0, 0.5))
+    0.001
+    """
+    return float(np.prod(spacing)) / 1000.0
+
+
+def label_volumes_ml(labels, spacing):
+    """Kidney (label 1), tumour (label 2) and their sum in mL.
+
+    Args:
+        labels: integer array ``(z, y, x)``.
+        spacing: ``(z, y, x)`` voxel size in mm.
+
+    Returns:
+        dict of floats: ``kidney_ml``, ``tumour_ml``,
+        ``kidney_and_tumour_ml``.
+    """
+    # count_nonzero of a comparison: np.bincount on small ints is slow.
+    kidney, tumour = (int(np.count_nonzero(labels == v)) for v in (1, 2))
+    ml = voxel_ml(spacing)
+    return {
+        "kidney_ml": float(kidney * ml),
+        "tumour_ml": float(tumour * ml),
+        "kidney_and_tumour_ml": float((kidney + tumour) * ml),
+    }
 
 
 def check_orientation(codes):
@@ -527,6 +558,19 @@ def atomic_write(path, write_fn):
             os.remove(tmp)
         raise
     return path
+
+
+def write_json(path, obj, default=None):
+    """Writes ``obj`` as indented JSON and a final newline, through
+    :func:`atomic_write` (the folder is created). ``default`` is passed to
+    :func:`json.dump` (e.g. ``str`` for paths). Returns ``path``."""
+
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=default)
+            fh.write("\n")
+
+    return atomic_write(path, write)
 
 
 def first_line(err, limit=200):

@@ -129,15 +129,10 @@ class Segmenter:
         from kits_keras.inference import predict
         from kits_keras.config import override
 
-        if saved_model is None and model is not None and _is_export(model):
-            model, saved_model = None, model
-        if saved_model is not None:
-            from kits_keras.inference.export import load_saved_model
-
-            art = load_saved_model(saved_model)
-        else:
-            art = predict.load_model(model)
-        config = override(art.config, infer=infer)
+        art = predict.load_model(model, saved_model)
+        changes = {k: v for k, v in infer.items() if v is not None}
+        config = override(art.config, infer=changes) if changes else (
+            art.config)
         segmenter = cls(art, config)
         segmenter.postprocess = postprocess
         return segmenter
@@ -178,16 +173,8 @@ class Segmenter:
         labels, pred, _, _ = predict.segment_volume(
             volume, self.artifact.network, self.config, self.artifact.stats,
             self.postprocess, progress)
-        return Result(labels, predict.label_volumes_ml(
-            labels, volume.spacing), pred.qc, volume, series,
-            str(self.artifact.path))
-
-
-def _is_export(path):
-    path = os.fspath(path)
-    return os.path.isdir(path) and any(
-        os.path.isfile(os.path.join(root, "saved_model.pb"))
-        for root, _, _ in os.walk(path))
+        return Result(labels, io.label_volumes_ml(labels, volume.spacing),
+                      pred.qc, volume, series, str(self.artifact.path))
 
 
 def _from_nibabel(image, orientation):

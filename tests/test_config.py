@@ -132,7 +132,7 @@ def test_postprocess_round_trips_and_old_runs_get_defaults():
 
 
 def test_exp_log_loss_takes_its_defaults_from_loss_config():
-    from kits_keras.losses import ExpLogLoss
+    from kits_keras.model.losses import ExpLogLoss
 
     assert ExpLogLoss().loss_config == LossConfig()
 
@@ -151,7 +151,7 @@ def _fake_run(tmp_path, config):
 
 
 def test_prepare_run_applies_changes_once(tmp_path):
-    from kits_keras import training
+    from kits_keras.training import fit as training
 
     base = get_config("tiny")
     run_dir, cfg, state = training.prepare_run(
@@ -175,8 +175,8 @@ def test_infer_post_processes_with_the_runs_config():
     detached 'kidney' is dropped by the default minimum fraction and kept
     when the config lowers it."""
     from kits_keras import io
-    from kits_keras.predict import segment_volume
-    from kits_keras.preprocessing import IntensityStats
+    from kits_keras.inference.predict import segment_volume
+    from kits_keras.data.preprocessing import IntensityStats
 
     ct = np.full((32, 64, 64), 40.0, np.float32)  # soft tissue: all body
     ct[10:20, 10:30, 10:30] = 200.0  # 4,000 voxels

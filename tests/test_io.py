@@ -1,6 +1,7 @@
 """Tests for kits_keras/io.py: reading, validating and writing cases."""
 
 import gzip
+import json
 import os
 import shutil
 
@@ -221,6 +222,18 @@ def test_atomic_write_file_permissions_follow_umask(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_write_json_is_indented_atomic_and_creates_the_folder(tmp_path):
+    path = str(tmp_path / "new" / "report.json")
+    assert io.write_json(path, {"a": [1, 2]}) == path
+    assert open(path).read() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
+    with pytest.raises(TypeError):  # not serialisable: old file kept
+        io.write_json(path, {"a": object()})
+    assert json.load(open(path)) == {"a": [1, 2]}
+    assert os.listdir(tmp_path / "new") == ["report.json"]
+    io.write_json(path, {"p": tmp_path}, default=str)
+    assert json.load(open(path)) == {"p": str(tmp_path)}
 
 
 def test_save_nifti_failure_keeps_previous_file(tmp_path):

@@ -231,7 +231,13 @@ def batch(ds, batch_size, drop_remainder):
 # --- TFDS wrappers -----------------------------------------------------------
 
 
-def _builder(config, data_dir):
+def prepared_builder(config, data_dir):
+    """The TFDS builder of ``config.data.dataset`` prepared in ``data_dir``
+    (the one lookup of a prepared dataset).
+
+    Raises:
+        FileNotFoundError: when it was not prepared there.
+    """
     import tensorflow_datasets as tfds
 
     import tfds_kits19  # noqa: F401  (registers the kits19 builder)
@@ -291,7 +297,7 @@ def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
         raise ValueError(
             f"Unknown split. Expected one of {splits}. Received: {split!r}"
         )
-    builder = _builder(config, data_dir)
+    builder = prepared_builder(config, data_dir)
     if split == "test" and "test" not in builder.info.splits:
         raise ValueError(
             f"{builder.data_dir}: this dataset has no test split (fewer "
@@ -351,7 +357,7 @@ def make_validation_dataset(config, data_dir):
     on every pass. None (after one log line) when the dataset has no more
     training cases than ``data.validation_cases``.
     """
-    train_ids, val_ids = case_split(config, _builder(config, data_dir))
+    train_ids, val_ids = case_split(config, prepared_builder(config, data_dir))
     if not val_ids:
         log.warning(
             "%d training case(s), validation_cases=%d: training without "

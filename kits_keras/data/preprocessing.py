@@ -30,6 +30,11 @@ Kernel choices (measured in ``benchmarks/preprocess.py``):
   the label that covers most of it, boundaries are smoother than nearest
   neighbour and volumes survive (nnU-Net also resamples one-hot, with one
   float64 resize per label, background included).
+* Predicted class probabilities: linear, back to the CT's grid
+  (:func:`resample_probabilities`); with ``labels=True`` each slab of
+  slices is reduced to labels (:func:`argmax_labels`) as soon as it is
+  resampled, so the float probabilities never exist on the CT's grid. Label
+  volumes are reduced the same way.
 """
 
 import concurrent.futures
@@ -83,13 +88,7 @@ class IntensityStats:
 
     def save_json(self, path):
         """Writes the statistics as JSON (atomically)."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-
-        def write(tmp):
-            with open(tmp, "w") as fh:
-                fh.write(text)
-
-        return io.atomic_write(path, write)
+        return io.write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path):
@@ -237,19 +236,52 @@ def _inplane(stack, wy, wx):
         n, wy.shape[0], wx.shape[0])
 
 
-def _resample(volume, shape, order, value_fns, threads=None,
-              antialias=True):
-    """Separable resampling of ``volume (z, y, x)`` to ``shape``.
+def argmax_labels(maps):
+    """Index of the largest of ``maps`` at each voxel, as uint8.
 
-    ``value_fns`` turn an input slab into float32 (e.g. clip + z-score, or
-    ``labels == 2``); one float32 output is returned per function. Each axis
-    is a banded sparse matrix product (2-13 taps per output voxel), done
-    slab by slab along z in a thread pool (scipy.sparse and numpy release
-    the GIL), so memory beyond input and output is a few slabs.
+    The same as ``np.argmax(np.stack(maps), axis=0)`` (ties go to the lower
+    index) with a running maximum: no stacked copy and no per-voxel inner
+    loop, several times faster for a handful of classes. ``maps`` are not
+    modified.
+
+    Args:
+        maps: iterable of float arrays of one shape, one per class (e.g.
+            ``np.moveaxis(probs, -1, 0)`` for ``probs (z, y, x, C)``).
+
+    Example:
+
+    >>> argmax_labels([np.array([0.5, 0.2, 0.3]), np.array([0.5, 0.7, 0.1])])
+    array([0, 1, 0], dtype=uint8)
+    """
+    maps = iter(maps)
+    best = np.array(next(maps), np.float32)  # a copy: updated in place
+    labels = np.zeros(best.shape, np.uint8)
+    for c, values in enumerate(maps, start=1):
+        labels[values > best] = c
+        np.maximum(best, values, out=best)
+    return labels
+
+
+def _resample(volume, shape, order, value_fns, threads=None,
+              antialias=True, reduce=None):
+    """Separable resampling of ``volume (z, y, x, ...)`` to ``shape``.
+
+    ``value_fns`` turn an input slab ``volume[lo:hi]`` into float32
+    ``(hi - lo, y, x)`` (e.g. clip + z-score, ``labels == 2`` or one class
+    of probabilities); one float32 output is returned per function. Each
+    axis is a banded sparse matrix product (2-13 taps per output voxel),
+    done slab by slab along z in a thread pool (scipy.sparse and numpy
+    release the GIL), so memory beyond input and output is a few slabs.
+
+    With ``reduce``, a callable taking the list of one slab's float32
+    outputs (one per function) and returning that slab's uint8 labels,
+    only the labels are returned, ``[uint8 shape]``: the float outputs
+    never exist at full size, and output slabs hold at most
+    ``_SLAB_VOXELS`` voxels per function.
     """
     import scipy.sparse
 
-    nz, ny, nx = volume.shape
+    nz, ny, nx = volume.shape[:3]
     wz_dense = axis_weights(nz, shape[0], order, antialias)
     wz = scipy.sparse.csr_matrix(wz_dense)
     wy = scipy.sparse.csr_matrix(axis_weights(ny, shape[1], order, antialias))
@@ -261,17 +293,28 @@ def _resample(volume, shape, order, value_fns, threads=None,
     # every thread busy.
     slab_out = max(1, min(int(_SLAB_VOXELS / (ny * nx) * shape[0] / nz),
                           -(-shape[0] // (4 * threads))))
-    outs = [np.empty(shape, np.float32) for _ in value_fns]
+    if reduce is None:
+        outs = [np.empty(shape, np.float32) for _ in value_fns]
+    else:
+        slab_out = max(1, min(slab_out,
+                              _SLAB_VOXELS // (shape[1] * shape[2])))
+        outs = [np.empty(shape, np.uint8)]
 
     def work(slab):
         k0, k1, lo, hi = slab
         w = wz[k0:k1, lo:hi]
-        for fn, out in zip(value_fns, outs):
+
+        def one(fn):
             src = fn(volume[lo:hi])
             if z_first:
-                out[k0:k1] = _inplane(_apply(w, src), wy, wx)
-            else:
-                out[k0:k1] = _apply(w, _inplane(src, wy, wx))
+                return _inplane(_apply(w, src), wy, wx)
+            return _apply(w, _inplane(src, wy, wx))
+
+        if reduce is None:
+            for fn, out in zip(value_fns, outs):
+                out[k0:k1] = one(fn)
+        else:
+            outs[0][k0:k1] = reduce([one(fn) for fn in value_fns])
 
     slabs = list(_slabs(wz_dense, slab_out))
     if threads > 1 and len(slabs) > 1:
@@ -328,35 +371,59 @@ def resample_labels(labels, spacing, target_spacing=None, shape=None,
     """Resamples a label volume; returns uint8 ``(z, y, x)``.
 
     Linear interpolation of the one-hot of each foreground class, background
-    = 1 - their sum, then argmax (ties go to the lower label).
+    = 1 - their sum, then argmax (ties go to the lower label), slab by slab.
     """
     labels = np.asarray(labels)
     shape = _resolve_shape(labels.shape, spacing, target_spacing, shape)
     fns = [lambda slab, c=c: (slab == c).astype(np.float32)
            for c in range(1, num_classes)]
-    probs = _resample(labels, shape, 1, fns, threads, antialias)
-    best = 1.0 - sum(probs)  # background probability
-    out = np.zeros(shape, np.uint8)
-    for c, p in enumerate(probs, start=1):
-        win = p > best
-        out[win] = c
-        np.maximum(best, p, out=best)
-    return out
+
+    def reduce(foreground):
+        return argmax_labels([1.0 - sum(foreground)] + foreground)
+
+    return _resample(labels, shape, 1, fns, threads, antialias, reduce)[0]
 
 
-def resample_probabilities(probs, shape, threads=None):
+def resample_probabilities(probs, shape, threads=None, labels=False):
     """Brings class probabilities ``(z, y, x, C)`` to ``shape`` (z, y, x).
 
-    Linear, channel by channel and slab by slab in float32, so the memory on
-    top of the output is a few slabs. Returns float32 ``shape + (C,)``.
+    Linear, slab by slab in float32, so the memory on top of the output is
+    a few slabs.
+
+    Args:
+        probs: float array ``(z, y, x, C)``.
+        shape: tuple ``(z, y, x)`` of the output grid.
+        threads: int. Worker threads (default: usable cores, at most 4).
+        labels: bool. Return only the argmax, uint8 ``shape``, reduced slab
+            by slab (:func:`argmax_labels`; ties go to the lower label), so
+            the float probabilities never exist on the output grid (3.3 GB
+            for 1059 x 512 x 512 x 3). Defaults to False: float32
+            ``shape + (C,)``.
+
+    Example:
+
+    >>> probs = np.zeros((2, 2, 2, 3), np.float32)
+    >>> probs[1, ..., 2] = 1.0
+    >>> probs[0, ..., 0] = 1.0
+    >>> resample_probabilities(probs, (4, 2, 2), labels=True)[:, 0, 0]
+    array([0, 0, 2, 2], dtype=uint8)
     """
     probs = np.asarray(probs)
     if probs.ndim != 4:
         raise ValueError(f"probs must be (z, y, x, C). Received: "
                          f"shape={probs.shape}")
     shape = tuple(int(s) for s in shape)
-    out = np.empty(shape + (probs.shape[-1],), np.float32)
-    for c in range(probs.shape[-1]):
+    channels = probs.shape[-1]
+    if labels:
+        if probs.shape[:3] == shape:
+            return argmax_labels(np.moveaxis(probs, -1, 0))
+        fns = [lambda slab, c=c: np.ascontiguousarray(slab[..., c],
+                                                      np.float32)
+               for c in range(channels)]
+        return _resample(probs, shape, 1, fns, threads,
+                         reduce=argmax_labels)[0]
+    out = np.empty(shape + (channels,), np.float32)
+    for c in range(channels):
         out[..., c] = _resample(
             probs[..., c], shape, 1,
             [lambda slab: np.ascontiguousarray(slab, np.float32)],

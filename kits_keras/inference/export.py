@@ -12,20 +12,19 @@ The ``serving_default`` signature takes ``image``: float32
 ``probabilities``: float32 ``(batch, z, y, x, C)``, the full-resolution
 softmax. Batch and spatial size are dynamic (``jax2tf`` shape polymorphism);
 each spatial size must be a multiple of the network's total stride
-(:func:`spatial_multiple`), which the signature checks. ``fixed_size=True``
+(:func:`kits_keras.model.unet.total_stride`, ``signature.spatial_multiple`` in
+the asset), which the signature checks. ``fixed_size=True``
 pins the spatial size to the training patch instead.
 
 Everything a client needs to prepare the input and tile a volume travels in
 ``assets/kits_keras.json``: intensity statistics, target spacing (z, y, x) in
 mm, patch size, class names and label values, and the whole experiment config.
-:func:`load_saved_model_network` reads it back, so the NumPy predictor
-(:func:`kits_keras.inference.predict.predict_case`) runs unchanged on the
-exported model.
+:func:`load_saved_model` reads it back, so the NumPy predictor
+(:func:`kits_keras.inference.predict.predict_case`) runs unchanged on the exported model.
 """
 
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import re
@@ -52,19 +51,6 @@ FORMAT_VERSION = 1
 PLATFORMS = ("cpu", "cuda")
 
 
-def spatial_multiple(config):
-    """Total stride ``(z, y, x)``: every input size must be a multiple of it.
-
-    Example:
-        >>> from kits_keras.config import get_config
-        >>> spatial_multiple(get_config("paper"))
-        (8, 16, 16)
-    """
-    from kits_keras.model.unet import total_stride
-
-    return total_stride(config)
-
-
 def input_shape(config, fixed_size=False):
     """Signature shape ``(batch, z, y, x, 1)``; ``None`` marks dynamic axes."""
     if fixed_size:
@@ -80,19 +66,29 @@ def polymorphic_shape(config, fixed_size=False):
     every transposed convolution restores it, so one lowering serves all
     valid sizes.
     """
+    from kits_keras.model.unet import total_stride
+
     if fixed_size:
         dims = [str(s) for s in config.data.patch_size]
     else:
         dims = [
             name if m == 1 else f"{m}*{name}"
-            for m, name in zip(spatial_multiple(config), ("z", "y", "x"))
+            for m, name in zip(total_stride(config), ("z", "y", "x"))
         ]
     return f"(batch, {', '.join(dims)}, 1)"
 
 
-def metadata(config, stats, source="", fixed_size=False):
-    """The asset dict: what a client needs besides the signature."""
+def metadata(config, stats, source="", fixed_size=False,
+             orientation=io.KITS19_ORIENTATION):
+    """The asset dict: what a client needs besides the signature.
+
+    ``orientation`` (nibabel axis codes) is the voxel orientation the
+    network was trained in, stored as in a ``.keras`` archive
+    (:func:`kits_keras.artifact.orientation_of` reads either).
+    """
     import kits_keras
+    from kits_keras.artifact import ORIENTATION_KEY
+    from kits_keras.model.unet import total_stride
 
     stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
     return {
@@ -111,7 +107,7 @@ def metadata(config, stats, source="", fixed_size=False):
             "output": OUTPUT_NAME,
             "output_shape": [None, None, None, None, config.model.num_classes],
             "output_dtype": "float32",
-            "spatial_multiple": list(spatial_multiple(config)),
+            "spatial_multiple": list(total_stride(config)),
             "fixed_size": bool(fixed_size),
         },
         "intensity_stats": stats_dict,
@@ -119,12 +115,13 @@ def metadata(config, stats, source="", fixed_size=False):
         "patch_size": list(config.data.patch_size),
         "class_names": list(io.CLASS_NAMES),
         "label_values": list(io.LABEL_VALUES),
+        ORIENTATION_KEY: "".join(io.check_orientation(orientation)),
         "config": config.to_dict(),
     }
 
 
 def export_saved_model(model, out_dir, version=1, config=None, stats=None,
-                       fixed_size=False):
+                       fixed_size=False, orientation=io.KITS19_ORIENTATION):
     """Exports a trained model as ``out_dir/<version>/`` for TF Serving.
 
     The export is written to a hidden temporary folder inside ``out_dir`` and
@@ -144,6 +141,9 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         fixed_size: bool. Pin the spatial input size to
             ``config.data.patch_size`` instead of any multiple of the total
             stride. Defaults to False.
+        orientation: axis codes the network was trained in, for a
+            keras.Model (an artifact's own is used otherwise). Defaults to
+            KiTS19's.
 
     Returns:
         str. The version folder written.
@@ -170,7 +170,7 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
 
         artifact = load_artifact(model)
         model, config, stats = artifact.model, artifact.config, artifact.stats
-        source = artifact.path
+        source, orientation = artifact.path, artifact.orientation
         if stats is None:
             raise ValueError(
                 f"{source}: holds no intensity statistics (trained on "
@@ -194,7 +194,8 @@ def export_saved_model(model, out_dir, version=1, config=None, stats=None,
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         _write_saved_model(model, tmp, config, fixed_size)
-        _write_metadata(tmp, metadata(config, stats, source, fixed_size))
+        _write_metadata(tmp, metadata(config, stats, source, fixed_size,
+                                      orientation))
         os.rename(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,6 +222,8 @@ def _write_saved_model(model, path, config, fixed_size):
     tf = _tensorflow()
     import keras
 
+    from kits_keras.model.unet import total_stride
+
     spec = tf.TensorSpec(
         input_shape(config, fixed_size), tf.float32, name=INPUT_NAME
     )
@@ -240,7 +243,8 @@ def _write_saved_model(model, path, config, fixed_size):
     archive = keras.export.ExportArchive()
     archive.track(model)
     raw = archive.add_endpoint(RAW_ENDPOINT, probabilities, [spec], **kwargs)
-    multiple = tf.constant(spatial_multiple(config), tf.int32)
+    stride = total_stride(config)
+    multiple = tf.constant(stride, tf.int32)
 
     @tf.function(input_signature=[spec], autograph=False)
     def serving_default(image):
@@ -249,7 +253,7 @@ def _write_saved_model(model, path, config, fixed_size):
             tf.math.floormod(tf.shape(image)[1:4], multiple), 0,
             message=(
                 f"{INPUT_NAME}: spatial size (z, y, x) must be a multiple of "
-                f"{spatial_multiple(config)}; pad the patch"
+                f"{stride}; pad the patch"
             ),
         )
         with tf.control_dependencies([check]):
@@ -262,11 +266,7 @@ def _write_saved_model(model, path, config, fixed_size):
 
 
 def _write_metadata(path, meta):
-    assets = os.path.join(path, "assets")
-    os.makedirs(assets, exist_ok=True)
-    with open(os.path.join(assets, ASSET_NAME), "w") as fh:
-        json.dump(meta, fh, indent=2)
-        fh.write("\n")
+    io.write_json(os.path.join(path, "assets", ASSET_NAME), meta)
 
 
 def _tensorflow():
@@ -281,6 +281,16 @@ def folder_size(path):
     for root, _, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total
+
+
+def is_export(path):
+    """Whether :func:`resolve_version_dir` finds a SavedModel in ``path``
+    (a version folder, or a model base path with numeric versions)."""
+    try:
+        resolve_version_dir(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def resolve_version_dir(path):
@@ -308,33 +318,21 @@ def resolve_version_dir(path):
     return os.path.join(path, str(max(versions)))
 
 
-def read_metadata(path):
-    """The ``assets/kits_keras.json`` dict of an export (see :func:`metadata`).
+def check_format(meta, path):
+    """Refuses an asset dict of another format, or of a newer version.
 
     Raises:
-        ValueError: the asset is missing or not a kits-keras export.
+        CaseError: naming ``path``.
     """
-    folder = resolve_version_dir(path)
-    asset = os.path.join(folder, "assets", ASSET_NAME)
-    if not os.path.exists(asset):
-        raise ValueError(
-            f"{asset}: missing; {folder} was not exported by kits-keras"
-        )
-    try:
-        with open(asset) as fh:
-            meta = json.load(fh)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{asset}: not valid JSON ({err})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(
-            f"{asset}: format {meta.get('format')!r}, expected {FORMAT!r}"
+        raise io.CaseError(
+            f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}"
         )
     if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(
-            f"{asset}: format_version {meta['format_version']} is newer than "
+        raise io.CaseError(
+            f"{path}: format_version {meta['format_version']} is newer than "
             f"this kits-keras reads ({FORMAT_VERSION}); upgrade kits-keras"
         )
-    return meta
 
 
 # --- Refusing exports that do more than compute. -------------------------
@@ -502,6 +500,8 @@ def load_saved_model(path):
         SavedModelArtifact. ``predict_case(volume, art.network, art.config,
         art.stats)`` runs the predictor on the exported model.
     """
+    from kits_keras.artifact import network_batch
+    from kits_keras.artifact import read_metadata
     from kits_keras.data.preprocessing import IntensityStats
 
     folder = resolve_version_dir(path)
@@ -514,13 +514,8 @@ def load_saved_model(path):
     signature = loaded.signatures[SIGNATURE]
 
     def network(batch):
-        batch = np.asarray(batch, dtype=np.float32)
-        if batch.ndim != 5 or batch.shape[-1] != 1:
-            raise ValueError(
-                "network expects float32 (B, z, y, x, 1). Received: "
-                f"shape={batch.shape}"
-            )
-        out = signature(**{INPUT_NAME: tf.constant(batch)})[OUTPUT_NAME]
+        batch = tf.constant(network_batch(batch))
+        out = signature(**{INPUT_NAME: batch})[OUTPUT_NAME]
         return np.asarray(out.numpy(), dtype=np.float32)
 
     # The signature holds only weak references to the variables: keep the
@@ -530,15 +525,3 @@ def load_saved_model(path):
     return SavedModelArtifact(network, config, stats, folder, meta)
 
 
-def load_saved_model_network(path):
-    """``(network, config, stats)`` of an export; see :func:`load_saved_model`.
-
-    ``network`` follows the contract of ``Artifact.network``: float32
-    ``(B, z, y, x, 1)`` -> float32 ``(B, z, y, x, C)``.
-
-    Example:
-        network, config, stats = load_saved_model_network("exports/kits")
-        prediction = predict_case(volume, network, config, stats)
-    """
-    art = load_saved_model(path)
-    return art.network, art.config, art.stats

@@ -8,11 +8,10 @@ by overlapping sliding window with mirroring
 the input's grid and takes the argmax.
 
 Bounded memory: probabilities are held whole only at the network's
-(resampled) resolution. Going back to the original grid is done in slabs of
-slices: each slab is resampled along z with the preprocessing module's
-weights, then in-plane by
-:func:`kits_keras.data.preprocessing.resample_probabilities`, and reduced to
-labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
+(resampled) resolution. Going back to the original grid is
+:func:`kits_keras.data.preprocessing.resample_probabilities` with
+``labels=True``: the preprocessing resampler, reducing each slab of slices
+to labels at once, so the 1059 x 512 x 512 x 3 float volume (3.3 GB) never
 exists.
 
 Quality control: the mirroring-disagreement score is the share of predicted
@@ -25,7 +24,6 @@ the cost) and is None with ``tta="none"``. Cases above
 """
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -38,9 +36,6 @@ from kits_keras.inference import sliding_window as sw
 from kits_keras.config import override
 
 log = logging.getLogger(__name__)
-
-# Bytes of float32 probabilities per slab when going back to the input grid.
-SLAB_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,84 +61,6 @@ class Prediction:
     timings: dict
 
 
-def _taps(matrix):
-    """Column index and weight of each row's nonzeros, ``(n_out, K)`` each.
-
-    A linear resampling matrix has 2 nonzeros per row when upsampling (more
-    when downsampling, antialiased), so applying it as K gathers is ~50x
-    cheaper than a dense product.
-    """
-    nonzero = matrix != 0
-    k = int(nonzero.sum(axis=1).max())
-    index = np.argsort(~nonzero, axis=1, kind="stable")[:, :k]
-    return index, np.take_along_axis(matrix, index, axis=1)
-
-
-def _resample_axis(array, taps, axis):
-    """Applies a resampling matrix (given as :func:`_taps`) along ``axis``."""
-    index, weight = taps
-    shape = [1] * array.ndim
-    shape[axis] = -1
-    out = np.take(array, index[:, 0], axis=axis)
-    out *= weight[:, 0].reshape(shape)
-    for k in range(1, index.shape[1]):
-        part = np.take(array, index[:, k], axis=axis)
-        part *= weight[:, k].reshape(shape)
-        out += part
-    return out
-
-
-def labels_on_grid(probabilities, shape, slab_bytes=SLAB_BYTES):
-    """Argmax of ``probabilities`` brought to ``shape``, slab by slab.
-
-    Equal to ``resample_probabilities(probabilities, shape).argmax(-1)``
-    (:mod:`kits_keras.data.preprocessing`): the same separable linear weights
-    (:func:`kits_keras.data.preprocessing.axis_weights`) applied axis by axis,
-    but slab by slab and one class at a time, reducing to labels at once,
-    so the full-size float volume never exists (3.3 GB for 1059 x 512 x 512
-    x 3) and nothing but the labels is written at full size.
-
-    Args:
-        probabilities: float32 ``(z, y, x, C)`` at network resolution.
-        shape: tuple ``(z, y, x)`` of the original grid.
-        slab_bytes: int. Memory of one slab of one class's float32
-            probabilities on the original grid. Defaults to 256 MiB.
-
-    Returns:
-        uint8 ``(z, y, x)`` labels of ``shape`` (ties go to the lower label,
-        as with argmax).
-    """
-    from kits_keras.data.preprocessing import axis_weights
-
-    shape = tuple(int(s) for s in shape)
-    if tuple(probabilities.shape[:3]) == shape:
-        return probabilities.argmax(-1).astype(np.uint8)
-    net = probabilities.shape
-    slab = max(1, int(slab_bytes // (shape[1] * shape[2] * 4)))
-    wz = axis_weights(net[0], shape[0], order=1)
-    taps_y = _taps(axis_weights(net[1], shape[1], order=1))
-    taps_x = _taps(axis_weights(net[2], shape[2], order=1))
-    labels = np.empty(shape, dtype=np.uint8)
-    for first in range(0, shape[0], slab):
-        last = min(shape[0], first + slab)
-        rows = wz[first:last]
-        used = np.flatnonzero(rows.any(axis=0))
-        lo, hi = int(used[0]), int(used[-1]) + 1
-        # z pass (dense: few rows), then classes first for contiguous planes.
-        part = rows[:, lo:hi] @ probabilities[lo:hi].reshape(hi - lo, -1)
-        part = np.moveaxis(part.reshape((last - first,) + net[1:]), -1, 0)
-        part = _resample_axis(np.ascontiguousarray(part), taps_y, axis=2)
-        best = _resample_axis(part[0], taps_x, axis=2)
-        out = np.zeros(best.shape, dtype=np.uint8)
-        for c in range(1, net[3]):
-            prob = _resample_axis(part[c], taps_x, axis=2)
-            wins = prob > best
-            out[wins] = c
-            np.maximum(best, prob, out=best)
-        labels[first:last] = out
-    return labels
-
-
 def mirroring_disagreement(probabilities, disagreement):
     """Share of predicted foreground voxels whose label changes with mirroring.
 
@@ -156,10 +73,13 @@ def mirroring_disagreement(probabilities, disagreement):
     Returns:
         float in [0, 1], or None when there was no mirroring.
     """
+    from kits_keras.data.preprocessing import argmax_labels
+
     if disagreement is None:
         return None
     # The disagreement map samples every 2nd voxel (sliding_window).
-    foreground = sw._labels(probabilities[::2, ::2, ::2]) > 0
+    sample = probabilities[::2, ::2, ::2]
+    foreground = argmax_labels(np.moveaxis(sample, -1, 0)) > 0
     count = int(np.count_nonzero(foreground))
     if count == 0:
         return 0.0
@@ -184,6 +104,7 @@ def predict_case(volume, network, config, stats, progress=None):
     """
     from kits_keras.inference.body_mask import remove_outside_body
     from kits_keras.data.preprocessing import preprocess_image
+    from kits_keras.data.preprocessing import resample_probabilities
 
     infer = config.infer
     start = time.perf_counter()
@@ -197,7 +118,8 @@ def predict_case(volume, network, config, stats, progress=None):
     )
     del image
     t_win = time.perf_counter()
-    labels = labels_on_grid(window.probabilities, volume.array.shape)
+    labels = resample_probabilities(window.probabilities, volume.array.shape,
+                                    labels=True)
     t_res = time.perf_counter()
     removed = remove_outside_body(labels, volume.array, volume.spacing,
                                   window.probabilities.shape[-1])
@@ -223,18 +145,6 @@ def predict_case(volume, network, config, stats, progress=None):
         "total": time.perf_counter() - start,
     }
     return Prediction(labels, window.probabilities, target, qc, timings)
-
-
-def label_volumes_ml(labels, spacing):
-    """Kidney (label 1), tumour (label 2) and their sum in mL."""
-    # count_nonzero of a comparison: np.bincount on small ints is slow.
-    counts = [0] + [int(np.count_nonzero(labels == v)) for v in (1, 2)]
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    return {
-        "kidney_ml": float(counts[1] * voxel_ml),
-        "tumour_ml": float(counts[2] * voxel_ml),
-        "kidney_and_tumour_ml": float((counts[1] + counts[2]) * voxel_ml),
-    }
 
 
 # --- Batch inference: files in, segmentations + JSON reports out. ---------
@@ -302,12 +212,13 @@ class Found(typing.NamedTuple):
 
 
 def find_inputs(inputs):
-    """``[Found(case_id, image_path or None, error or None, series)]``.
+    """One :class:`Found` per case: ``(case_id, path or None, error or
+    None, series or None)``.
 
     An input is a NIfTI file, a KiTS19 case folder (``imaging.nii.gz``
     inside), a folder of either, or a folder holding DICOM series (searched
     recursively; used when it holds no NIfTI input): each series is a case
-    (:func:`kits_keras.dicom.read.find_series`), its ``image_path`` the series'
+    (:func:`kits_keras.dicom.read.find_series`), its ``path`` the series'
     folder. In a folder, our own ``*_seg.nii.gz`` outputs,
     ``segmentation.nii.gz`` files and hidden files (names starting with a
     dot: temporaries of an interrupted write, editor and OS files) are
@@ -396,7 +307,8 @@ SUMMARY_FILE = "summary.json"
 
 
 def plan_jobs(found, output=None, options=None):
-    """Output path of every found input (see ``kits-keras infer --help``).
+    """One :class:`Job` per :class:`Found` of :func:`find_inputs`: where
+    its outputs go (see ``kits-keras infer --help``).
 
     Raises:
         ValueError: before anything is written, when two inputs would write
@@ -412,8 +324,7 @@ def plan_jobs(found, output=None, options=None):
         )
     jobs = []
     for item in found:
-        case_id, image_path = item[0], item[1]
-        series = item[3] if len(item) > 3 else None
+        case_id, image_path, series = item.case_id, item.path, item.series
         if single_file:
             out = output
         elif output is not None:
@@ -601,7 +512,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
             overlays=[(labels, viz.LABEL_COLOURS, "prediction")],
             title=f"{job.case_id} prediction",
         )
-    volumes = label_volumes_ml(labels, volume.spacing)
+    volumes = io.label_volumes_ml(labels, volume.spacing)
     if options.report:
         from kits_keras.report import write_case_report
         from kits_keras.segmenter import Result
@@ -626,7 +537,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         report["dicom_series_uid"] = job.series.uid
     report["timings_s"]["total"] = time.perf_counter() - start
     path = sidecar(job.output_path, ".json")
-    io.atomic_write(path, lambda tmp: _dump(report, tmp))
+    io.write_json(path, report)
     written["report"] = path
     return report
 
@@ -645,12 +556,6 @@ def _save_probabilities(job, pred, volume):
     return io.atomic_write(path, write)
 
 
-def _dump(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def _case_error(job, err):
     """``err`` as one line that names the input file."""
     text = " ".join(str(err).split()) or type(err).__name__
@@ -661,14 +566,34 @@ def _case_error(job, err):
     return text
 
 
-def load_model(model=None):
-    """Loads ``model`` (run folder or file), or the latest finished run.
+def load_model(model=None, saved_model=None):
+    """The one way to load a model for inference.
+
+    Args:
+        model: str or None. A run folder or ``.keras`` file
+            (:func:`kits_keras.artifact.load_artifact`), a ``kits-keras
+            export`` folder (as ``saved_model``), or None for the latest
+            finished run.
+        saved_model: str or None. A ``kits-keras export`` folder (model
+            base path or version folder), run through
+            :func:`kits_keras.inference.export.load_saved_model` (TensorFlow, CPU)
+            instead of ``model``.
+
+    Returns:
+        :class:`kits_keras.artifact.Artifact` or
+        :class:`kits_keras.inference.export.SavedModelArtifact`: both give
+        ``network``, ``config``, ``stats``, ``path`` and ``metadata``.
 
     Raises:
         FileNotFoundError: with instructions when there is no model at all.
     """
     from kits_keras import artifact
+    from kits_keras.inference import export
 
+    if saved_model is None and model is not None and export.is_export(model):
+        model, saved_model = None, model
+    if saved_model is not None:
+        return export.load_saved_model(saved_model)
     if model is None:
         root = artifact.default_runs_root()
         try:
@@ -729,7 +654,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                              "replace it")
     failures, todo = [], []
     for job, item in zip(jobs, found):
-        error = item[2]
+        error = item.error
         if error is None:
             error = existing_output(job, options)
         if error:
@@ -744,13 +669,10 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         for path in io.sweep_temporaries(folder):
             log.info("Removed %s (left by an interrupted run)", path)
     if todo:
-        if saved_model is not None:
-            from kits_keras.inference.export import load_saved_model
-
-            art = load_saved_model(saved_model)
-        else:
-            art = load_model(model)
-        config = override(art.config, infer=infer_overrides)
+        art = load_model(model, saved_model)
+        changes = {k: v for k, v in (infer_overrides or {}).items()
+                   if v is not None}
+        config = override(art.config, infer=changes) if changes else art.config
         from kits_keras.artifact import orientation_of
 
         orientation = orientation_of(art.metadata, art.path)
@@ -768,7 +690,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                                  "input": job.image_path, "error": error})
     summary = {"cases": reports, "failures": failures}
     if summary_file is not None and reports:
-        io.atomic_write(summary_file, lambda tmp: _dump(summary, tmp))
+        io.write_json(summary_file, summary)
     if index_file is not None and reports:
         from kits_keras.report import write_index
 

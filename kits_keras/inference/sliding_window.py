@@ -23,6 +23,8 @@ import time
 import numpy as np
 from scipy import ndimage
 
+from kits_keras.data.preprocessing import argmax_labels
+
 TTA_MODES = ("all", "flip", "none")
 
 
@@ -207,18 +209,6 @@ class _TimedNetwork:
         return out
 
 
-def _labels(probs):
-    """argmax over the last (class) axis, as uint8; faster than argmax for
-    a handful of classes (no per-voxel inner loop)."""
-    best = probs[..., 0].copy()
-    labels = np.zeros(best.shape, dtype=np.uint8)
-    for c in range(1, probs.shape[-1]):
-        wins = probs[..., c] > best
-        labels[wins] = c
-        np.maximum(best, probs[..., c], out=best)
-    return labels
-
-
 class _Aggregator:
     """Sums Gaussian-weighted tile probabilities over the padded volume and
     normalises every slab of slices as soon as no later tile reaches it.
@@ -262,7 +252,8 @@ class _Aggregator:
             if self.num_flips > 1:
                 self.gauss *= np.float32(1.0 / self.num_flips)
         if qc_views is not None:
-            labels = [_labels(probs[i][v[0]]) for i, v in enumerate(qc_views)]
+            labels = [argmax_labels(np.moveaxis(probs[i][v[0]], -1, 0))
+                      for i, v in enumerate(qc_views)]
             if flip == 0:
                 self.first = labels
                 self.differs = [np.zeros(l.shape, bool) for l in labels]

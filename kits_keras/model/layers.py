@@ -91,7 +91,8 @@ class InstanceNormalization(keras.layers.Layer):
     ``gamma``/``beta`` (nnU-Net's ``InstanceNorm3d(affine=True)``). Equal to
     ``keras.layers.GroupNormalization(groups=-1)`` to within 1e-6, and about
     1.5x faster under XLA because the affine transform is folded into one
-    multiply-add (``/work/shared/peers/train_step/README.md``).
+    multiply-add (measured beside the peers' train step; see the
+    benchmarks section of README.md).
 
     With ``negative_slope`` set, a leaky ReLU follows in the same layer and
     the backward pass of both is written by hand

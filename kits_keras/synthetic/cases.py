@@ -340,11 +340,10 @@ def _save_case(case_dir, case, preview):
 
 def case_summary(case):
     """Small dict describing a case (shape, spacing, label volumes in mL)."""
-    labels = case.labels.array
-    ml = case.image.voxel_volume_ml
+    ml = io.label_volumes_ml(case.labels.array, case.spacing)
     return dataclasses.asdict(_Summary(
         case.case_id, tuple(case.image.array.shape), case.spacing,
-        float((labels == 1).sum() * ml), float((labels == 2).sum() * ml)))
+        ml["kidney_ml"], ml["tumour_ml"]))
 
 
 @dataclasses.dataclass(frozen=True)

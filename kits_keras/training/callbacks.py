@@ -20,6 +20,7 @@ import keras
 import numpy as np
 
 from kits_keras import io
+from kits_keras.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -308,17 +309,6 @@ def truncate_history(csv_path, epochs_done):
             csv.writer(f).writerows(rows[:1] + kept)
 
     io.atomic_write(csv_path, write)
-
-
-def write_json(path, obj):
-    """Writes ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=2)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    io.atomic_write(path, write)
 
 
 def read_state(checkpoint_dir):

@@ -241,11 +241,9 @@ def epoch_batches(epoch_dataset, initial_epoch, epochs, steps):
 
 def intensity_stats(config, data_dir):
     """The training set's IntensityStats dict from the TFDS metadata."""
-    import tensorflow_datasets as tfds
+    from kits_keras.data.pipeline import prepared_builder
 
-    import tfds_kits19  # noqa: F401  (registers the builder)
-
-    builder = tfds.builder(f"kits19/{config.data.dataset}", data_dir=data_dir)
+    builder = prepared_builder(config, data_dir)
     return (builder.info.metadata or {}).get("intensity_stats")
 
 

@@ -177,8 +177,8 @@ def test_foreground_samples_are_part_of_the_dataset(five_cases, tmp_path):
     a dataset built with another value is out of date for ``prepare`` and
     refused by training's reader."""
     from kits_keras import config as config_lib
-    from kits_keras import data
-    from kits_keras import dataset
+    from kits_keras.data import pipeline as data
+    from kits_keras.data import prepare as dataset
 
     cases = cases_folder(five_cases, tmp_path / "cases", [0])
     data_dir = str(tmp_path / "tfds")

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from kits_keras import config
 from kits_keras import io
@@ -102,6 +103,54 @@ def test_resample_probabilities_keeps_simplex():
     assert out.shape == (30, 37, 33, 3) and out.dtype == np.float32
     np.testing.assert_allclose(out.sum(-1), 1.0, atol=2e-3)
     assert out.min() >= 0
+
+
+def test_probabilities_to_labels_by_hand():
+    # Class 0 on slices 0-4, class 2 on 5-9, class 1 left of x = 2; 4x up
+    # along z, 2x along x. Output slice k is centred on input z
+    # (k + 0.5) / 4 - 0.5: k = 19 at 4.375 (5/8 of slice 4, class 0),
+    # k = 20 at 4.625 (5/8 of slice 5, class 2). Output column j is centred
+    # on input x (j + 0.5) / 2 - 0.5: j = 3 at 1.25 (class 1 at x <= 1
+    # weighs 3/4), j = 4 at 1.75 (1/4).
+    probs = np.zeros((10, 3, 4, 3), np.float32)
+    probs[:5, ..., 0] = 1.0
+    probs[5:, ..., 2] = 1.0
+    probs[:, :, :2] = [0.0, 1.0, 0.0]
+    out = pp.resample_probabilities(probs, (40, 3, 8), threads=2,
+                                    labels=True)
+    expected = np.zeros((40, 3, 8), np.uint8)
+    expected[20:] = 2
+    expected[:, :, :4] = 1
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, expected)
+    # Down again (antialiased): each output voxel gets its block's label.
+    back = pp.resample_probabilities(expected[..., None] == np.arange(3),
+                                     (10, 3, 4), labels=True)
+    np.testing.assert_array_equal(back, np.argmax(probs, -1))
+
+
+@pytest.mark.parametrize("shape", [(7, 30, 26), (61, 64, 40), (12, 15, 13),
+                                   (80, 9, 41)])
+def test_probabilities_to_labels_is_argmax_of_probabilities(shape):
+    rng = np.random.default_rng(3)
+    logits = ndimage.gaussian_filter(rng.normal(size=(12, 15, 13, 3)),
+                                     (1, 1, 1, 0))
+    probs = np.exp(logits * 8).astype(np.float32)
+    probs /= probs.sum(-1, keepdims=True)
+    labels = pp.resample_probabilities(probs, shape, threads=2, labels=True)
+    whole = pp.resample_probabilities(probs, shape, threads=1)
+    assert labels.shape == shape and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, np.argmax(whole, -1))
+
+
+def test_argmax_labels_ties_go_to_the_lower_class():
+    a = np.array([[0.2, 0.5], [0.4, 0.1]], np.float32)
+    b = np.array([[0.2, 0.1], [0.4, 0.3]], np.float32)
+    c = np.array([[0.6, 0.4], [0.2, 0.6]], np.float32)
+    out = pp.argmax_labels([a, b, c])
+    np.testing.assert_array_equal(out, [[2, 0], [0, 2]])
+    np.testing.assert_array_equal(out, np.argmax(np.stack([a, b, c]), 0))
+    assert a[0, 0] == np.float32(0.2)  # inputs untouched
 
 
 def test_normalised_training_foreground_is_standard():

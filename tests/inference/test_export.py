@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from kits_keras import artifact
 from kits_keras import config as config_lib
 from kits_keras.inference import export
 from kits_keras.backend import import_tensorflow
@@ -78,7 +79,14 @@ def test_layout_and_metadata(exported, config):
     assert meta["patch_size"] == list(config.data.patch_size)
     assert meta["class_names"] == ["background", "kidney", "tumour"]
     assert meta["signature"]["spatial_multiple"] == [8, 8, 8]
+    assert meta["orientation"] == "IPL"
     assert config_lib.ExperimentConfig.from_dict(meta["config"]) == config
+
+
+def test_metadata_keeps_the_training_orientation(config):
+    meta = export.metadata(config, STATS, orientation=("S", "A", "R"))
+    assert meta["orientation"] == "SAR"
+    assert artifact.orientation_of(meta) == ("S", "A", "R")
 
 
 @pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), (1, 16, 24, 40, 1)])
@@ -184,26 +192,43 @@ def test_saved_model_cli_run(exported, model, tmp_path):
     assert_parity(probs, _keras_probs(model, batch))
 
 
-def test_load_saved_model_network(exported, model, config):
+def test_load_saved_model(exported, model, config):
     base, _ = exported
     # The model base path resolves to its highest version, like TF Serving.
-    network, loaded_config, stats = export.load_saved_model_network(base)
-    assert loaded_config == config
-    assert stats == STATS
+    art = export.load_saved_model(base)
+    assert art.config == config
+    assert art.stats == STATS
     batch = _random_patch((2, 16, 32, 32, 1), seed=3)
-    probs = network(batch)
+    probs = art.network(batch)
     assert probs.dtype == np.float32
     assert_parity(probs, _keras_probs(model, batch))
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
-        network(batch[..., 0])
+        art.network(batch[..., 0])
+    # The one loader of inference recognises an export given as a model.
+    from kits_keras.inference import predict
+
+    loaded = predict.load_model(base)
+    assert isinstance(loaded, export.SavedModelArtifact)
+    assert loaded.path == art.path
 
 
 def test_load_rejects_foreign_folders(tmp_path):
+    assert not export.is_export(tmp_path)
     with pytest.raises(FileNotFoundError, match="no saved_model.pb"):
-        export.load_saved_model_network(tmp_path)
+        export.load_saved_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
-        export.load_saved_model_network(tmp_path)
+        export.load_saved_model(tmp_path)
+    asset = tmp_path / "assets" / export.ASSET_NAME
+    asset.parent.mkdir()
+    asset.write_text("{")
+    with pytest.raises(ValueError, match=f"{asset}: not a kits-keras model"):
+        export.load_saved_model(tmp_path)
+    meta = {"config": {}, "format": export.FORMAT,
+            "format_version": export.FORMAT_VERSION + 1}
+    asset.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{asset}: format_version"):
+        artifact.read_metadata(tmp_path)
 
 
 # --- CLI: kits-keras export, and infer --saved-model against --model -------
@@ -247,7 +272,7 @@ def test_cli_export_run_dir(run_dir, tmp_path):
     assert result.exit_code == 0, result.output
     path = tmp_path / "served" / "3"
     assert result.output.strip().endswith(str(path))
-    meta = export.read_metadata(tmp_path / "served")
+    meta = artifact.read_metadata(tmp_path / "served")
     assert meta["source"] == str(run_dir / "model.keras")
     assert meta["intensity_stats"] == STATS.to_dict()
     again = _cli("export", run_dir, tmp_path / "served", "--version", 3)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from kits_keras import io
 from kits_keras.inference import predict
 from kits_keras.inference import sliding_window as sw
 
@@ -164,29 +165,11 @@ def test_disagreement_of_a_direction_sensitive_network():
     assert score == 1.0
 
 
-@pytest.mark.parametrize("shape", [(7, 30, 26), (33, 30, 26), (12, 9, 13)])
-def test_slabwise_labels_equal_whole_volume_resampling(shape):
-    from kits_keras.data.preprocessing import resample_probabilities
-
-    rng = np.random.default_rng(3)
-    logits = ndimage.gaussian_filter(rng.normal(size=(12, 15, 13, 3)),
-                                     (1, 1, 1, 0))
-    probs = np.exp(logits * 8).astype(np.float32)
-    probs /= probs.sum(-1, keepdims=True)
-    whole = resample_probabilities(probs, shape)
-    slabbed = predict.labels_on_grid(probs, shape,
-                                     slab_bytes=3 * shape[1] * shape[2] * 12)
-    assert slabbed.shape == shape and slabbed.dtype == np.uint8
-    margin = np.sort(whole, -1)
-    clear = (margin[..., -1] - margin[..., -2]) > 1e-5
-    assert np.array_equal(slabbed[clear], whole.argmax(-1)[clear])
-
-
 def test_label_volumes_ml():
     labels = np.zeros((4, 4, 4), dtype=np.uint8)
     labels[0, 0, :3] = 1
     labels[1, 1, 1] = 2
-    vols = predict.label_volumes_ml(labels, (2.0, 1.0, 0.5))
+    vols = io.label_volumes_ml(labels, (2.0, 1.0, 0.5))
     assert vols == {"kidney_ml": 0.003, "tumour_ml": 0.001,
                     "kidney_and_tumour_ml": 0.004}
 
@@ -205,7 +188,6 @@ def threshold_network(batch):
     ((64, 512, 796), (4.0, 0.70, 0.70)),     # wide field of view
 ])
 def test_predict_case_output_on_input_grid(shape, spacing):
-    from kits_keras import io
     from kits_keras.config import get_config
     from kits_keras.config import override
     from kits_keras.data.preprocessing import IntensityStats

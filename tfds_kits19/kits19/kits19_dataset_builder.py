@@ -26,7 +26,7 @@ each foreground class (kidney-or-tumour, tumour) are stored per case for
 oversampling; the experiment's ``data.foreground_samples``, given to the
 builder by ``kits_keras.dataset.prepare``. It is part of the source
 fingerprint (a dataset built with another value is out of date), and
-``kits_keras.data`` refuses a dataset built with another value than the
+``kits_keras.data.pipeline`` refuses a dataset built with another value than the
 experiment's.
 """
 
