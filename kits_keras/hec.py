@@ -67,6 +67,7 @@ from scipy import ndimage
 from kits_keras.evaluate import EMPTY_DICE
 from kits_keras.evaluate import dice
 
+KITS23_LABEL_VALUES = (0, 1, 2, 3)
 LABEL_NAMES = {1: "kidney", 2: "tumour", 3: "cyst"}
 
 HEC = collections.namedtuple("HEC", ["name", "labels", "tolerance_mm"])
