@@ -261,3 +261,49 @@ def _bounding_box(mask, margin):
 def _distances_to(border, spacing_mm):
     """Distance in mm from every voxel to the nearest ``border`` voxel."""
     return ndimage.distance_transform_edt(~border, sampling=spacing_mm)
+
+
+def kits23_metric():
+    """The ``kits-keras evaluate --metric kits23`` report layout."""
+    from kits_keras.evaluate import Metric
+
+    dice_keys = tuple(f"{h.name}_dice" for h in HECS)
+    sd_keys = tuple(f"{h.name}_surface_dice" for h in HECS)
+    short = {"kidney_and_masses": "kid+mas", "masses": "masses",
+             "tumour": "tumour"}
+    return Metric(
+        "kits23", KITS23_LABEL_VALUES, _scores_with_means,
+        keys=(*dice_keys, *sd_keys, "mean_dice", "mean_surface_dice"),
+        columns=(*((f"{h.name}_dice", short[h.name]) for h in HECS),
+                 *((f"{h.name}_surface_dice", f"SD {short[h.name]}")
+                   for h in HECS),
+                 ("mean_dice", "Dice"), ("mean_surface_dice", "SD")),
+        boxes=(*((f"{h.name}_dice", f"{short[h.name]}\nDice") for h in HECS),
+               *((f"{h.name}_surface_dice", f"{short[h.name]}\nSD")
+                 for h in HECS)),
+        title_keys=(("mean_dice", "Dice"), ("mean_surface_dice", "SD"),
+                    ("tumour_dice", "tumour Dice")),
+        rank_key="mean_dice",
+        colours=({1: "#ffd21f", 2: "#ff3030", 3: "#ff8c1a"},
+                 {1: "#2fa4ff", 2: "#3cff5a", 3: "#d24dff"}),
+        conventions={
+            "hecs": {h.name: list(h.labels) for h in HECS},
+            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+            "surface_dice_tolerance_mm": {h.name: h.tolerance_mm
+                                          for h in HECS},
+            "both_empty": EMPTY_DICE,
+            "one_empty": 0.0,
+            "mean_dice": "mean of the three HEC Dice of the case",
+            "mean_surface_dice": "mean of the three HEC Surface Dice",
+            "missing_or_error": 0.0,
+            "source": "neheller/kits23 kits23/evaluation/metrics.py, "
+                      "kits23/configuration/labels.py",
+        })
+
+
+def _scores_with_means(pred, truth, spacing_mm):
+    scores = kits23_scores(pred, truth, spacing_mm)
+    for metric in ("dice", "surface_dice"):
+        scores[f"mean_{metric}"] = float(np.mean(
+            [scores[f"{h.name}_{metric}"] for h in HECS]))
+    return scores

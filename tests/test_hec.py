@@ -188,3 +188,76 @@ def test_real_975_slice_case_memory_is_bounded():
     assert peak < 2e9, peak
     assert 0.5 < scores["kidney_and_masses_dice"] < 1.0
     print(f"case_00442: {seconds:.1f} s, peak {peak / 1e6:.0f} MB, {scores}")
+
+
+def hand_case_prediction():
+    """The prediction of :func:`test_hec_dice_by_hand` (0.75, 0.4, 0.5)."""
+    pred = np.zeros((6, 6, 8), np.uint8)
+    pred[1:5, 1:5, 2:6] = 1
+    pred[1:3, 1:3, 2:4] = 2
+    return pred
+
+
+def test_cli_kits23_on_constructed_cases(tmp_path):
+    import csv
+    import json
+
+    from click.testing import CliRunner
+
+    from cli.evaluate import evaluate
+
+    # KiTS layout: voxel axis 0 runs along world z, 2.5 mm slices.
+    affine = np.array([[0.0, 0.0, -0.8, 0.0], [0.0, -0.8, 0.0, 0.0],
+                       [-2.5, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    truth = labelled_case()
+    gt_dir, pred_dir, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "o"
+    for case in ("case_00001", "case_00002", "case_00003"):
+        io.save_nifti(gt_dir / f"{case}.nii.gz", truth, affine)
+    io.save_nifti(pred_dir / "case_00001.nii.gz", hand_case_prediction(),
+                  affine)
+    io.save_nifti(pred_dir / "case_00002.nii.gz", truth, affine)
+    io.save_nifti(pred_dir / "case_00003.nii.gz", np.zeros_like(truth),
+                  affine)
+    result = CliRunner().invoke(evaluate, [
+        str(pred_dir), str(gt_dir), "--out", str(out), "--metric", "kits23"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "scores.json").read_text())
+    assert report["metric"] == "kits23"
+    rows = {r["case_id"]: r for r in report["cases"]}
+    first = rows["case_00001"]
+    assert (first["kidney_and_masses_dice"], first["masses_dice"],
+            first["tumour_dice"]) == pytest.approx((0.75, 0.4, 0.5))
+    assert first["mean_dice"] == pytest.approx(0.55)
+    spacing = io.read_volume(str(gt_dir / "case_00001.nii.gz")).spacing
+    assert spacing == pytest.approx((2.5, 0.8, 0.8))
+    # Kidney+masses and tumour are shifted 0.8 mm along x, within their
+    # tolerances (1.03, 1.15 mm): Surface Dice 1. The predicted masses miss
+    # the cyst, whose surface lies farther: below 1.
+    assert first["kidney_and_masses_surface_dice"] == 1.0
+    assert first["tumour_surface_dice"] == 1.0
+    expected = hec.surface_dice(hand_case_prediction() >= 2, truth >= 2,
+                                spacing, hec.HECS[1].tolerance_mm)
+    assert 0.0 < expected < 1.0
+    assert first["masses_surface_dice"] == pytest.approx(expected)
+    assert set(v for k, v in rows["case_00002"].items()
+               if k.endswith("dice")) == {1.0}
+    assert set(v for k, v in rows["case_00003"].items()
+               if k.endswith("dice")) == {0.0}
+    assert report["mean"]["tumour_dice"] == pytest.approx(0.5)
+    assert report["conventions"]["hecs"]["masses"] == [2, 3]
+    with open(out / "scores.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:2] == ["case_id", "kidney_and_masses_dice"]
+    assert "tumour_surface_dice" in header and header[-1] == "error"
+    assert "case_00001" in result.output and "0.7500" in result.output
+    assert "SD tumour" in result.output
+    names = set(os.listdir(out))
+    assert {"dice_boxplot.png", "overlay_best_case_00002.png",
+            "overlay_worst_case_00003.png"} <= names
+    # The same case under --metric kits19 refuses the cyst label.
+    result = CliRunner().invoke(evaluate, [
+        str(pred_dir), str(gt_dir), "--out", str(tmp_path / "k19")])
+    assert result.exit_code == 1
+    assert "3 case(s) could not be scored" in result.output
+    report = json.loads((tmp_path / "k19" / "scores.json").read_text())
+    assert "outside {0, 1, 2}" in report["cases"][0]["error"]
