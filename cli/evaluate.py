@@ -1,4 +1,5 @@
-"""``kits-keras evaluate``: KiTS19 Dice of predictions against ground truth."""
+"""``kits-keras evaluate``: KiTS19 Dice (or KiTS23 HEC Dice and Surface
+Dice) of predictions against ground truth."""
 
 import click
 
@@ -16,9 +17,16 @@ from cli.common import user_errors
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier report in --out (refused otherwise, "
               "before any work).")
+@click.option("--metric", type=click.Choice(["kits19", "kits23"]),
+              default="kits19", show_default=True,
+              help="kits19: kidney (label > 0) and tumour (label > 1) Dice. "
+              "kits23: Dice and Surface Dice (at KiTS23's tolerance in mm) "
+              "of kidney+masses {1,2,3}, masses {2,3} and tumour {2}; labels "
+              "0-3 (3 = cyst).")
 @user_errors
-def evaluate(pred_dir, truth_dir, out_dir, overwrite):
-    """Score predictions PRED against ground truth GT (KiTS19 metric).
+def evaluate(pred_dir, truth_dir, out_dir, overwrite, metric):
+    """Score predictions PRED against ground truth GT (KiTS19 metric, or
+    KiTS23's with --metric kits23).
 
     PRED and GT are folders of KiTS19 case folders
     (case_XXXXX/segmentation.nii.gz) or of flat files (case_XXXXX.nii.gz,
@@ -34,7 +42,7 @@ def evaluate(pred_dir, truth_dir, out_dir, overwrite):
     from kits_keras.evaluate import evaluate as run
     from kits_keras.evaluate import format_table
 
-    report, paths = run(pred_dir, truth_dir, out_dir, overwrite)
+    report, paths = run(pred_dir, truth_dir, out_dir, overwrite, metric)
     click.echo(format_table(report))
     if report["missing"]:
         click.echo(f"missing predictions (scored 0): "

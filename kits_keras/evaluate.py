@@ -13,9 +13,14 @@ Conventions (where the challenge code is silent):
   scores 0 for both classes, so it counts against the mean.
 * A prediction on another grid (shape or affine) or an unreadable file is an
   ``error`` for that case, also scored 0.
+
+``metric="kits23"`` scores KiTS23's hierarchical evaluation classes instead
+(Dice and Surface Dice, :mod:`kits_keras.hec`), with the same folder
+layouts, conventions and report files.
 """
 
 import csv
+import dataclasses
 import logging
 import os
 import re
@@ -28,10 +33,9 @@ log = logging.getLogger(__name__)
 
 EMPTY_DICE = 1.0
 _CASE_ID = re.compile(r"(?:case|prediction)_(\d{5})")
-FIELDS = ("case_id", "kidney_dice", "tumour_dice", "composite", "status",
-          "error")
 TRUTH_COLOURS = {1: "#ffd21f", 2: "#ff3030"}
 PREDICTION_COLOURS = {1: "#2fa4ff", 2: "#3cff5a"}
+METRIC_NAMES = ("kits19", "kits23")
 
 
 def dice(pred, truth):
@@ -53,6 +57,70 @@ def kits_scores(pred, truth):
     tumour = dice(pred > 1, truth > 1)
     return {"kidney_dice": kidney, "tumour_dice": tumour,
             "composite": (kidney + tumour) / 2.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    """What one ``--metric`` scores and how its report is laid out.
+
+    Attributes:
+        name: str. ``kits19`` or ``kits23``.
+        label_values: tuple of ints the label files may hold.
+        score: ``(pred, truth, spacing_mm) -> {key: float}``, arrays
+            ``(z, y, x)``, spacing ``(z, y, x)`` in mm.
+        keys: the per-case score keys, in column order.
+        columns: ``(key, header)`` pairs of the printed table.
+        boxes: ``(key, label)`` pairs of the box plot.
+        title_keys: ``(key, label)`` pairs named in figure titles.
+        rank_key: key picking the best/median/worst overlays.
+        colours: ``(truth, prediction)`` ``{label: colour}`` of overlays.
+        conventions: dict written into the report.
+    """
+
+    name: str
+    label_values: tuple
+    score: object
+    keys: tuple
+    columns: tuple
+    boxes: tuple
+    title_keys: tuple
+    rank_key: str
+    colours: tuple
+    conventions: dict
+
+    @property
+    def fields(self):
+        return ("case_id", *self.keys, "status", "error")
+
+
+def get_metric(name):
+    """The :class:`Metric` called ``name`` (one of :data:`METRIC_NAMES`)."""
+    if name == "kits19":
+        return Metric(
+            "kits19", io.LABEL_VALUES,
+            lambda pred, truth, spacing: kits_scores(pred, truth),
+            keys=("kidney_dice", "tumour_dice", "composite"),
+            columns=(("kidney_dice", "kidney"), ("tumour_dice", "tumour"),
+                     ("composite", "mean")),
+            boxes=(("kidney_dice", "kidney"), ("tumour_dice", "tumour"),
+                   ("composite", "composite")),
+            title_keys=(("kidney_dice", "kidney"),
+                        ("tumour_dice", "tumour")),
+            rank_key="composite",
+            colours=(TRUTH_COLOURS, PREDICTION_COLOURS),
+            conventions={
+                "kidney": "Dice over label > 0 (kidney + tumour)",
+                "tumour": "Dice over label > 1",
+                "composite": "mean of kidney and tumour Dice",
+                "both_empty": EMPTY_DICE,
+                "missing_or_error": 0.0,
+            })
+    if name == "kits23":
+        from kits_keras import hec
+
+        return hec.kits23_metric()
+    raise ValueError(f"Unknown metric. Received: metric={name!r}; "
+                     f"expected one of {METRIC_NAMES}")
 
 
 def case_id_of(name):
@@ -123,25 +191,28 @@ def check_ct_grid(truth_path):
             f"{truth_path} {shapes[1]}; the CT belongs to another grid")
 
 
-def evaluate_case(pred_path, truth_path):
-    """Scores one prediction file against its ground truth file."""
+def evaluate_case(pred_path, truth_path, metric=None):
+    """Scores one prediction file against its ground truth file
+    (``metric``: a :class:`Metric`, KiTS19's by default)."""
+    metric = metric or get_metric("kits19")
     check_ct_grid(truth_path)
-    truth = io.read_labels(truth_path)
-    pred = io.read_labels(pred_path)
+    truth = io.read_labels(truth_path, label_values=metric.label_values)
+    pred = io.read_labels(pred_path, label_values=metric.label_values)
     io.check_same_grid(truth, pred)
-    return kits_scores(pred.array, truth.array)
+    return metric.score(pred.array, truth.array, truth.spacing)
 
 
-def evaluate_folders(pred_dir, truth_dir):
+def evaluate_folders(pred_dir, truth_dir, metric="kits19"):
     """Scores every ground-truth case; returns the report dict.
 
     Returns:
         dict with ``cases`` (one row per ground-truth case: the
-        :data:`FIELDS`, plus ``prediction`` and ``truth`` paths), ``mean``
+        :attr:`Metric.fields`, plus ``prediction`` and ``truth`` paths), ``mean``
         (means over all ground-truth cases, missing and errors as 0),
         ``missing``, ``errors``, ``extra`` (predictions without truth) and
-        ``conventions``.
+        ``conventions``; for ``metric="kits23"`` also ``metric``.
     """
+    spec = get_metric(metric)
     truths = find_segmentations(truth_dir)
     if not truths:
         raise io.CaseError(f"{truth_dir}: no ground-truth segmentations "
@@ -157,50 +228,59 @@ def evaluate_folders(pred_dir, truth_dir):
             f"{truth_dir} (predictions: {', '.join(sorted(preds)[:3])}...)")
     rows = []
     for case_id, truth_path in truths.items():
-        row = {"case_id": case_id, "kidney_dice": 0.0, "tumour_dice": 0.0,
-               "composite": 0.0, "status": "ok", "error": "",
-               "truth": truth_path, "prediction": preds.get(case_id)}
+        row = {"case_id": case_id, **dict.fromkeys(spec.keys, 0.0),
+               "status": "ok", "error": "", "truth": truth_path,
+               "prediction": preds.get(case_id)}
         if row["prediction"] is None:
             row.update(status="missing", error="no prediction")
             log.warning("%s: no prediction in %s, scored 0", case_id,
                         pred_dir)
         else:
             try:
-                row.update(evaluate_case(row["prediction"], truth_path))
+                row.update(evaluate_case(row["prediction"], truth_path,
+                                         spec))
             except (io.CaseError, ValueError, OSError) as err:
                 row.update(status="error", error=str(err))
                 log.error("%s: %s", case_id, err)
         rows.append(row)
     mean = {key: float(np.mean([r[key] for r in rows]))
-            for key in ("kidney_dice", "tumour_dice", "composite")}
-    return {
+            for key in spec.keys}
+    report = {
         "cases": rows,
         "mean": mean,
         "num_cases": len(rows),
         "missing": [r["case_id"] for r in rows if r["status"] == "missing"],
         "errors": [r["case_id"] for r in rows if r["status"] == "error"],
         "extra": sorted(set(preds) - set(truths)),
-        "conventions": {
-            "kidney": "Dice over label > 0 (kidney + tumour)",
-            "tumour": "Dice over label > 1",
-            "composite": "mean of kidney and tumour Dice",
-            "both_empty": EMPTY_DICE,
-            "missing_or_error": 0.0,
-        },
+        "conventions": spec.conventions,
     }
+    # KiTS19 reports predate the key; theirs stay byte-identical.
+    if metric != "kits19":
+        report["metric"] = metric
+    return report
+
+
+def metric_of(report):
+    """The :class:`Metric` a report was scored with."""
+    return get_metric(report.get("metric", "kits19"))
 
 
 def format_table(report):
     """The per-case scores and the mean as a fixed-width text table."""
-    lines = [f"{'case':<12} {'kidney':>7} {'tumour':>7} {'mean':>7}  status"]
+    columns = metric_of(report).columns
+    widths = [max(7, len(header)) for _, header in columns]
+
+    def line(first, values, last):
+        cells = " ".join(f"{v:{w}.4f}" for v, w in zip(values, widths))
+        return f"{first:<12} {cells}  {last}"
+
+    header = " ".join(f"{h:>{w}}" for (_, h), w in zip(columns, widths))
+    lines = [f"{'case':<12} {header}  status"]
     for r in report["cases"]:
-        lines.append(f"{r['case_id']:<12} {r['kidney_dice']:7.4f} "
-                     f"{r['tumour_dice']:7.4f} {r['composite']:7.4f}  "
-                     f"{r['status']}")
-    m = report["mean"]
-    lines.append(f"{'mean':<12} {m['kidney_dice']:7.4f} "
-                 f"{m['tumour_dice']:7.4f} {m['composite']:7.4f}  "
-                 f"({report['num_cases']} cases)")
+        lines.append(line(r["case_id"], [r[k] for k, _ in columns],
+                          r["status"]))
+    lines.append(line("mean", [report["mean"][k] for k, _ in columns],
+                      f"({report['num_cases']} cases)"))
     return "\n".join(lines)
 
 
@@ -231,7 +311,8 @@ def write_report(report, out_dir):
 
     def write_csv(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS, extrasaction="ignore")
+            writer = csv.DictWriter(f, metric_of(report).fields,
+                                    extrasaction="ignore")
             writer.writeheader()
             writer.writerows(report["cases"])
 
@@ -241,16 +322,19 @@ def write_report(report, out_dir):
         report, os.path.join(out_dir, "dice_boxplot.png"))
     for rank, row in pick_examples(report).items():
         path = os.path.join(out_dir, f"overlay_{rank}_{row['case_id']}.png")
-        paths[f"overlay_{rank}"] = save_overlay(row, path, rank)
+        paths[f"overlay_{rank}"] = save_overlay(row, path, rank,
+                                                metric_of(report))
     for path in set(earlier) - set(paths.values()):
         os.remove(path)
     return paths
 
 
 def pick_examples(report):
-    """Best, median and worst scored case by composite Dice."""
+    """Best, median and worst scored case by the metric's rank key
+    (KiTS19: composite Dice)."""
+    key = metric_of(report).rank_key
     scored = sorted((r for r in report["cases"] if r["status"] == "ok"),
-                    key=lambda r: r["composite"])
+                    key=lambda r: r[key])
     if not scored:
         return {}
     return {"best": scored[-1], "median": scored[len(scored) // 2],
@@ -258,38 +342,49 @@ def pick_examples(report):
 
 
 def save_boxplot(report, path):
-    """Box plot of per-case kidney, tumour and composite Dice (cf. Fig. 5)."""
+    """Box plot of the per-case scores (KiTS19: kidney, tumour and
+    composite Dice, cf. Fig. 5)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    keys = ("kidney_dice", "tumour_dice", "composite")
+    metric = metric_of(report)
+    keys = [key for key, _ in metric.boxes]
     data = [[r[k] for r in report["cases"]] for k in keys]
-    fig = Figure(figsize=(5.0, 4.0), dpi=110)
+    fig = Figure(figsize=(max(5.0, 1.1 * len(keys) + 1.7), 4.0), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.boxplot(data, showmeans=True)
-    ax.set_xticks([1, 2, 3], ["kidney", "tumour", "composite"])
+    ax.set_xticks(range(1, len(keys) + 1),
+                  [label for _, label in metric.boxes])
     rng = np.random.default_rng(0)
     for i, values in enumerate(data, start=1):
         ax.scatter(i + rng.uniform(-0.08, 0.08, len(values)), values, s=9,
                    alpha=0.6, color="k", zorder=3)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("Dice per case")
-    m = report["mean"]
-    ax.set_title(f"{report['num_cases']} cases: kidney {m['kidney_dice']:.3f}"
-                 f", tumour {m['tumour_dice']:.3f}", fontsize=9)
+    ax.set_ylabel("Dice per case" if metric.name == "kits19"
+                  else "score per case")
+    ax.set_title(f"{report['num_cases']} cases: "
+                 + _named_scores(report["mean"], metric), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def save_overlay(row, path, rank=""):
+def _named_scores(scores, metric):
+    """``kidney 0.812, tumour 0.534`` for the metric's title keys."""
+    return ", ".join(f"{label} {scores[key]:.3f}"
+                     for key, label in metric.title_keys)
+
+
+def save_overlay(row, path, rank="", metric=None):
     """Orthogonal views through the tumour: truth and prediction outlined
     (cf. Fig. 4). The CT is used when ``imaging.nii.gz`` lies beside the
     ground truth, else the truth labels are drawn on a blank background."""
     from kits_keras import viz
 
-    truth = io.read_labels(row["truth"])
-    pred = io.read_labels(row["prediction"])
+    metric = metric or get_metric("kits19")
+    truth = io.read_labels(row["truth"], label_values=metric.label_values)
+    pred = io.read_labels(row["prediction"],
+                          label_values=metric.label_values)
     image_path = os.path.join(os.path.dirname(row["truth"]), io.IMAGE_FILE)
     window = viz.CT_WINDOW
     # Only a case folder's own CT (a flat truth file has none); its grid was
@@ -299,16 +394,17 @@ def save_overlay(row, path, rank=""):
         image = io.read_image(image_path).array
     else:
         image, window = np.zeros(truth.array.shape, np.float32), None
-    title = (f"{rank} {row['case_id']}: kidney {row['kidney_dice']:.3f}, "
-             f"tumour {row['tumour_dice']:.3f}")
+    title = f"{rank} {row['case_id']}: {_named_scores(row, metric)}"
+    truth_colours, prediction_colours = metric.colours
     return viz.save_orthogonal_views(
         path, image, truth.spacing,
-        overlays=[(truth.array, TRUTH_COLOURS, "truth"),
-                  (pred.array, PREDICTION_COLOURS, "prediction")],
+        overlays=[(truth.array, truth_colours, "truth"),
+                  (pred.array, prediction_colours, "prediction")],
         title=title, window=window)
 
 
-def evaluate(pred_dir, truth_dir, out_dir, overwrite=False):
+def evaluate(pred_dir, truth_dir, out_dir, overwrite=False,
+             metric="kits19"):
     """``kits-keras evaluate``: scores, writes the report files, returns
     ``(report, paths)``.
 
@@ -321,6 +417,6 @@ def evaluate(pred_dir, truth_dir, out_dir, overwrite=False):
         raise ValueError(f"{existing[0]}: exists; pass --overwrite to "
                          "replace the report in "
                          f"{out_dir} ({len(existing)} files)")
-    report = evaluate_folders(pred_dir, truth_dir)
+    report = evaluate_folders(pred_dir, truth_dir, metric)
     paths = write_report(report, out_dir)
     return report, paths

@@ -380,8 +380,17 @@ def read_image(path, orientation=KITS19_ORIENTATION):
     return volume
 
 
-def read_labels(path, orientation=KITS19_ORIENTATION):
-    """Reads a label volume and checks its values are in {0, 1, 2}."""
+def read_labels(path, orientation=KITS19_ORIENTATION,
+                label_values=LABEL_VALUES):
+    """Reads a label volume and checks its values are in ``label_values``.
+
+    Args:
+        path: str. A ``.nii`` or ``.nii.gz`` file.
+        orientation: see :func:`read_volume`.
+        label_values: consecutive ints from 0 the labels may take. Defaults
+            to KiTS19's :data:`LABEL_VALUES` (KiTS23 adds 3, cyst).
+    """
+    allowed = ", ".join(str(v) for v in label_values)
     # Keep the stored dtype: KiTS19 labels are uint8, and a min/max check
     # on them is ~50x faster than np.unique on a float copy (834x512x512).
     volume = read_volume(path, None, orientation)
@@ -390,13 +399,14 @@ def read_labels(path, orientation=KITS19_ORIENTATION):
         if not np.all(np.isfinite(values)) or np.any(
             values != np.round(values)
         ):
-            raise CaseError(f"{volume.path}: labels must be integers 0, 1, 2")
-    lo, hi = min(LABEL_VALUES), max(LABEL_VALUES)
+            raise CaseError(f"{volume.path}: labels must be integers "
+                            f"{allowed}")
+    lo, hi = min(label_values), max(label_values)
     if values.min() < lo or values.max() > hi:
         bad = values[(values < lo) | (values > hi)]
         unexpected = [int(v) for v in np.unique(bad)[:10]]
         raise CaseError(
-            f"{volume.path}: label values {unexpected} outside {{0, 1, 2}}"
+            f"{volume.path}: label values {unexpected} outside {{{allowed}}}"
         )
     return dataclasses.replace(volume, array=values.astype(np.uint8,
                                                            copy=False))

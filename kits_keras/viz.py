@@ -154,7 +154,9 @@ def orthogonal_views_png(image, spacing, overlays=None, center=None,
         ax.set_axis_off()
     for labels, colours, overlay_name in overlays:
         for value, colour in colours.items():
-            label = (io.CLASS_NAMES[value] if 0 <= value < 3 else value)
+            # KiTS23's label 3 is a cyst; other values are shown as is.
+            label = (io.CLASS_NAMES[value] if 0 <= value < 3
+                     else "cyst" if value == 3 else value)
             legend.append(Line2D([0], [0], color=colour,
                                  label=f"{overlay_name} {label}"))
     if legend:
