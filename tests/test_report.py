@@ -18,7 +18,7 @@ from PIL import Image
 
 from kits_keras import io
 from kits_keras import report
-from kits_keras.inference.predict import label_volumes_ml
+from kits_keras.io import label_volumes_ml
 from kits_keras.segmenter import Result
 
 _IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" '
