@@ -61,7 +61,19 @@ def test_epoch_seed_depends_on_seed_and_epoch_only():
 
     seeds = {epoch_seed(s, e) for s in range(3) for e in range(50)}
     assert len(seeds) == 150
-    assert epoch_seed(7, 3) == epoch_seed(7, 3)
+    assert all(0 <= s < 2**31 - 1 for s in seeds)  # a valid tf.data seed
+    # A resumed run is a new process: the seed must not come from global
+    # random state or from Python's per-process string hashing.
+    code = ("import random, numpy as np; random.seed(1); np.random.seed(1); "
+            "np.random.rand(9); from kits_keras.training import epoch_seed; "
+            "print(epoch_seed(7, 3), epoch_seed(3, 7))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=REPO, timeout=300,
+                          env=_env(PYTHONHASHSEED="123"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(epoch_seed(7, 3)),
+                                   str(epoch_seed(3, 7))]
+    assert epoch_seed(7, 3) != epoch_seed(3, 7)
 
 
 def _invoke(args):
