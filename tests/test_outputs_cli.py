@@ -371,18 +371,15 @@ def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
 
 
 @pytest.mark.large
-def test_fit_resume_sweeps_temporaries_and_marks_finished(tmp_path):
+def test_fit_resume_sweeps_temporaries_and_marks_finished(prepared_five_dir,
+                                                          tmp_path):
     """A killed run's temporaries go on resume; state.json says finished
     only when training ends; a damaged checkpoint is one line."""
     from kits_keras import callbacks as cb
     from kits_keras import config as config_lib
-    from kits_keras import dataset
-    from kits_keras import synthetic
     from kits_keras import training
 
-    synthetic.write_cases(str(tmp_path / "cases"), 5, seed=0, size="small")
-    data = str(tmp_path / "tfds")
-    dataset.prepare(str(tmp_path / "cases"), data, "tiny", workers=1)
+    data = prepared_five_dir
     config = config_lib.override(
         config_lib.get_config("tiny"), data={"patch_size": (16, 32, 32)},
         train={"epochs": 1, "steps_per_epoch": 1, "batch_size": 1})

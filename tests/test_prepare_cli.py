@@ -23,14 +23,11 @@ CONFIG = "tiny"  # dataset demo_4.0x3.2mm
 DATASET = "demo_4.0x3.2mm"
 
 
-@pytest.fixture(scope="module")
-def five_cases(tmp_path_factory):
-    """5 small synthetic cases (seed 0); copy before changing anything."""
-    from kits_keras import synthetic
-
-    out = str(tmp_path_factory.mktemp("five_cases"))
-    synthetic.write_cases(out, 5, seed=0, size="small")
-    return out
+@pytest.fixture
+def five_cases(five_cases_dir):
+    """5 small synthetic cases (seed 0, shared with other files); copy
+    before changing anything."""
+    return five_cases_dir
 
 
 def cases_folder(five_cases, folder, ids):

@@ -35,18 +35,11 @@ def _env(**extra):
     return env
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+@pytest.fixture
+def data_dir(prepared_five_dir):
     """A prepared ``kits19/demo_4.0x3.2mm`` dataset of 5 synthetic cases
-    (4 train of which 1 is held out for validation, 1 test)."""
-    from kits_keras import dataset
-    from kits_keras import synthetic
-
-    cases = tmp_path_factory.mktemp("cases")
-    synthetic.write_cases(str(cases), 5, seed=0, size="small")
-    out = tmp_path_factory.mktemp("tfds")
-    dataset.prepare(str(cases), str(out), "tiny", workers=1)
-    return str(out)
+    (4 train of which 1 is held out for validation, 1 test); shared."""
+    return prepared_five_dir
 
 
 def _small_config(**train):
