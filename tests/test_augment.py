@@ -136,8 +136,10 @@ def test_labels_stay_in_label_set_after_every_transform():
                                          size, config, s, -1.0)
 
         eager = [fn(seed(0))[1].numpy()]
-        seeds = tf.data.Dataset.range(3).map(lambda i: tf.stack([7, i]))
-        mapped = [lab for _, lab in seeds.map(fn).as_numpy_iterator()]
+        mapped = []
+        if config is ALL:  # every transform at once inside Dataset.map
+            seeds = tf.data.Dataset.range(3).map(lambda i: tf.stack([7, i]))
+            mapped = [lab for _, lab in seeds.map(fn).as_numpy_iterator()]
         for out in eager + mapped:
             assert set(np.unique(out)) <= {0, 1, 2}
             assert (out > 0).any()

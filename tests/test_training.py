@@ -113,6 +113,7 @@ def _checkpoint_arrays(run, config):
     return state, arrays
 
 
+@pytest.mark.large  # three in-process fits (minutes on 2 cores)
 def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     """Epochs 1-2 in one go == epoch 1, stop, resume for epoch 2."""
     from kits_keras import artifact
@@ -148,6 +149,7 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     assert art.config in (config, trained_for) and art.stats is not None
 
 
+@pytest.mark.large  # a fit process on two virtual JAX devices
 def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-c", "from cli.main import main; main()",
@@ -171,6 +173,7 @@ def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
     assert os.path.isfile(os.path.join(run, "model.keras"))
 
 
+@pytest.mark.large  # ~100 training steps in a TensorFlow process
 def test_overfits_one_synthetic_case(tmp_path):
     """Kidney and tumour Dice > 0.9 on the case it trained on.
 
