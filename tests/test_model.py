@@ -276,6 +276,7 @@ def test_count_flops_by_hand():
         count_flops(cfg, (5, 4, 4))
 
 
+@pytest.mark.large  # a JAX process compiling the U-Net's gradient
 def test_runs_without_tensorflow(tmp_path):
     """Model, loss and gradient on JAX with TensorFlow made unimportable."""
     script = textwrap.dedent("""

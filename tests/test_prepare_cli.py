@@ -78,9 +78,10 @@ def test_any_number_of_cases_builds_and_fits(five_cases, tmp_path,
     assert ("no test split" in result.stderr) == (num_cases < 5)
 
     run = str(tmp_path / "run")
+    # 16 x 32 x 32 patches: the smallest tiny allows, to keep it fast.
     result = run_cli(["fit", "--data-dir", data_dir, "--config", CONFIG,
-                      "--epochs", "1", "--steps-per-epoch", "1", "--out",
-                      run])
+                      "--epochs", "1", "--steps-per-epoch", "1",
+                      "--patch-size", "16", "32", "32", "--out", run])
     assert result.returncode == 0, result.stderr[-3000:]
     # tiny holds out 1 validation case: impossible with 1 training case.
     assert ("training without validation" in result.stderr) == (
