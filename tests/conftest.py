@@ -12,8 +12,19 @@ the segmentation.
 ``kits19_labels_dir``: the real KiTS19 label volumes shared on this machine
 (``$KITS19_LABELS``, default ``<repo>/../shared/data/kits19-labels``); the
 test is skipped when the folder is absent. Never copy them into the repo.
+
+``five_cases_dir`` / ``prepared_five_dir``: 5 small synthetic cases (seed 0)
+and the ``tiny`` config's TFDS dataset prepared from them (4 train cases, of
+which 1 is held out for validation, 1 test: ``case_00004``), built once per
+session for every test that needs that dataset. Read-only, like the above.
+
+The package's docstring examples run as doctests (``--doctest-modules``,
+see pyproject.toml): :func:`pytest_collection_modifyitems` skips those that
+need an optional extra which is not installed or the JAX backend when
+another one is in use, and marks the slow ones ``large``.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -26,6 +37,42 @@ import kits_keras  # noqa: E402,F401
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTHETIC_SEED = 0
 SYNTHETIC_CASES = 3
+
+# Doctests (by module) that need an optional extra: skipped without it.
+DOCTEST_EXTRAS = {
+    "kits_keras.dicom.read": ("pydicom",),
+    "kits_keras.dicom.write": ("pydicom", "highdicom"),
+}
+# Doctests that need the JAX backend (skipped under another KERAS_BACKEND).
+DOCTEST_JAX = ("kits_keras.training.step",)
+# Doctests over ~5 s on 2 CPU cores: XLA compiles a 3-D U-Net's backward
+# pass (~20-30 s). tests/training/test_step.py covers the step in more depth.
+DOCTEST_LARGE = ("kits_keras.training.step",)
+
+
+def _doctest_module(item):
+    """Module name of a doctest item, or None for other tests."""
+    dtest = getattr(item, "dtest", None)
+    return None if dtest is None else dtest.globs.get("__name__")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = _doctest_module(item)
+        if module is None:
+            continue
+        missing = [name for name in DOCTEST_EXTRAS.get(module, ())
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs {', '.join(missing)} (pip install "
+                "'kits-keras[dicom]')"))
+        if module in DOCTEST_JAX and os.environ.get(
+                "KERAS_BACKEND", "jax") != "jax":
+            item.add_marker(pytest.mark.skip(reason="needs the JAX backend"))
+        if module in DOCTEST_LARGE:
+            item.add_marker(pytest.mark.large)
 
 
 def kits19_labels_path():
@@ -45,6 +92,27 @@ def synthetic_cases_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic_cases")
     synthetic.write_cases(str(out), SYNTHETIC_CASES, seed=SYNTHETIC_SEED,
                           size="small")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def five_cases_dir(tmp_path_factory):
+    """Folder holding 5 small synthetic cases (seed 0); do not modify."""
+    from kits_keras.synthetic import cases as synthetic
+
+    out = tmp_path_factory.mktemp("five_cases")
+    synthetic.write_cases(str(out), 5, seed=0, size="small")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def prepared_five_dir(five_cases_dir, tmp_path_factory):
+    """TFDS data dir of ``five_cases_dir`` prepared for ``tiny``
+    (``kits19/demo_4.0x3.2mm``); do not modify."""
+    from kits_keras.data import prepare as dataset
+
+    out = tmp_path_factory.mktemp("tfds_five")
+    dataset.prepare(five_cases_dir, str(out), "tiny", workers=1)
     return str(out)
 
 

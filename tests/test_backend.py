@@ -14,23 +14,30 @@ RESOLVE = ("import kits_keras; from kits_keras.backend import "
            "resolve_backend; print(resolve_backend())")
 
 
-def _auto():
-    from kits_keras.backend import has_accelerator
-
-    return "jax" if has_accelerator() else "tensorflow"
-
-
-def _resolve(env):
-    proc = subprocess.run([sys.executable, "-c", RESOLVE], env=env,
+def _resolve(env, prelude=""):
+    proc = subprocess.run([sys.executable, "-c", prelude + RESOLVE], env=env,
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_auto_picks_per_host_and_user_choice_wins():
-    assert _resolve(dict(CLEAN, PYTHONPATH=REPO)) == _auto()
-    assert _resolve(dict(CLEAN, PYTHONPATH=REPO, KERAS_BACKEND="jax")) == (
-        "jax")
+# JAX_PLATFORMS=cpu hides any GPU from JAX, so the host counts as CPU-only
+# on every machine (one with a GPU included) and the expected backends are
+# known in advance instead of recomputed with resolve_backend's own rule.
+CPU_ONLY = dict(CLEAN, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+# find_spec("tensorflow") is None once sys.modules holds None for it.
+NO_TENSORFLOW = "import sys; sys.modules['tensorflow'] = None; "
+
+
+def test_auto_on_a_cpu_host_is_tensorflow_unless_the_user_chose():
+    assert _resolve(CPU_ONLY) == "tensorflow"
+    assert _resolve(dict(CPU_ONLY, KERAS_BACKEND="jax")) == "jax"
+    assert _resolve(dict(CPU_ONLY, KERAS_BACKEND="tensorflow")) == (
+        "tensorflow")
+
+
+def test_auto_on_a_cpu_host_without_tensorflow_is_jax():
+    assert _resolve(CPU_ONLY, NO_TENSORFLOW) == "jax"
 
 
 def test_child_of_an_importing_process_still_resolves_auto():
@@ -41,10 +48,9 @@ def test_child_of_an_importing_process_still_resolves_auto():
             f"print(subprocess.run([sys.executable, '-c', {RESOLVE!r}], "
             "capture_output=True, text=True).stdout)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, cwd=REPO,
-                          env=dict(CLEAN, PYTHONPATH=REPO))
+                          text=True, cwd=REPO, env=CPU_ONLY)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-1] == _auto()
+    assert proc.stdout.split()[-1] == "tensorflow"
 
 
 def test_unknown_backend_is_a_clear_error():

@@ -335,6 +335,7 @@ REAL = {
 }
 
 
+@pytest.mark.large  # real KiTS19 data
 @pytest.mark.parametrize("case_id", sorted(REAL))
 def test_real_kits19_labels(kits19_labels_dir, case_id):
     path = os.path.join(kits19_labels_dir, case_id, io.LABELS_FILE)

@@ -46,6 +46,7 @@ def test_lazy_export():
     assert Segmenter is Direct
 
 
+@pytest.mark.large  # 4 inferences (~20 s); the module's doctest runs the API
 def test_nifti_path_nibabel_and_array_give_the_cli_result(run_dir, ct_file,
                                                           tmp_path):
     from kits_keras import Segmenter

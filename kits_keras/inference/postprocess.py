@@ -110,10 +110,13 @@ def postprocess(labels, config=PostprocessConfig(), voxel_ml=None):
         uint8 array, same shape.
 
     Example:
-        >>> seg = np.zeros((9, 9, 9), np.uint8)
-        >>> seg[1:3, 1:3, 1:3] = 1; seg[6:8, 6:8, 6:8] = 2
-        >>> int(postprocess(seg).sum())
-        8
+        >>> seg = np.zeros((12, 12, 12), np.uint8)
+        >>> seg[1:5, 1:5, 1:5] = 1       # a kidney: 64 voxels
+        >>> seg[2:4, 2:4, 5] = 2         # its tumour, touching it: 4
+        >>> seg[8:10, 8:10, 8:10] = 2    # "tumour" away from any kidney: 8
+        >>> out = postprocess(seg)
+        >>> int((out == 1).sum()), int((out == 2).sum())
+        (64, 4)
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:

@@ -125,6 +125,7 @@ def test_smoke_runs_every_section_on_cpu(tmp_path):
                                     "no_slower_than_torch"}
 
 
+@pytest.mark.large  # the benchmark script in a subprocess (~10 s)
 def test_full_sizes_without_a_gpu_record_why_and_stop(tmp_path):
     out = tmp_path / "gpu.json"
     proc = subprocess.run(

@@ -175,7 +175,15 @@ def test_the_table_files_are_small(tmp_path):
         assert size < 2**21, (name, size)  # a 1 MB bomb at most
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _one_fast(fast):
+    """NAMES as parameters, all but ``fast`` marked large: every file goes
+    through the same reader, which the fast infer batch test below sends
+    every one of them through."""
+    return [name if name == fast else pytest.param(
+        name, marks=pytest.mark.large) for name in NAMES]
+
+
+@pytest.mark.parametrize("name", _one_fast("gzip_bomb_1GiB_of_zeros"))
 def test_postprocess_refuses(name, tmp_path):
     bad = _bad_file(str(tmp_path / "in"), name)
     out = tmp_path / "out"
@@ -187,7 +195,7 @@ def test_postprocess_refuses(name, tmp_path):
     assert snapshot(str(out)) == before
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _one_fast("nan_translation"))
 def test_evaluate_refuses(name, synthetic_cases_dir, tmp_path):
     """The bad file as a prediction: that case cannot be scored (exit 1),
     the folders read are untouched, the report says why."""
@@ -218,6 +226,7 @@ def _infer_refuses(name, model_dir, tmp_path):
     assert snapshot(str(out)) == before
 
 
+@pytest.mark.large  # the infer batch test below sends this file too
 def test_infer_refuses_a_huge_declared_volume(model_dir, tmp_path):
     _infer_refuses("declares_1024^3_int16", model_dir, tmp_path)
 
@@ -273,6 +282,7 @@ def _prepare_refuses(name, synthetic_cases_dir, tmp_path):
     assert snapshot(str(data)) == before
 
 
+@pytest.mark.large  # in process: test_prepare's bad-case test
 def test_prepare_refuses_a_singular_affine(synthetic_cases_dir, tmp_path):
     _prepare_refuses("singular_affine", synthetic_cases_dir, tmp_path)
 

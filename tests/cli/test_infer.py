@@ -51,6 +51,7 @@ def invoke(args, runs_root=None):
     return CliRunner().invoke(infer, args, env=env, catch_exceptions=False)
 
 
+@pytest.mark.large  # three inferences with a JAX compile each (~30 s)
 def test_default_output_beside_input_and_latest_run(ct_file, runs_root,
                                                     caplog):
     caplog.set_level("INFO")

@@ -217,7 +217,10 @@ def test_infer_takes_latest_finished_run_and_says_which(model_file,
     assert not out.exists()
 
 
-@pytest.mark.parametrize("damage", ["no_config", "not_zip", "mismatch"])
+# One infer process each; the same one-line path refuses all three.
+@pytest.mark.parametrize("damage", [
+    "no_config", *(pytest.param(d, marks=pytest.mark.large)
+                   for d in ("not_zip", "mismatch"))])
 def test_infer_damaged_model_one_line(damage, model_file, tmp_path):
     from kits_keras.config import get_config
     from kits_keras.config import override
@@ -343,14 +346,15 @@ def test_evaluate_no_prediction_matches(truth, tmp_path):
 # --- fit --resume ---------------------------------------------------------
 
 
+# A fit process each: the path escape is the fast one, the rest large.
 @pytest.mark.parametrize("state, message", [
     ({"epochs_done": 1, "checkpoint": "../../victim/precious.keras"},
      "is not a file name inside"),
-    ({"epochs_done": 1, "checkpoint": "/tmp/precious.keras"},
-     "is not a file name inside"),
-    ({"epochs_done": "1", "checkpoint": "epoch_0001.keras"},
-     "is not a count"),
-    ("{not json", "unreadable"),
+    pytest.param({"epochs_done": 1, "checkpoint": "/tmp/precious.keras"},
+                 "is not a file name inside", marks=pytest.mark.large),
+    pytest.param({"epochs_done": "1", "checkpoint": "epoch_0001.keras"},
+                 "is not a count", marks=pytest.mark.large),
+    pytest.param("{not json", "unreadable", marks=pytest.mark.large),
 ])
 def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
     victim = tmp_path / "victim" / "precious.keras"
@@ -371,18 +375,15 @@ def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
 
 
 @pytest.mark.large
-def test_fit_resume_sweeps_temporaries_and_marks_finished(tmp_path):
+def test_fit_resume_sweeps_temporaries_and_marks_finished(prepared_five_dir,
+                                                          tmp_path):
     """A killed run's temporaries go on resume; state.json says finished
     only when training ends; a damaged checkpoint is one line."""
     from kits_keras.training import callbacks as cb
     from kits_keras import config as config_lib
-    from kits_keras.data import prepare as dataset
-    from kits_keras.synthetic import cases as synthetic
     from kits_keras.training import fit as training
 
-    synthetic.write_cases(str(tmp_path / "cases"), 5, seed=0, size="small")
-    data = str(tmp_path / "tfds")
-    dataset.prepare(str(tmp_path / "cases"), data, "tiny", workers=1)
+    data = prepared_five_dir
     config = config_lib.override(
         config_lib.get_config("tiny"), data={"patch_size": (16, 32, 32)},
         train={"epochs": 1, "steps_per_epoch": 1, "batch_size": 1})

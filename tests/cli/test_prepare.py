@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -23,14 +24,11 @@ CONFIG = "tiny"  # dataset demo_4.0x3.2mm
 DATASET = "demo_4.0x3.2mm"
 
 
-@pytest.fixture(scope="module")
-def five_cases(tmp_path_factory):
-    """5 small synthetic cases (seed 0); copy before changing anything."""
-    from kits_keras.synthetic import cases as synthetic
-
-    out = str(tmp_path_factory.mktemp("five_cases"))
-    synthetic.write_cases(out, 5, seed=0, size="small")
-    return out
+@pytest.fixture
+def five_cases(five_cases_dir):
+    """5 small synthetic cases (seed 0, shared with other files); copy
+    before changing anything."""
+    return five_cases_dir
 
 
 def cases_folder(five_cases, folder, ids):
@@ -63,8 +61,10 @@ def corrupt(path):
         fh.truncate(200)
 
 
-@pytest.mark.large
-@pytest.mark.parametrize("num_cases", [1, 2, 3, 4, 5])
+# 5 cases is the fast suite's end-to-end path through the real CLI
+# (prepare, fit, infer); the smaller datasets are the large edge cases.
+@pytest.mark.parametrize("num_cases", [
+    *(pytest.param(n, marks=pytest.mark.large) for n in (1, 2, 3, 4)), 5])
 def test_any_number_of_cases_builds_and_fits(five_cases, tmp_path,
                                              num_cases):
     cases = cases_folder(five_cases, tmp_path / "cases", range(num_cases))
@@ -78,15 +78,29 @@ def test_any_number_of_cases_builds_and_fits(five_cases, tmp_path,
     assert ("no test split" in result.stderr) == (num_cases < 5)
 
     run = str(tmp_path / "run")
+    # 16 x 32 x 32 patches: the smallest tiny allows, to keep it fast.
     result = run_cli(["fit", "--data-dir", data_dir, "--config", CONFIG,
-                      "--epochs", "1", "--steps-per-epoch", "1", "--out",
-                      run])
+                      "--epochs", "1", "--steps-per-epoch", "1",
+                      "--patch-size", "16", "32", "32", "--out", run])
     assert result.returncode == 0, result.stderr[-3000:]
     # tiny holds out 1 validation case: impossible with 1 training case.
     assert ("training without validation" in result.stderr) == (
         n_train == 1)
     assert os.path.isfile(os.path.join(run, "model.keras"))
     assert os.path.isfile(os.path.join(run, "checkpoints", "state.json"))
+    if num_cases < 5:
+        return
+    # The trained run segments the held-out case on the CT's own grid.
+    case = os.path.join(cases, "case_00004")
+    out = str(tmp_path / "predictions")
+    result = run_cli(["infer", case, "--model", run, "-o", out, "--tta",
+                      "none"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    seg = io.read_labels(os.path.join(out, "case_00004.nii.gz"))
+    ct = io.read_image(os.path.join(case, io.IMAGE_FILE))
+    assert seg.array.shape == ct.array.shape
+    np.testing.assert_allclose(seg.affine, ct.affine)
+    assert set(np.unique(seg.array).tolist()) <= {0, 1, 2}
 
 
 def test_rerun_on_changed_folder(five_cases, tmp_path):
@@ -225,6 +239,7 @@ def killed_prepare(manual_dir, data_dir, rebuild=False):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
 
+@pytest.mark.large  # 2 processes; test_prepare covers an interrupted build
 def test_killed_build_is_cleaned_up_by_the_next(five_cases, tmp_path):
     from kits_keras.data import prepare as dataset
 

@@ -172,18 +172,11 @@ def test_case_split_holds_out_last_ids():
         ["case_00000", "case_00001", "case_00002", "case_00003"], [])
 
 
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
+@pytest.fixture
+def tfds_dir(prepared_five_dir):
     """A tiny prepared kits19/demo dataset: 5 synthetic cases (4 train of
-    which 1 is held out for validation, 1 test)."""
-    from kits_keras.data import prepare as dataset
-    from kits_keras.synthetic import cases as synthetic
-
-    root = tmp_path_factory.mktemp("kits19")
-    synthetic.write_cases(str(root / "cases"), 5, seed=0)
-    dataset.prepare(str(root / "cases"), str(root / "tfds"), "tiny",
-                    workers=1)
-    return str(root / "tfds")
+    which 1 is held out for validation, 1 test); shared."""
+    return prepared_five_dir
 
 
 def test_tfds_wrappers_split_cases_and_give_batches(tfds_dir):

@@ -183,6 +183,7 @@ def test_stats_need_foreground():
                                      np.zeros((4, 4, 4), np.uint8))])
 
 
+@pytest.mark.large  # real KiTS19 data
 def test_real_labels_case_00021_coarse():
     """Synthetic CT around real labels (38 x 512 x 512, 5 mm slices)."""
     path = os.path.join(kits19_labels_path(), "case_00021", io.LABELS_FILE)

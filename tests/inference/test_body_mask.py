@@ -46,6 +46,7 @@ def test_table_is_not_body():
     assert not mask[:, rows[-1] - 1:rows[-1] + 1, :][table_rows].any()
 
 
+@pytest.mark.large  # real KiTS19 data
 def test_real_labels_inside_body(kits19_labels_dir):
     labels = synthetic.read_label_volume(
         os.path.join(kits19_labels_dir, "case_00021", io.LABELS_FILE))

@@ -116,6 +116,7 @@ def add_false_positives(seg):
     return out
 
 
+@pytest.mark.large  # real KiTS19 data
 @pytest.mark.parametrize("case", REAL_CASES)
 def test_real_labels_with_false_positives(case):
     path = os.path.join(LABELS_DIR, case, "segmentation.nii.gz")

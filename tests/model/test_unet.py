@@ -207,6 +207,7 @@ print("OK", keras.backend.backend())
 """
 
 
+@pytest.mark.large  # a Keras process per backend; the layer is tested below
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
 def test_fused_norm_activation_gradient_equals_autodiff(backend):
     # Run in a child: the backend is fixed per process.
@@ -244,6 +245,7 @@ def test_instance_norm_bfloat16_statistics_in_float32():
     assert np.abs(y.std(axis=(1, 2, 3)) - 1).max() < 0.05
 
 
+@pytest.mark.large  # compiles the whole U-Net; bfloat16 norm is tested above
 def test_mixed_bfloat16_model_outputs_float32():
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
@@ -274,6 +276,7 @@ def test_count_flops_by_hand():
         count_flops(cfg, (5, 4, 4))
 
 
+@pytest.mark.large  # a JAX process compiling the U-Net's gradient
 def test_runs_without_tensorflow(tmp_path):
     """Model, loss and gradient on JAX with TensorFlow made unimportable."""
     script = textwrap.dedent("""

@@ -157,15 +157,25 @@ def test_full_geometry_ranges():
         synthetic.sample_geometry(np.random.default_rng(0), "huge")
 
 
+@pytest.mark.large  # a 19-million-voxel volume; geometry is covered above
 def test_full_case_real_size():
-    case = synthetic.make_case(26, "full")  # 47 x 512 x 796 at 4 mm
-    assert case.image.array.shape == (47, 512, 796)
-    assert case.labels.array.shape == (47, 512, 796)
+    case = synthetic.make_case(26, "full")
+    nz, ny, nx = case.image.array.shape
+    sz, sy, sx = case.spacing
+    assert case.labels.array.shape == (nz, ny, nx)
+    # KiTS19's full-size scans: 512 rows, 512 or 796 columns, an abdomen
+    # of 300-500 mm across and 150-320 mm (at least 29 slices) long.
+    assert ny == 512 and nx in (512, 796)
+    assert 0.5 <= sy == sx <= 1.0 and 300 <= nx * sx <= 500
+    assert 145 <= nz * sz <= 320 + sz
+    np.testing.assert_allclose(case.image.affine,
+                               synthetic.kits19_affine(case.spacing))
     assert set(np.unique(case.labels.array).tolist()) == {0, 1, 2}
     kidney = case.image.array[case.labels.array == 1]
     assert 100 < np.median(kidney) < 230
 
 
+@pytest.mark.large  # real KiTS19 data
 def test_labels_from_real_volume(tmp_path, kits19_labels_dir):
     src = tmp_path / "labels"
     os.makedirs(src / "case_00021")

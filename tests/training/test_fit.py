@@ -35,18 +35,11 @@ def _env(**extra):
     return env
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+@pytest.fixture
+def data_dir(prepared_five_dir):
     """A prepared ``kits19/demo_4.0x3.2mm`` dataset of 5 synthetic cases
-    (4 train of which 1 is held out for validation, 1 test)."""
-    from kits_keras.data import prepare as dataset
-    from kits_keras.synthetic import cases as synthetic
-
-    cases = tmp_path_factory.mktemp("cases")
-    synthetic.write_cases(str(cases), 5, seed=0, size="small")
-    out = tmp_path_factory.mktemp("tfds")
-    dataset.prepare(str(cases), str(out), "tiny", workers=1)
-    return str(out)
+    (4 train of which 1 is held out for validation, 1 test); shared."""
+    return prepared_five_dir
 
 
 def _small_config(**train):
@@ -61,7 +54,19 @@ def test_epoch_seed_depends_on_seed_and_epoch_only():
 
     seeds = {epoch_seed(s, e) for s in range(3) for e in range(50)}
     assert len(seeds) == 150
-    assert epoch_seed(7, 3) == epoch_seed(7, 3)
+    assert all(0 <= s < 2**31 - 1 for s in seeds)  # a valid tf.data seed
+    # A resumed run is a new process: the seed must not come from global
+    # random state or from Python's per-process string hashing.
+    code = ("import random, numpy as np; random.seed(1); np.random.seed(1); "
+            "np.random.rand(9); from kits_keras.training.fit import epoch_seed; "
+            "print(epoch_seed(7, 3), epoch_seed(3, 7))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, cwd=REPO, timeout=300,
+                          env=_env(PYTHONHASHSEED="123"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == [str(epoch_seed(7, 3)),
+                                   str(epoch_seed(3, 7))]
+    assert epoch_seed(7, 3) != epoch_seed(3, 7)
 
 
 def _invoke(args):
@@ -108,6 +113,7 @@ def _checkpoint_arrays(run, config):
     return state, arrays
 
 
+@pytest.mark.large  # three in-process fits (minutes on 2 cores)
 def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     """Epochs 1-2 in one go == epoch 1, stop, resume for epoch 2."""
     from kits_keras import artifact
@@ -143,6 +149,7 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     assert art.config in (config, trained_for) and art.stats is not None
 
 
+@pytest.mark.large  # a fit process on two virtual JAX devices
 def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
     run = str(tmp_path / "run")
     cmd = [sys.executable, "-c", "from cli.main import main; main()",
@@ -166,6 +173,7 @@ def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
     assert os.path.isfile(os.path.join(run, "model.keras"))
 
 
+@pytest.mark.large  # ~100 training steps in a TensorFlow process
 def test_overfits_one_synthetic_case(tmp_path):
     """Kidney and tumour Dice > 0.9 on the case it trained on.
 

@@ -51,6 +51,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.large  # a JAX process compiling the U-Net's step (~20-30 s)
 def test_step_trains_and_writes_back():
     env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
     result = subprocess.run(

@@ -51,6 +51,7 @@ def test_patch_dice_without_validator():
     assert logs["val_dice"] == 0.8 and "val_patch_kidney_dice" not in logs
 
 
+@pytest.mark.large  # whole-volume inference with a JAX compile (~15 s)
 def test_volume_validator_scores_whole_volumes():
     from kits_keras.training import fit as training
     from kits_keras.training import validation
