@@ -144,14 +144,14 @@ def segment(work, case_ids, run_dir, tta, name):
     """``kits-keras infer`` + ``evaluate`` of ``case_ids``; returns
     ``({"report", "qc"}, seconds)``."""
     from kits_keras import evaluate
-    from kits_keras.inference import predict
+    from kits_keras.inference import batch
 
     pred_dir = os.path.join(work, name)
     truth_dir = pred_dir + "_truth"
     for folder in (pred_dir, truth_dir):
         shutil.rmtree(folder, ignore_errors=True)
     start = time.perf_counter()
-    summary = predict.run_inference(
+    summary = batch.run_inference(
         [os.path.join(work, "cases", c) for c in case_ids], output=pred_dir,
         model=run_dir, infer_overrides={"tta": tta})
     seconds = round(time.perf_counter() - start, 1)

@@ -110,18 +110,9 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     """
     if model and saved_model:
         raise UserError("--model and --saved-model exclude each other")
-    from kits_keras.backend import has_accelerator
-    from kits_keras.backend import hide_accelerators
-    from kits_keras.backend import select_backend
-
-    if device == "cpu":  # before Keras (and JAX) are imported
-        hide_accelerators()
-
-    if device == "gpu" and not has_accelerator():
-        raise UserError("--device gpu: no GPU visible to JAX on this host")
-    select_backend(backend)
-    from kits_keras.inference.predict import InferOptions
-    from kits_keras.inference.predict import run_inference
+    _select_device(device, backend)
+    from kits_keras.inference.batch import run_inference
+    from kits_keras.inference.jobs import InferOptions
 
     summary = run_inference(
         list(inputs), output=output, model=model, saved_model=saved_model,
@@ -134,6 +125,31 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
                              output_type=output_type),
         progress=_Progress(),
     )
+    _echo_summary(summary, output, report)
+    if summary["failures"]:
+        done = len(summary["cases"])
+        raise UserError(f"{len(summary['failures'])} of "
+                        f"{done + len(summary['failures'])} inputs failed")
+
+
+def _select_device(device, backend):
+    """Hides the GPUs for ``--device cpu`` (before Keras and JAX are
+    imported), refuses ``--device gpu`` without one, selects the backend."""
+    from kits_keras.backend import has_accelerator
+    from kits_keras.backend import hide_accelerators
+    from kits_keras.backend import select_backend
+
+    if device == "cpu":  # before Keras (and JAX) are imported
+        hide_accelerators()
+
+    if device == "gpu" and not has_accelerator():
+        raise UserError("--device gpu: no GPU visible to JAX on this host")
+    select_backend(backend)
+
+
+def _echo_summary(summary, output, report):
+    """One line per segmented case and review page on stdout, one per
+    failure on stderr."""
     for case in summary["cases"]:
         vols, qc = case["volumes"], case["qc"]
         flag = "  REVIEW (mirroring disagreement)" if qc["flagged"] else ""
@@ -145,7 +161,8 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
             f"{case['timings_s']['total']:.1f} s{flag}"
         )
     if report and summary["cases"]:
-        from kits_keras.inference.predict import index_path
+        from kits_keras.inference.jobs import InferOptions
+        from kits_keras.inference.jobs import index_path
 
         index = index_path(output, InferOptions(report=True))
         pages = [index] if index else [
@@ -155,7 +172,3 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     for failure in summary["failures"]:
         click.echo(f"FAILED {failure['case_id']}: {failure['error']}",
                    err=True)
-    if summary["failures"]:
-        done = len(summary["cases"])
-        raise UserError(f"{len(summary['failures'])} of "
-                        f"{done + len(summary['failures'])} inputs failed")

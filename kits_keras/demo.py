@@ -96,7 +96,8 @@ def run_demo(options=DemoOptions()):
     from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras import evaluate
-    from kits_keras.inference import predict
+    from kits_keras.inference import batch
+    from kits_keras.inference.jobs import InferOptions
     from kits_keras.synthetic import cases as synthetic
     from kits_keras.training import fit as training
 
@@ -126,9 +127,9 @@ def run_demo(options=DemoOptions()):
     train_ids, test_ids = _split_case_ids(config, paths["tfds"])
     inputs = [os.path.join(paths["cases"], c) for c in test_ids]
     summary = _timed(
-        timings, "infer", predict.run_inference, inputs,
+        timings, "infer", batch.run_inference, inputs,
         output=paths["predictions"], model=paths["run"],
-        options=predict.InferOptions(preview=True))
+        options=InferOptions(preview=True))
     if summary["failures"]:
         raise RuntimeError(f"inference failed: {summary['failures']}")
     truth = _truth_folder(paths["cases"], test_ids, paths["truth"])

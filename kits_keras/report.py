@@ -242,7 +242,7 @@ def write_index(path, summary, created=None):
 
     Args:
         path: str. Destination, usually ``<output folder>/index.html``.
-        summary: dict of :func:`kits_keras.inference.predict.run_inference`; a
+        summary: dict of :func:`kits_keras.inference.batch.run_inference`; a
             case's page is its ``outputs["report_html"]``.
         created: :class:`datetime.datetime`. Defaults to now (UTC).
 

@@ -126,10 +126,10 @@ class Segmenter:
             **infer: :class:`kits_keras.config.InferenceConfig` fields to
                 change (``tta``, ``overlap``, ``batch_size``).
         """
-        from kits_keras.inference import predict
+        from kits_keras.inference.batch import load_model
         from kits_keras.config import override
 
-        art = predict.load_model(model, saved_model)
+        art = load_model(model, saved_model)
         changes = {k: v for k, v in infer.items() if v is not None}
         config = override(art.config, infer=changes) if changes else (
             art.config)

@@ -106,12 +106,13 @@ class Remembered:
 
 def segment(path, art, config, out, network=None):
     """``kits-keras infer --tta none --no-postprocess`` through the API."""
-    from kits_keras.inference import predict
+    from kits_keras.inference import batch
+    from kits_keras.inference import jobs
 
-    job = predict.Job(io.nifti_stem(path), path, out)
-    predict.infer_case(job, network or art.network, config, art.stats,
-                       predict.InferOptions(postprocess=False),
-                       orientation=art.orientation)
+    job = jobs.Job(io.nifti_stem(path), path, out)
+    batch.infer_case(job, network or art.network, config, art.stats,
+                     jobs.InferOptions(postprocess=False),
+                     orientation=art.orientation)
     return out
 
 
@@ -196,7 +197,9 @@ def test_the_stored_orientation_is_the_one_used(reference, model_dir,
                                                 loaded, tmp_path):
     """A model trained on SAR arrays gets SAR arrays (and its answer is
     still written on the file's grid)."""
+    from kits_keras.inference import batch
     from kits_keras.inference import predict
+    from kits_keras.inference.jobs import InferOptions
     from kits_keras.artifact import METADATA_MEMBER
     from kits_keras.artifact import read_metadata
 
@@ -211,10 +214,10 @@ def test_the_stored_orientation_is_the_one_used(reference, model_dir,
                 b.writestr(item, a.read(item.filename))
         b.writestr(METADATA_MEMBER, json.dumps(metadata))
     out = tmp_path / "out"
-    summary = predict.run_inference(
+    summary = batch.run_inference(
         [reference], str(out), model=str(sar.parent),
         infer_overrides={"tta": "none"},
-        options=predict.InferOptions(postprocess=False))
+        options=InferOptions(postprocess=False))
     assert not summary["failures"]
     volume = io.read_image(reference, "SAR")
     labels = predict.predict_case(volume, art.network, config,

@@ -6,7 +6,8 @@ returning probabilities (``Artifact.network`` in :mod:`kits_keras.artifact`).
 Tiles are placed as nnU-Net places them (evenly spaced, first and last flush
 with the volume border), weighted by a Gaussian importance map (centre voxels
 of a tile are predicted with more context than its border), batched through
-the network, and averaged in probability space over the mirrorings.
+the network, and averaged in probability space over the mirrorings
+(:class:`kits_keras.inference.aggregate.Aggregator` sums them).
 
 References: Isensee et al., nnU-Net, Nature Methods 2021
 (``compute_steps_for_sliding_window``, ``compute_gaussian``).
@@ -23,7 +24,8 @@ import time
 import numpy as np
 from scipy import ndimage
 
-from kits_keras.data.preprocessing import argmax_labels
+from kits_keras.inference.aggregate import Aggregator
+from kits_keras.inference.aggregate import qc_view
 
 TTA_MODES = ("all", "flip", "none")
 
@@ -209,116 +211,6 @@ class _TimedNetwork:
         return out
 
 
-class _Aggregator:
-    """Sums Gaussian-weighted tile probabilities over the padded volume and
-    normalises every slab of slices as soon as no later tile reaches it.
-
-    Fed one network output at a time, in order, from a single worker
-    thread, so that the aggregation of one batch overlaps the network call
-    of the next (NumPy and the backends release the GIL); the slab-wise
-    normalisation leaves only the last row of tiles' slab for after the
-    last network call.
-    """
-
-    def __init__(self, shape, gauss, num_flips, qc_shape, inverse_weight,
-                 tiles):
-        self.shape, self.gauss, self.num_flips = shape, gauss, num_flips
-        # First slice of every tile, in feeding order.
-        self.starts = [tile[0].start for tile in tiles]
-        if self.starts != sorted(self.starts):
-            # The slab-wise normalisation relies on this order.
-            raise ValueError("tiles must come in order of their first slice")
-        self.inverse_weight = inverse_weight
-        self.accumulated = 0  # tiles summed so far
-        self.normalised = 0  # slices of ``accum`` already normalised
-        self.accum = self.weighted = None
-        self.mean = self.first = self.differs = None
-        self.disagree = self.qc_weight = None
-        if qc_shape is not None:
-            self.disagree = np.zeros(qc_shape, dtype=np.float32)
-            self.qc_weight = np.zeros(qc_shape, dtype=np.float32)
-
-    def add(self, group, flip, probs, qc_views):
-        """``probs``: mirrored back, batch of tiles ``group`` (slices)."""
-        if self.accum is None:
-            channels = probs.shape[-1]
-            self.accum = np.zeros(self.shape + (channels,), np.float32)
-            self.weighted = np.empty(probs.shape[1:], np.float32)
-            # The map repeated over classes: a multiply that broadcasts
-            # over a last axis of 3 runs NumPy's inner loop 3 elements at a
-            # time, about 4x slower than this flat one. The 1/num_flips of
-            # the mirror average is folded in.
-            self.gauss = np.repeat(self.gauss[..., None], channels, axis=-1)
-            if self.num_flips > 1:
-                self.gauss *= np.float32(1.0 / self.num_flips)
-        if qc_views is not None:
-            labels = [argmax_labels(np.moveaxis(probs[i][v[0]], -1, 0))
-                      for i, v in enumerate(qc_views)]
-            if flip == 0:
-                self.first = labels
-                self.differs = [np.zeros(l.shape, bool) for l in labels]
-            else:
-                for d, l, f in zip(self.differs, labels, self.first):
-                    d |= l != f
-        if flip == 0:
-            # Never write into the network's own output.
-            self.mean = probs if self.num_flips == 1 else probs.copy()
-        else:
-            self.mean += probs
-        if flip == self.num_flips - 1:
-            self._accumulate(group, qc_views)
-            self.accumulated += len(group)
-            # Tiles come in order of their first slice: slices before the
-            # next tile's first one are final.
-            done = (self.starts[self.accumulated]
-                    if self.accumulated < len(self.starts) else self.shape[0])
-            self._normalise(done)
-
-    def _accumulate(self, group, qc_views):
-        for i, s in enumerate(group):
-            np.multiply(self.mean[i], self.gauss, out=self.weighted)
-            # ``a[s] += b`` would write the view back onto itself with
-            # ``__setitem__``, a second pass over the tile.
-            _add_into(self.accum[s], self.weighted)
-            if qc_views is not None:
-                inner, outer = qc_views[i]
-                gauss = self.gauss[inner + (0,)]
-                _add_into(self.disagree[outer], self.differs[i] * gauss)
-                _add_into(self.qc_weight[outer], gauss)
-
-    def _normalise(self, stop):
-        """Divides slices ``[self.normalised, stop)`` by their weight sum."""
-        if stop <= self.normalised:
-            return
-        z, y, x = self.inverse_weight
-        weight = z[self.normalised:stop, None, None] * (y[:, None] * x)
-        slab = self.accum[self.normalised:stop]
-        for c in range(slab.shape[-1]):
-            # Per class: broadcasting over a last axis of 3 is slower.
-            view = slab[..., c]
-            view *= weight
-        self.normalised = stop
-
-
-def _add_into(view, values):
-    """``view += values`` in one pass (``view`` is a view into a larger
-    array)."""
-    np.add(view, values, out=view)
-
-
-def _qc_view(tile, origin):
-    """Every 2nd voxel of a tile on the QC grid (voxels ``origin + 2k`` of
-    the padded volume): the view into the tile and the slices of the QC
-    accumulator it lands on."""
-    inner, outer = [], []
-    for s, o in zip(tile, origin):
-        first = s.start + (o - s.start) % 2
-        count = len(range(first, s.stop, 2))
-        inner.append(slice(first - s.start, None, 2))
-        outer.append(slice((first - o) // 2, (first - o) // 2 + count))
-    return tuple(inner), tuple(outer)
-
-
 def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
                    batch_size=2, sigma_scale=0.125, progress=None):
     """Predicts class probabilities over a whole volume tile by tile.
@@ -359,11 +251,34 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     origin = tuple(c.start % 2 for c in crop)
     qc_shape = tuple(len(range(o, n, 2)) for o, n in zip(origin,
                                                          padded.shape))
-    agg = _Aggregator(
+    agg = Aggregator(
         padded.shape, gauss, len(flips), qc_shape if track else None,
         _inverse_weight_factors(padded.shape, patch_size, sigma_scale, steps),
         tiles,
     )
+    _feed_tiles(padded, tiles, batch_size, flips, timed, agg,
+                origin if track else None, progress)
+    probabilities, disagree = _crop_results(agg, crop, origin, padded.shape,
+                                            image.shape, track)
+    return WindowResult(
+        probabilities=probabilities,
+        disagreement=disagree,
+        tiles=len(tiles),
+        network_calls=timed.calls,
+        network_seconds=timed.seconds,
+        total_seconds=time.perf_counter() - start,
+    )
+
+
+def _feed_tiles(padded, tiles, batch_size, flips, timed, agg, qc_origin,
+                progress):
+    """Runs every batch of ``tiles`` of ``padded`` through the network once
+    per mirroring in ``flips`` and feeds the outputs to ``agg``.
+
+    ``qc_origin``: the origin of the QC grid
+    (:func:`kits_keras.inference.aggregate.qc_view`), or None when there is
+    no mirroring to compare.
+    """
     groups = [tiles[i:i + batch_size]
               for i in range(0, len(tiles), batch_size)]
 
@@ -379,7 +294,8 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
             batch = next_batch.result()
             if number + 1 < len(groups):
                 next_batch = worker.submit(gather, groups[number + 1])
-            views = [_qc_view(s, origin) for s in group] if track else None
+            views = (None if qc_origin is None else
+                     [qc_view(s, qc_origin) for s in group])
             for index, axes in enumerate(flips):
                 spatial = tuple(a + 1 for a in axes)
                 inputs = np.flip(batch, spatial) if axes else batch
@@ -396,22 +312,20 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
                          len(tiles))
         while pending:
             pending.popleft().result()
+
+
+def _crop_results(agg, crop, origin, padded_shape, image_shape, track):
+    """The probabilities and the disagreement map (None without ``track``)
+    of ``agg`` cropped back from the padded volume to the image."""
     accum, disagree, qc_weight = agg.accum, agg.disagree, agg.qc_weight
     probabilities = accum[crop]
-    if crop != tuple(slice(0, n) for n in padded.shape):
+    if crop != tuple(slice(0, n) for n in padded_shape):
         probabilities = np.ascontiguousarray(probabilities)
     if track:
         qc_crop = tuple(slice((c.start - o) // 2,
                               (c.start - o) // 2 + len(range(0, n, 2)))
-                        for c, o, n in zip(crop, origin, image.shape))
+                        for c, o, n in zip(crop, origin, image_shape))
         disagree = disagree[qc_crop] / qc_weight[qc_crop]
     else:
         disagree = None
-    return WindowResult(
-        probabilities=probabilities,
-        disagreement=disagree,
-        tiles=len(tiles),
-        network_calls=timed.calls,
-        network_seconds=timed.seconds,
-        total_seconds=time.perf_counter() - start,
-    )
+    return probabilities, disagree

@@ -49,6 +49,7 @@ def test_compute_core_imports_without_tensorflow_and_nibabel(tmp_path):
     modules = ("kits_keras.model.unet", "kits_keras.model.losses",
                "kits_keras.model.layers", "kits_keras.inference.sliding_window",
                "kits_keras.training.step", "kits_keras.inference.predict",
+               "kits_keras.inference.jobs", "kits_keras.inference.batch",
                "kits_keras.artifact", "kits_keras.data.preprocessing",
                "kits_keras.training.fit", "benchmarks.gpu_check",
                "benchmarks.train_step")

@@ -312,6 +312,7 @@ def test_infer_batch_goes_on_after_a_memory_error(good_cts, model_dir,
                                                   tmp_path, monkeypatch):
     """Whatever the limits miss: a MemoryError in one case is that case's
     one-line failure, naming its file, and the next case is segmented."""
+    from kits_keras.inference import batch
     from kits_keras.inference import predict
 
     real = predict.predict_case
@@ -322,7 +323,7 @@ def test_infer_batch_goes_on_after_a_memory_error(good_cts, model_dir,
         return real(volume, *args, **kwargs)
 
     monkeypatch.setattr(predict, "predict_case", predict_case)
-    summary = predict.run_inference(
+    summary = batch.run_inference(
         good_cts, str(tmp_path / "out"), model=model_dir,
         infer_overrides={"tta": "none"})
     [failure] = summary["failures"]

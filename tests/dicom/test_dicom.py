@@ -112,35 +112,35 @@ def test_each_defect_is_refused_naming_a_file(variant, tmp_path):
 
 
 def test_a_missing_extra_is_named(tmp_path, monkeypatch):
-    from kits_keras.inference import predict
+    from kits_keras.inference import jobs
 
     folder = str(tmp_path / "s")
     dicom_write.write_synthetic_series(folder, seed=0)
     monkeypatch.setitem(sys.modules, "pydicom", None)
-    (found,) = predict.find_inputs([folder])
+    (found,) = jobs.find_inputs([folder])
     assert found.path is None and "pip install 'kits-keras[dicom]'" in (
         found.error)
 
 
 def test_a_single_dicom_file_asks_for_its_folder(tmp_path):
-    from kits_keras.inference import predict
+    from kits_keras.inference import jobs
 
     folder = str(tmp_path / "s")
     dicom_write.write_synthetic_series(folder, seed=0)
-    (found,) = predict.find_inputs([os.path.join(folder, "IM_0001.dcm")])
+    (found,) = jobs.find_inputs([os.path.join(folder, "IM_0001.dcm")])
     assert "pass the folder of its series" in found.error
 
 
 def test_several_series_are_several_cases(tmp_path):
-    from kits_keras.inference import predict
+    from kits_keras.inference import jobs
 
     for i in range(2):
         dicom_write.write_synthetic_series(
             str(tmp_path / "in" / f"case_{i:05d}"), seed=i)
-    found = predict.find_inputs([str(tmp_path / "in")])
+    found = jobs.find_inputs([str(tmp_path / "in")])
     assert [f.case_id for f in found] == ["case_00000", "case_00001"]
-    jobs = predict.plan_jobs(found)
-    assert jobs[0].output_path == str(tmp_path / "in" /
+    planned = jobs.plan_jobs(found)
+    assert planned[0].output_path == str(tmp_path / "in" /
                                       "case_00000_seg.nii.gz")
 
 

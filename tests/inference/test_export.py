@@ -212,9 +212,9 @@ def test_load_saved_model(exported, model, config):
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
         art.network(batch[..., 0])
     # The one loader of inference recognises an export given as a model.
-    from kits_keras.inference import predict
+    from kits_keras.inference.batch import load_model
 
-    loaded = predict.load_model(base)
+    loaded = load_model(base)
     assert isinstance(loaded, export.SavedModelArtifact)
     assert loaded.path == art.path
 

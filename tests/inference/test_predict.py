@@ -216,16 +216,3 @@ def test_predict_case_output_on_input_grid(shape, spacing):
     assert not pred.qc["flagged"]
     assert set(pred.timings) >= {"preprocess", "network", "resample",
                                  "total"}
-
-
-def test_aggregator_refuses_tiles_out_of_slice_order():
-    # The slab-wise normalisation divides slices as soon as no later tile
-    # reaches them; tiles in another order would leave some undivided.
-    patch = (4, 4, 4)
-    steps = [[0, 4], [0], [0]]
-    tiles = sw._tiles_from_steps(steps, patch)
-    factors = sw._inverse_weight_factors((8, 4, 4), patch, 0.125, steps)
-    gauss = sw.gaussian_importance_map(patch)
-    sw._Aggregator((8, 4, 4), gauss, 1, None, factors, tiles)
-    with pytest.raises(ValueError, match="order"):
-        sw._Aggregator((8, 4, 4), gauss, 1, None, factors, tiles[::-1])

@@ -1,4 +1,5 @@
-"""Inputs from other tools that ``kits-keras infer`` must not take for CT."""
+"""Inputs of ``kits-keras infer`` (kits_keras.inference.jobs): what is a
+case, and what must not be taken for a CT."""
 
 import os
 import shutil
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from kits_keras import io
-from kits_keras.inference import predict
+from kits_keras.inference import jobs
 from kits_keras.synthetic.cases import kits19_affine
 
 
@@ -18,16 +19,16 @@ def test_label_map_is_refused(tmp_path):
     labels[2:4, 22:30, 22:30] = 117
     path = str(tmp_path / "totalseg.nii.gz")
     io.save_nifti(path, labels, kits19_affine((3.0, 1.0, 1.0)))
-    job = predict.Job("totalseg", path, str(tmp_path / "out.nii.gz"))
+    job = jobs.Job("totalseg", path, str(tmp_path / "out.nii.gz"))
     with pytest.raises(io.CaseError, match="totalseg.nii.gz: looks like a "
                        "label map"):
-        predict.read_input(job)
+        jobs.read_input(job)
 
 
 def test_ct_is_not_a_label_map(synthetic_cases_dir, tmp_path):
     path = os.path.join(synthetic_cases_dir, "case_00000", io.IMAGE_FILE)
-    job = predict.Job("case_00000", path, str(tmp_path / "out.nii.gz"))
-    assert predict.read_input(job).array.min() < -500
+    job = jobs.Job("case_00000", path, str(tmp_path / "out.nii.gz"))
+    assert jobs.read_input(job).array.min() < -500
 
 
 def test_folder_of_dicom_and_nifti_is_ambiguous(tmp_path):
@@ -40,7 +41,7 @@ def test_folder_of_dicom_and_nifti_is_ambiguous(tmp_path):
         pytest.skip(f"{real} absent")
     folder = tmp_path / "series"
     shutil.copytree(real, folder)  # its DICOM slices and a NIfTI
-    found = predict.find_inputs([str(folder)])
+    found = jobs.find_inputs([str(folder)])
     assert len(found) == 1 and found[0].path is None
     assert "both DICOM files and NIfTI files" in found[0].error
     assert str(folder) in found[0].error
