@@ -31,6 +31,7 @@ import typing
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
 from kits_keras.inference import sliding_window as sw
 from kits_keras.config import override
@@ -268,7 +269,7 @@ def _holds_dicom(folder):
 
     return any(is_dicom_file(os.path.join(folder, name))
                for name in sorted(os.listdir(folder))[:64]
-               if not io.is_hidden(name)
+               if not files.is_hidden(name)
                and os.path.isfile(os.path.join(folder, name)))
 
 
@@ -290,7 +291,7 @@ def _dicom_inputs(folder):
 def _folder_inputs(folder):
     found = []
     for name in sorted(os.listdir(folder)):
-        if io.is_hidden(name):
+        if files.is_hidden(name):
             continue
         path = os.path.join(folder, name)
         if os.path.isfile(os.path.join(path, io.IMAGE_FILE)):
@@ -499,7 +500,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         io.save_like(job.output_path, labels, volume)
         written["segmentation"] = job.output_path
     if writes_seg:
-        io.atomic_write(seg_path, lambda tmp: seg.save_as(tmp))
+        files.atomic_write(seg_path, lambda tmp: seg.save_as(tmp))
         written["dicom_seg"] = seg_path
         written.setdefault("segmentation", seg_path)
     if options.save_probabilities:
@@ -537,7 +538,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         report["dicom_series_uid"] = job.series.uid
     report["timings_s"]["total"] = time.perf_counter() - start
     path = sidecar(job.output_path, ".json")
-    io.write_json(path, report)
+    files.write_json(path, report)
     written["report"] = path
     return report
 
@@ -553,7 +554,7 @@ def _save_probabilities(job, pred, volume):
                 original_shape=np.asarray(volume.array.shape),
                 original_spacing=np.asarray(volume.spacing))
 
-    return io.atomic_write(path, write)
+    return files.atomic_write(path, write)
 
 
 def _case_error(job, err):
@@ -666,7 +667,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
     reports = []
     for folder in sorted({os.path.dirname(os.path.abspath(p))
                           for job in todo for p in output_paths(job)}):
-        for path in io.sweep_temporaries(folder):
+        for path in files.sweep_temporaries(folder):
             log.info("Removed %s (left by an interrupted run)", path)
     if todo:
         art = load_model(model, saved_model)
@@ -690,7 +691,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                                  "input": job.image_path, "error": error})
     summary = {"cases": reports, "failures": failures}
     if summary_file is not None and reports:
-        io.write_json(summary_file, summary)
+        files.write_json(summary_file, summary)
     if index_file is not None and reports:
         from kits_keras.report import write_index
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from kits_keras import artifact
 from kits_keras import backend as backend_lib
+from kits_keras import files
 from kits_keras.training import callbacks as cb
 from kits_keras.config import ExperimentConfig
 from kits_keras.config import override
@@ -397,12 +398,13 @@ def restore(model, run_dir, state, checkpoint):
     """Loads weights, optimizer and callback states; returns epochs done.
 
     Temporary files a killed run left in the run and checkpoint folders
-    are removed first (:func:`kits_keras.io.sweep_temporaries`).
+    are removed first (:func:`kits_keras.files.sweep_temporaries`).
     """
-    from kits_keras import io
+    from kits_keras import files
 
     folder = os.path.join(run_dir, "checkpoints")
-    for stale in io.sweep_temporaries(run_dir) + io.sweep_temporaries(folder):
+    for stale in (files.sweep_temporaries(run_dir)
+                  + files.sweep_temporaries(folder)):
         log.info("Removed %s (left by an interrupted run)", stale)
     path = cb.checkpoint_path(folder, state)
     model.optimizer.build(model.trainable_variables)
@@ -418,17 +420,17 @@ def _check_checkpoint(run_dir, state):
     (the weights are only loaded once the dataset and model are built)."""
     import zipfile
 
-    from kits_keras import io
+    from kits_keras import files
 
     path = cb.checkpoint_path(os.path.join(run_dir, "checkpoints"), state)
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError) as err:
-        damaged = io.first_line(err)
+        damaged = files.first_line(err)
     if damaged:
-        raise io.CaseError(f"{path}: cannot load this checkpoint (damaged: "
-                           f"{damaged})")
+        raise files.CaseError(
+            f"{path}: cannot load this checkpoint (damaged: {damaged})")
 
 
 def prepare_run(config, out_dir, resume, changes=None):
@@ -517,7 +519,8 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, changes=None,
     writes = cluster is None or cluster.writes
     if writes:
         os.makedirs(run_dir, exist_ok=True)
-        cb.write_json(os.path.join(run_dir, "config.json"), config.to_dict())
+        files.write_json(os.path.join(run_dir, "config.json"),
+                         config.to_dict())
     model = compile_model(build_model(config, seed), config)
     if distribution is not None:
         shape = (config.train.batch_size // (cluster.num_processes if cluster
