@@ -227,10 +227,10 @@ def result_header(name, peers_python=None):
 
 
 def write_json(path, data):
-    """:func:`kits_keras.io.write_json`, imported when called (the peers
-    env has no ``kits_keras``). ``kits_keras.io`` needs only numpy and
-    imports nibabel on first use, so this works on the GPU host too."""
-    from kits_keras.io import write_json as write
+    """:func:`kits_keras.files.write_json`, imported when called (the peers
+    env has no ``kits_keras``). ``kits_keras.files`` needs only the
+    standard library, so this works on the GPU host (no nibabel) too."""
+    from kits_keras.files import write_json as write
 
     return write(path, data)
 

@@ -230,8 +230,9 @@ def _data_parallel(cfg, initial, batch, train, res):
     import jax
     import keras
 
-    from kits_keras.training import fit as training
     from kits_keras.model.unet import build_unet
+    from kits_keras.training import distribute
+    from kits_keras.training import fit as training
 
     devices = jax.local_devices()
     names = [f"{d.platform}:{d.id}" for d in devices]
@@ -246,7 +247,7 @@ def _data_parallel(cfg, initial, batch, train, res):
         start = time.perf_counter()
         logs = model.train_on_batch(x, ys, return_dict=True)
         first_s = time.perf_counter() - start
-        shards = training.describe_sharding(distribution, x.shape)
+        shards = distribute.describe_sharding(distribution, x.shape)
         weights_on = sorted(
             map(str, model.trainable_weights[0].value.sharding.device_set))
     finally:

@@ -96,17 +96,18 @@ def fit(data_dir, config_name, gpus, epochs, steps_per_epoch, batch_size,
                          "steps_per_epoch": steps_per_epoch,
                          "batch_size": batch_size, "seed": seed},
                "data": {"patch_size": patch_size or None}}
+    from kits_keras.training import distribute
     from kits_keras.training import fit as training
 
     cluster = None
     if coordinator_address is not None:
-        cluster = training.Cluster(coordinator_address, num_processes,
-                                   process_id, heartbeat_s)
+        cluster = distribute.Cluster(coordinator_address, num_processes,
+                                     process_id, heartbeat_s)
     try:
         run_dir = training.fit(config, data_dir, out_dir=out_dir, gpus=gpus,
                                resume=resume, changes=changes,
                                cluster=cluster)
-    except training.ClusterError as err:
+    except distribute.ClusterError as err:
         click.echo(f"Error: {err}", err=True)
         # Now: JAX's distributed shutdown at exit would wait for the lost
         # process until the heartbeat timeout, then abort with a trace.

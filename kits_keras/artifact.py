@@ -27,6 +27,7 @@ import zipfile
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
 from kits_keras.config import ExperimentConfig
 
@@ -147,7 +148,7 @@ def save_artifact(model, config, stats, path, extra=None,
         with zipfile.ZipFile(tmp, "a") as archive:
             archive.writestr(METADATA_MEMBER, json.dumps(metadata))
 
-    io.atomic_write(path, write)
+    files.atomic_write(path, write)
 
 
 def read_metadata(path):
@@ -183,7 +184,7 @@ def read_metadata(path):
                 metadata = json.loads(archive.read(METADATA_MEMBER))
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as err:
         raise io.CaseError(
-            f"{path}: not a kits-keras model ({io.first_line(err)})."
+            f"{path}: not a kits-keras model ({files.first_line(err)})."
         ) from None
     if not isinstance(metadata, dict) or "config" not in metadata:
         raise io.CaseError(
@@ -308,7 +309,7 @@ def load_artifact(path=None):
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise io.CaseError(
             f"{path}: damaged experiment config in {METADATA_MEMBER} "
-            f"({type(err).__name__}: {io.first_line(err)})."
+            f"({type(err).__name__}: {files.first_line(err)})."
         ) from None
     model = build_unet(config)
     load_weights_strictly(model, path, "weights do not fit the stored config")
@@ -337,12 +338,12 @@ def load_weights_strictly(model, path, problem):
         except (ValueError, KeyError, TypeError, OSError,
                 zipfile.BadZipFile) as err:
             raise io.CaseError(
-                f"{path}: {problem} ({io.first_line(err)})") from None
+                f"{path}: {problem} ({files.first_line(err)})") from None
     skipped = [w for w in caught if "load" in str(w.message).lower()
                and issubclass(w.category, UserWarning)]
     if skipped:
         raise io.CaseError(
-            f"{path}: {problem} ({io.first_line(skipped[0].message)})")
+            f"{path}: {problem} ({files.first_line(skipped[0].message)})")
 
 
 def _stats(d):

@@ -145,7 +145,7 @@ def run_demo(options=DemoOptions()):
         "outputs": {"run": paths["run"], "evaluation": report_paths,
                     "predictions": paths["predictions"]},
     }
-    from kits_keras.io import write_json
+    from kits_keras.files import write_json
 
     write_json(os.path.join(out, "demo.json"), result, default=str)
     return result

@@ -27,6 +27,7 @@ import re
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def find_segmentations(folder):
         raise io.CaseError(f"{folder}: folder not found")
     found = {}
     for name in sorted(os.listdir(folder)):
-        if io.is_hidden(name):
+        if files.is_hidden(name):
             continue
         path = os.path.join(folder, name)
         if os.path.isdir(path):
@@ -184,7 +185,7 @@ def check_ct_grid(truth_path):
             image.affine, truth.affine, rtol=1e-4, atol=1e-3)
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as err:
         raise io.CaseError(f"{image_path}: cannot read NIfTI header "
-                           f"({io.first_line(err)})") from None
+                           f"({files.first_line(err)})") from None
     if not same:
         raise io.CaseError(
             f"{image_path}: shape {shapes[0]} / affine do not match "
@@ -303,7 +304,7 @@ def write_report(report, out_dir):
     Overlays of an earlier report that this one does not rewrite are
     removed (they would show other cases under the same ranks)."""
     os.makedirs(out_dir, exist_ok=True)
-    for stale in io.sweep_temporaries(out_dir):
+    for stale in files.sweep_temporaries(out_dir):
         log.info("Removed %s (left by an interrupted run)", stale)
     earlier = existing_report_files(out_dir)
     paths = {"json": os.path.join(out_dir, "scores.json"),
@@ -316,8 +317,8 @@ def write_report(report, out_dir):
             writer.writeheader()
             writer.writerows(report["cases"])
 
-    io.write_json(paths["json"], report)
-    io.atomic_write(paths["csv"], write_csv)
+    files.write_json(paths["json"], report)
+    files.atomic_write(paths["csv"], write_csv)
     paths["boxplot"] = save_boxplot(
         report, os.path.join(out_dir, "dice_boxplot.png"))
     for rank, row in pick_examples(report).items():
@@ -366,7 +367,7 @@ def save_boxplot(report, path):
     ax.set_title(f"{report['num_cases']} cases: "
                  + _named_scores(report["mean"], metric), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _named_scores(scores, metric):

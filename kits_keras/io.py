@@ -14,32 +14,23 @@ it (:mod:`kits_keras.artifact`).
 Spacing is in millimetres, ``(z, y, x)``, taken from the column norms of the
 affine. Intensities are Hounsfield units.
 
-Refused before any voxel is read (:func:`read_volume` raises
-:class:`CaseError`, one line naming the file), with limits far beyond any
-KiTS19/KiTS23 case (at most 1059 x 512 x 512 voxels, 796 in-plane; voxels
-0.4 to 5 mm):
-
-* more than :data:`MAX_AXIS_VOXELS` voxels along an axis, or more than
-  :data:`MAX_VOXELS` in all (1024 x 1024 x 512, twice the largest KiTS case,
-  2 GiB as float32);
-* a voxel size outside :data:`SPACING_RANGE_MM`, or an extent over
-  :data:`MAX_EXTENT_MM` along an axis;
-* no voxel size at all (zero ``pixdim`` and no qform/sform, where nibabel
-  would assume 1 mm), a non-finite or singular affine;
-* data shorter than the header declares. Decompression stops at the
-  declared size, and the array is filled as the data arrives, so a small
-  file declaring a huge volume never takes memory.
+A file is refused before any voxel is read (implausible size or geometry,
+truncated data: :mod:`kits_keras.nifti_checks`) with :class:`CaseError`, one
+line naming the file. Files are written atomically
+(:func:`kits_keras.files.atomic_write`).
 """
 
 import dataclasses
 import gzip
-import json
 import os
 import re
-import tempfile
 import zlib
 
 import numpy as np
+
+from kits_keras import files
+from kits_keras import nifti_checks
+from kits_keras.files import CaseError
 
 
 class _Nibabel:
@@ -66,20 +57,6 @@ _CASE_DIR = re.compile(r"^case_\d{5}$")
 KITS19_ORIENTATION = ("I", "P", "L")
 # ``Volume.orientation`` of an array kept in the file's own layout.
 FILE_LAYOUT = ((0, 1), (1, 1), (2, 1))
-
-# Plausibility limits, checked on the header before anything is allocated.
-MAX_AXIS_VOXELS = 4096
-MAX_VOXELS = 2**29  # 1024 x 1024 x 512; KiTS' largest: 1059 x 512 x 512
-SPACING_RANGE_MM = (0.1, 20.0)
-MAX_EXTENT_MM = 3000.0
-# Header plus extensions: ``vox_offset`` beyond this is not a NIfTI we read.
-_MAX_DATA_OFFSET = 2**26
-# Bytes decompressed per read while filling an array.
-_READ_CHUNK = 2**24
-
-
-class CaseError(ValueError):
-    """A file or case that cannot be used; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,122 +197,11 @@ def to_file_layout(array, orientation):
     return nib.orientations.apply_orientation(array, _inverse(orientation))
 
 
-def _check_readable(path):
-    if not os.path.exists(path):
-        raise CaseError(f"{path}: file not found")
-    if os.path.isdir(path):
-        raise CaseError(f"{path}: is a folder, expected a NIfTI file")
-
-
-def _header_of(path):
-    """The file's NIfTI header as stored (nibabel's fixes not applied)."""
-    with nib.openers.ImageOpener(path) as f:
-        block = f.read(540)
-    for klass in (nib.Nifti1Header, nib.Nifti2Header):
-        size = klass.template_dtype.itemsize
-        for order in "<>":
-            if len(block) >= size and int(np.frombuffer(
-                    block[:4], order + "i4")[0]) == size:
-                return klass(block[:size], check=False)
-    raise CaseError(f"{path}: not a NIfTI-1 or NIfTI-2 file")
-
-
-def _check_header(path, header):
-    """Refuses, before any voxel is read, what would exhaust memory or has
-    no usable voxel size (limits: see the module docstring)."""
-    shape = tuple(int(n) for n in header.get_data_shape())
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise CaseError(f"{path}: expected a 3-D volume, got shape {shape}")
-    if min(shape) < 1 or max(shape) > MAX_AXIS_VOXELS:
-        raise CaseError(
-            f"{path}: declares {shape} voxels; each axis must have 1 to "
-            f"{MAX_AXIS_VOXELS}")
-    count = int(np.prod(shape, dtype=np.int64))
-    if count > MAX_VOXELS:
-        raise CaseError(
-            f"{path}: declares {count:,} voxels {shape}, over the limit of "
-            f"{MAX_VOXELS:,} (1024 x 1024 x 512)")
-    dtype = header.get_data_dtype()
-    if dtype.kind not in "biuf" or dtype.fields is not None:
-        raise CaseError(f"{path}: unsupported voxel type {dtype}")
-    offset = float(header["vox_offset"])
-    if not 0 <= offset <= _MAX_DATA_OFFSET:
-        raise CaseError(f"{path}: implausible data offset {offset:g} bytes")
-    pixdim = np.asarray(header["pixdim"][1:4], np.float64)
-    no_transform = int(header["qform_code"]) == 0 and int(
-        header["sform_code"]) == 0
-    if no_transform and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
-        raise CaseError(
-            f"{path}: no voxel size: pixdim {pixdim.tolist()} and no "
-            "qform/sform (nibabel would assume 1 mm)")
-
-
-def _check_geometry(path, affine, shape):
-    """Refuses a non-finite, singular or implausibly scaled affine."""
-    if not np.all(np.isfinite(affine)):
-        raise CaseError(f"{path}: non-finite affine (NaN or infinity in the "
-                        "voxel-to-world matrix)")
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(spacing == 0) or abs(np.linalg.det(affine[:3, :3])) < (
-            1e-3 * np.prod(spacing)):
-        raise CaseError(f"{path}: singular affine (voxel axes not "
-                        "independent), voxel size "
-                        f"{np.round(spacing, 6).tolist()} mm")
-    lo, hi = SPACING_RANGE_MM
-    if np.any(spacing < lo) or np.any(spacing > hi):
-        raise CaseError(
-            f"{path}: voxel size {np.round(spacing, 6).tolist()} mm outside "
-            f"the plausible {lo:g} to {hi:g} mm")
-    extent = spacing * np.asarray(shape[:3])
-    if np.any(extent > MAX_EXTENT_MM):
-        raise CaseError(
-            f"{path}: extent {np.round(extent).tolist()} mm, over "
-            f"{MAX_EXTENT_MM:g} mm along an axis")
-    return spacing
-
-
-def _read_data(path, img):
-    """The scaled voxel array in file layout, read without surprises.
-
-    The array is allocated empty (the kernel hands out pages as they are
-    written) and filled chunk by chunk as the (compressed) data arrives, so
-    a small file declaring a large volume fails on its first missing byte
-    without taking memory, and decompression stops at the declared size
-    (trailing data of a gzip bomb is never inflated).
-    """
-    proxy = img.dataobj
-    shape, dtype = tuple(proxy.shape), np.dtype(proxy.dtype)
-    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(size, np.uint8)
-    done = 0
-    with nib.openers.ImageOpener(path) as f:
-        f.seek(int(proxy.offset))
-        view = memoryview(raw)
-        while done < size:
-            count = f.readinto(view[done:done + _READ_CHUNK])
-            if not count:
-                break
-            done += count
-    if done < size:
-        raise CaseError(f"{path}: truncated: holds {done:,} of the "
-                        f"{size:,} data bytes its header declares")
-    # NIfTI stores voxels Fortran-ordered: a transposed view, no copy.
-    data = raw.view(dtype).reshape(shape[::-1]).T
-    # Scaling as nibabel's ArrayProxy applies it (scl_slope, scl_inter).
-    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
-    if np.can_cast(inter, slope.dtype):
-        inter = inter.astype(slope.dtype)
-    data = nib.volumeutils.apply_read_scaling(data, slope, inter)
-    return data[..., 0] if data.ndim == 4 else data
-
-
 def read_volume(path, dtype=np.float32, orientation=KITS19_ORIENTATION):
     """Reads a NIfTI file into a :class:`Volume`, reoriented.
 
-    The header is checked before any voxel is read (see the module
-    docstring for the limits), then the array is brought to
+    The header is checked before any voxel is read (limits:
+    :mod:`kits_keras.nifti_checks`), then the array is brought to
     ``orientation`` by flips and a transpose (views), copied once into
     C order together with the cast to ``dtype``.
 
@@ -351,13 +217,13 @@ def read_volume(path, dtype=np.float32, orientation=KITS19_ORIENTATION):
             file, or degenerate geometry. One line starting with the path.
     """
     path = os.fspath(path)
-    _check_readable(path)
+    nifti_checks.check_readable(path)
     try:
-        _check_header(path, _header_of(path))
+        nifti_checks.check_header(path, nifti_checks.read_header(path))
         img = nib.load(path)
         affine = np.asarray(img.affine, dtype=np.float64)
-        spacing = _check_geometry(path, affine, img.shape)
-        data = _read_data(path, img)
+        spacing = nifti_checks.check_geometry(path, affine, img.shape)
+        data = nifti_checks.read_data(path, img)
     except CaseError:
         raise
     except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
@@ -478,135 +344,6 @@ def nifti_stem(path):
     return name
 
 
-# Temporary files of :func:`atomic_write`:
-# ``.<name>.kits-keras-tmp.<host>.<pid>.<random><suffix>``. The leading dot
-# hides them from every folder scan of the package; host and pid tell
-# :func:`sweep_temporaries` whether the writer is gone (``kill -9``).
-TEMP_TAG = ".kits-keras-tmp."
-_TEMP_NAME = re.compile(r"^\..+\.kits-keras-tmp\.(?P<host>[0-9a-f]{8})"
-                        r"\.(?P<pid>\d+)\.")
-
-
-def _host_tag():
-    import hashlib
-    import socket
-
-    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def is_temporary(name):
-    """Whether ``name`` is a temporary file of :func:`atomic_write`."""
-    return _TEMP_NAME.match(os.path.basename(os.fspath(name))) is not None
-
-
-def is_hidden(name):
-    """Dot-files (temporaries, editor and OS files) are never data."""
-    return os.path.basename(os.fspath(name).rstrip("/")).startswith(".")
-
-
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
-def sweep_temporaries(folder):
-    """Removes :func:`atomic_write` temporaries left by a killed process.
-
-    Only files of this host whose writing process no longer runs are
-    removed (another process may be writing into the same folder).
-
-    Returns:
-        list of the removed paths.
-    """
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        return []
-    host, removed = _host_tag(), []
-    for entry in os.scandir(folder):
-        match = _TEMP_NAME.match(entry.name)
-        if (match and match["host"] == host and entry.is_file(
-                follow_symlinks=False) and not _pid_alive(int(match["pid"]))):
-            try:
-                os.remove(entry.path)
-            except FileNotFoundError:
-                continue
-            removed.append(entry.path)
-    return removed
-
-
-def atomic_write(path, write_fn):
-    """Calls ``write_fn(tmp_path)`` then renames the result onto ``path``.
-
-    The temporary file sits in the destination folder (so the rename is
-    atomic) and keeps the destination's suffix (so writers that dispatch on
-    it, such as nibabel, choose the right format). On failure it is removed
-    and ``path`` is untouched. Its name (``.<name>.kits-keras-tmp.<host>.
-    <pid>.<random><suffix>``) is hidden from folder scans and lets
-    :func:`sweep_temporaries` remove it after a ``kill -9``.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.basename(path)
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    prefix = f".{name}{TEMP_TAG}{_host_tag()}.{os.getpid()}."
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        # mkstemp makes the file private (0600); give it the permissions a
-        # plain open() would have (0666 less the umask).
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def write_json(path, obj, default=None):
-    """Writes ``obj`` as indented JSON and a final newline, through
-    :func:`atomic_write` (the folder is created). ``default`` is passed to
-    :func:`json.dump` (e.g. ``str`` for paths). Returns ``path``."""
-
-    def write(tmp):
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, default=default)
-            fh.write("\n")
-
-    return atomic_write(path, write)
-
-
-def first_line(err, limit=200):
-    """An exception's message as one line of at most ``limit`` characters
-    (Keras' weight-mismatch errors run to hundreds of lines)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = lines[0] if lines else type(err).__name__
-    if len(lines) > 1:
-        text += " ..."
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _umask():
-    """The process umask, read without changing it where Linux allows."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)  # elsewhere: set-and-restore (not thread-safe)
-    os.umask(mask)
-    return mask
-
-
 def save_nifti(path, array, affine, header=None, orientation=FILE_LAYOUT):
     """Writes an array as NIfTI in its file's layout, atomically.
 
@@ -626,7 +363,7 @@ def save_nifti(path, array, affine, header=None, orientation=FILE_LAYOUT):
     if new_header is not None:
         # Stored intensities must not be rescaled on reading.
         img.header.set_slope_inter(1.0, 0.0)
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return files.atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 def save_like(path, array, reference):

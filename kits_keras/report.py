@@ -56,6 +56,7 @@ import urllib.parse
 import numpy as np
 from scipy import ndimage
 
+from kits_keras import files
 from kits_keras import io
 from kits_keras import viz
 
@@ -363,4 +364,4 @@ def _write_text(path, text):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
 
-    return io.atomic_write(path, write)
+    return files.atomic_write(path, write)

@@ -34,6 +34,7 @@ import os
 import numpy as np
 
 from kits_keras import io
+from kits_keras import nifti_checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,7 @@ def _from_nibabel(image, orientation):
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    spacing = io._check_geometry("nibabel image", affine, data.shape)
+    spacing = nifti_checks.check_geometry("nibabel image", affine, data.shape)
     ornt = io.orientation_to(affine, orientation)
     array = np.ascontiguousarray(nib.orientations.apply_orientation(
         data, ornt), dtype=np.float32)

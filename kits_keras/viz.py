@@ -1,7 +1,7 @@
 """PNG views of volumes: axial, coronal and sagittal planes with outlines.
 
 Matplotlib runs on the Agg canvas directly (no pyplot state), so this works
-headless and from threads. Files are written with :func:`io.atomic_write`.
+headless and from threads. Files are written with :func:`files.atomic_write`.
 
 Display convention for ``(z, y, x)`` arrays in the KiTS19 layout: axial
 slices with the front of the patient at the top and the patient's right on
@@ -12,6 +12,7 @@ head at the top. Pixel aspect follows the voxel spacing.
 import numpy as np
 from scipy import ndimage
 
+from kits_keras import files
 from kits_keras import io
 
 CT_WINDOW = (40.0, 400.0)  # (level, width) HU: abdominal soft tissue
@@ -83,7 +84,7 @@ def save_orthogonal_views(path, image, spacing, overlays=None, center=None,
         with open(tmp, "wb") as f:
             f.write(png)
 
-    return io.atomic_write(path, write)
+    return files.atomic_write(path, write)
 
 
 def orthogonal_views_png(image, spacing, overlays=None, center=None,

@@ -151,23 +151,23 @@ def _fake_run(tmp_path, config):
 
 
 def test_prepare_run_applies_changes_once(tmp_path):
-    from kits_keras.training import fit as training
+    from kits_keras.training import run_folder
 
     base = get_config("tiny")
-    run_dir, cfg, state = training.prepare_run(
+    run_dir, cfg, state = run_folder.prepare_run(
         base, str(tmp_path / "new"), False,
         {"train": {"seed": 7, "epochs": None}})
     assert state is None and cfg == override(base, train={"seed": 7})
     run = _fake_run(tmp_path, base)
     # Resuming without a config: the run's own, with more epochs.
-    _, cfg, state = training.prepare_run(None, run, True,
-                                         {"train": {"epochs": 99}})
+    _, cfg, state = run_folder.prepare_run(None, run, True,
+                                           {"train": {"epochs": 99}})
     assert cfg == override(base, train={"epochs": 99})
     assert state["epochs_done"] == 1
     for changes in ({"train": {"seed": 7}}, {"data": {"patch_size":
                                                       (16, 32, 32)}}):
         with pytest.raises(ValueError, match="only --epochs may change"):
-            training.prepare_run(None, run, True, changes)
+            run_folder.prepare_run(None, run, True, changes)
 
 
 def test_infer_post_processes_with_the_runs_config():

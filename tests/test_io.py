@@ -1,7 +1,6 @@
 """Tests for kits_keras/io.py: reading, validating and writing cases."""
 
 import gzip
-import json
 import os
 import shutil
 
@@ -201,41 +200,6 @@ def test_cli_missing_labels_folder(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
-    path = str(tmp_path / "result.nii.gz")
-    open(path, "w").write("old contents")
-
-    def failing(tmp):
-        with open(tmp, "w") as f:
-            f.write("half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        io.atomic_write(path, failing)
-    assert open(path).read() == "old contents"
-    assert os.listdir(tmp_path) == ["result.nii.gz"]
-
-
-def test_atomic_write_file_permissions_follow_umask(tmp_path):
-    path = io.atomic_write(str(tmp_path / "a.txt"),
-                           lambda tmp: open(tmp, "w").write("x"))
-    mask = os.umask(0o022)
-    os.umask(mask)
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
-
-
-def test_write_json_is_indented_atomic_and_creates_the_folder(tmp_path):
-    path = str(tmp_path / "new" / "report.json")
-    assert io.write_json(path, {"a": [1, 2]}) == path
-    assert open(path).read() == '{\n  "a": [\n    1,\n    2\n  ]\n}\n'
-    with pytest.raises(TypeError):  # not serialisable: old file kept
-        io.write_json(path, {"a": object()})
-    assert json.load(open(path)) == {"a": [1, 2]}
-    assert os.listdir(tmp_path / "new") == ["report.json"]
-    io.write_json(path, {"p": tmp_path}, default=str)
-    assert json.load(open(path)) == {"p": str(tmp_path)}
-
-
 def test_save_nifti_failure_keeps_previous_file(tmp_path):
     case = io.load_case(_case(str(tmp_path)))
     target = str(tmp_path / "pred.nii.gz")
@@ -351,31 +315,3 @@ def test_real_kits19_labels(kits19_labels_dir, case_id):
     assert counts.size == 3 and counts[1] > 0 and counts[2] > 0
     # Axis 0 runs head to feet: the affine maps it to -z (KiTS19 layout).
     assert volume.affine[2, 0] == pytest.approx(-slice_mm)
-
-
-def test_limits_are_checked_on_the_header_alone():
-    """The documented limits, checked before any voxel is read (the CLI
-    table is tests/cli/test_bad_volumes.py)."""
-    def header(shape, dtype=np.int16):
-        h = nib.Nifti1Header()
-        h.set_data_shape(shape)
-        h.set_data_dtype(dtype)
-        h.set_sform(kits19_affine(SPACING), code="aligned")
-        return h
-
-    io._check_header("f", header((1024, 1024, 512)))  # 2**29: accepted
-    io._check_header("f", header((1059, 512, 512, 1)))
-    for shape, message in [((1024, 1024, 513), "over the limit"),
-                           ((4097, 2, 2), "1 to 4096"),
-                           ((8, 8, 8, 2), "3-D")]:
-        with pytest.raises(io.CaseError, match=message):
-            io._check_header("f", header(shape))
-    with pytest.raises(io.CaseError, match="unsupported voxel type"):
-        io._check_header("f", header((4, 4, 4), np.complex64))
-    for spacing in [(0.1, 0.1, 0.1), (20.0, 20.0, 20.0), (5.0, 0.4, 0.4)]:
-        io._check_geometry("f", kits19_affine(spacing), (4, 4, 4))
-    for spacing in [(0.09, 1.0, 1.0), (21.0, 1.0, 1.0)]:
-        with pytest.raises(io.CaseError, match="plausible 0.1 to 20 mm"):
-            io._check_geometry("f", kits19_affine(spacing), (4, 4, 4))
-    with pytest.raises(io.CaseError, match="extent"):
-        io._check_geometry("f", kits19_affine((5.0, 1.0, 1.0)), (601, 4, 4))

@@ -45,7 +45,8 @@ import os
 
 import numpy as np
 
-from kits_keras import io
+from kits_keras import files
+from kits_keras import nifti_checks
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class IntensityStats:
 
     def save_json(self, path):
         """Writes the statistics as JSON (atomically)."""
-        return io.write_json(path, self.to_dict())
+        return files.write_json(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path):
@@ -165,11 +166,11 @@ def target_shape(shape, spacing, target_spacing):
                 for n, s, t in zip(shape, spacing, target_spacing))
     # Checked before anything is allocated (the volume itself passed the
     # same limit in io.read_volume).
-    if int(np.prod(out, dtype=np.int64)) > io.MAX_VOXELS:
+    if int(np.prod(out, dtype=np.int64)) > nifti_checks.MAX_VOXELS:
         raise ValueError(
             f"resampling {tuple(shape)} voxels of {tuple(spacing)} mm to "
             f"{tuple(target_spacing)} mm gives {out}, over the limit of "
-            f"{io.MAX_VOXELS:,} voxels")
+            f"{nifti_checks.MAX_VOXELS:,} voxels")
     return out
 
 

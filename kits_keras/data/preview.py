@@ -7,7 +7,7 @@ sampled (random, kidney, tumour). Pixel aspect follows the voxel spacing.
 
 import numpy as np
 
-from kits_keras import io
+from kits_keras import files
 from kits_keras.viz import LABEL_COLOURS
 
 KIND_NAMES = ("random", "foreground", "tumour")
@@ -95,7 +95,7 @@ def save_patch_grid(path, images, labels, spacing, kinds=None, title="",
         f"{title}  patch {nz}x{ny}x{nx} at {sz:g}x{sy:.2f}x{sx:.2f} mm; "
         "axial (top) and coronal (bottom) centre planes; kidney yellow, "
         "tumour red".strip(), fontsize=8, x=0.01, ha="left")
-    return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def save_training_batch_preview(path, config, data_dir, num=8, seed=None):

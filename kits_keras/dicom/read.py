@@ -46,7 +46,9 @@ import re
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
+from kits_keras import nifti_checks
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +107,10 @@ class Series:
 
 def _walk(folder):
     """Every non-hidden file under ``folder``, sorted, recursively."""
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not io.is_hidden(d))
-        for name in sorted(files):
-            if not io.is_hidden(name):
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not files.is_hidden(d))
+        for name in sorted(names):
+            if not files.is_hidden(name):
                 yield os.path.join(root, name)
 
 
@@ -139,7 +141,7 @@ def find_series(folder):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:  # pydicom raises many kinds
             errors.append(f"{path}: cannot read DICOM header "
-                          f"({io.first_line(err)})")
+                          f"({files.first_line(err)})")
             continue
         sop_class = str(ds.get("SOPClassUID", ""))
         modality = str(ds.get("Modality", "")).upper()
@@ -151,8 +153,8 @@ def find_series(folder):
         groups.setdefault(uid, []).append(path)
         info.setdefault(uid, (str(ds.get("SeriesDescription", "")),
                               str(ds.get("SeriesNumber", ""))))
-    series = [Series(uid, os.fspath(folder), tuple(files), *info[uid])
-              for uid, files in groups.items()]
+    series = [Series(uid, os.fspath(folder), tuple(members), *info[uid])
+              for uid, members in groups.items()]
     return series, errors
 
 
@@ -229,9 +231,9 @@ def _check_slice(path, ds):
                            "(photometric "
                            f"{ds.get('PhotometricInterpretation')})")
     for key in ("Rows", "Columns"):
-        if not 1 <= int(ds.get(key, 0) or 0) <= io.MAX_AXIS_VOXELS:
+        if not 1 <= int(ds.get(key, 0) or 0) <= nifti_checks.MAX_AXIS_VOXELS:
             raise io.CaseError(f"{path}: {key} {ds.get(key)} outside 1 to "
-                               f"{io.MAX_AXIS_VOXELS}")
+                               f"{nifti_checks.MAX_AXIS_VOXELS}")
 
 
 def _same(first, other, path):
@@ -334,7 +336,7 @@ def read_headers(series):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception as err:
             raise io.CaseError(f"{path}: cannot read DICOM header "
-                               f"({io.first_line(err)})") from None
+                               f"({files.first_line(err)})") from None
         _check_slice(path, ds)
         position = _floats(ds, "ImagePositionPatient", 3, path)
         slices.append(_Slice(path, position, ds))
@@ -352,11 +354,11 @@ def _pixels(path, pydicom):
         ds = pydicom.dcmread(path)
     except Exception as err:
         raise io.CaseError(f"{path}: cannot read DICOM "
-                           f"({io.first_line(err)})") from None
+                           f"({files.first_line(err)})") from None
     try:
         stored = ds.pixel_array
     except Exception as err:
-        text = io.first_line(err)
+        text = files.first_line(err)
         syntax = ds.file_meta.get("TransferSyntaxUID")
         name = f" {syntax.name}" if syntax is not None else ""
         hint = (f"; install the decoders: pip install '{EXTRA}'"
@@ -387,10 +389,10 @@ def read_series(series, orientation=io.KITS19_ORIENTATION):
     slices, affine = read_headers(series)
     first = slices[0].dataset
     shape = (int(first.Columns), int(first.Rows), len(slices))
-    if int(np.prod(shape, dtype=np.int64)) > io.MAX_VOXELS:
+    if int(np.prod(shape, dtype=np.int64)) > nifti_checks.MAX_VOXELS:
         raise io.CaseError(f"{series.folder}: {shape} voxels, over the "
-                           f"limit of {io.MAX_VOXELS:,}")
-    spacing = io._check_geometry(series.folder, affine, shape)
+                           f"limit of {nifti_checks.MAX_VOXELS:,}")
+    spacing = nifti_checks.check_geometry(series.folder, affine, shape)
     stack = np.empty((len(slices), shape[1], shape[0]), np.float32)
     for k, piece in enumerate(slices):
         hu = _pixels(piece.path, pydicom)

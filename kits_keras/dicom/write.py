@@ -23,6 +23,7 @@ import tempfile
 import numpy as np
 
 from kits_keras.dicom import read as dicom
+from kits_keras import files
 from kits_keras import io
 
 # Storage variants that read back as the same volume.
@@ -329,14 +330,15 @@ def make_seg(labels, volume, series):
             software_versions=_version(), device_serial_number="0",
             series_description="kits-keras kidney and renal mass")
     except (ValueError, TypeError, AttributeError, KeyError) as err:
-        raise io.CaseError(f"{slices[0].path}: cannot write a DICOM SEG "
-                           f"for this series ({io.first_line(err)})") from None
+        raise io.CaseError(
+            f"{slices[0].path}: cannot write a DICOM SEG for this series "
+            f"({files.first_line(err)})") from None
 
 
 def save_seg(path, labels, volume, series):
     """Writes :func:`make_seg` to ``path`` atomically."""
     seg = make_seg(labels, volume, series)
-    return io.atomic_write(path, lambda tmp: seg.save_as(tmp))
+    return files.atomic_write(path, lambda tmp: seg.save_as(tmp))
 
 
 def read_seg(path, series):

@@ -35,6 +35,7 @@ import time
 import numpy as np
 
 from kits_keras import config as config_lib
+from kits_keras import files
 from kits_keras import io
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,7 @@ def _write_saved_model(model, path, config, fixed_size):
 
 
 def _write_metadata(path, meta):
-    io.write_json(os.path.join(path, "assets", ASSET_NAME), meta)
+    files.write_json(os.path.join(path, "assets", ASSET_NAME), meta)
 
 
 def _tensorflow():
@@ -278,8 +279,8 @@ def _tensorflow():
 def folder_size(path):
     """Bytes in all files under ``path``."""
     total = 0
-    for root, _, files in os.walk(path):
-        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    for root, _, names in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in names)
     return total
 
 
@@ -435,7 +436,7 @@ def check_saved_model_ops(path):
         proto = loader_impl.parse_saved_model(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"{path}: unreadable SavedModel "
-                         f"({io.first_line(err)})") from None
+                         f"({files.first_line(err)})") from None
     for meta_graph in proto.meta_graphs:
         graph = meta_graph.graph_def
         library = {f.signature.name: f for f in graph.library.function}

@@ -19,8 +19,8 @@ import time
 import keras
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
-from kits_keras.io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ def plot_loss_curves(csv_path, png_path):
     ax.legend(handles[0] + more[0], handles[1] + more[1], loc="center right")
     ax.set_title(os.path.basename(os.path.dirname(os.path.abspath(csv_path))))
     fig.tight_layout()
-    io.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100))
+    files.atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100))
     plt.close(fig)
 
 
@@ -256,21 +256,22 @@ class RunCheckpoint(keras.callbacks.Callback):
         state = read_state(self.checkpoint_dir)
         if state is not None and state.get("finished"):
             state.pop("finished")
-            write_json(os.path.join(self.checkpoint_dir, STATE_FILE), state)
+            files.write_json(
+                os.path.join(self.checkpoint_dir, STATE_FILE), state)
 
     def on_train_end(self, logs=None):
         # Only on a normal end (Keras skips it after an exception): the run
         # is complete, `kits-keras infer` may take its model by default.
         state = read_state(self.checkpoint_dir)
         if state is not None and not state.get("finished"):
-            write_json(os.path.join(self.checkpoint_dir, STATE_FILE),
-                       {**state, "finished": True})
+            files.write_json(os.path.join(self.checkpoint_dir, STATE_FILE),
+                             {**state, "finished": True})
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         name = f"epoch_{epoch + 1:04d}.keras"
         path = os.path.join(self.checkpoint_dir, name)
-        io.atomic_write(path, self.model.save)
+        files.atomic_write(path, self.model.save)
         score = logs.get("val_dice_ma")
         if score is not None and score > self.best:
             self.best, self.best_epoch = float(score), epoch + 1
@@ -287,7 +288,8 @@ class RunCheckpoint(keras.callbacks.Callback):
             "best_epoch": self.best_epoch,
             **{k: c.get_state() for k, c in self.stateful.items()},
         }
-        write_json(os.path.join(self.checkpoint_dir, STATE_FILE), state)
+        files.write_json(os.path.join(self.checkpoint_dir, STATE_FILE),
+                         state)
         if previous and previous["checkpoint"] != name:
             old = os.path.join(self.checkpoint_dir, previous["checkpoint"])
             if os.path.exists(old):
@@ -308,7 +310,7 @@ def truncate_history(csv_path, epochs_done):
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(rows[:1] + kept)
 
-    io.atomic_write(csv_path, write)
+    files.atomic_write(csv_path, write)
 
 
 def read_state(checkpoint_dir):

@@ -16,6 +16,7 @@ import pytest
 from tests.cli_harness import run_cli
 from tests.cli_harness import snapshot
 
+from kits_keras import files
 from kits_keras import io
 
 MAX_RSS_MB = 1024
@@ -151,8 +152,9 @@ def test_infer_skips_hidden_files_and_sweeps_stale_temporaries(
     shutil.copy(good, inputs / ".hidden.nii")
     out.mkdir()
     dead = _dead_pid()
-    stale = out / f".case.nii.gz{io.TEMP_TAG}{io._host_tag()}.{dead}.ab.nii.gz"
-    live = out / f".x.json{io.TEMP_TAG}{io._host_tag()}.{os.getpid()}.cd.json"
+    tag = f"{files.TEMP_TAG}{files._host_tag()}"
+    stale = out / f".case.nii.gz{tag}.{dead}.ab.nii.gz"
+    live = out / f".x.json{tag}.{os.getpid()}.cd.json"
     stale.write_bytes(b"partial")
     live.write_bytes(b"being written")
     result = run_cli(["infer", inputs, "-o", out, "--model", model_file,
@@ -391,7 +393,7 @@ def test_fit_resume_sweeps_temporaries_and_marks_finished(prepared_five_dir,
     training.fit(config, data, out_dir=str(run), verbose=0)
     ckpt = run / "checkpoints"
     assert cb.read_state(str(ckpt))["finished"] is True
-    tag = f"{io.TEMP_TAG}{io._host_tag()}.{_dead_pid()}"
+    tag = f"{files.TEMP_TAG}{files._host_tag()}.{_dead_pid()}"
     stale = [ckpt / f".epoch_0002.keras{tag}.ab.keras",
              run / f".model.keras{tag}.cd.keras"]
     for path in stale:

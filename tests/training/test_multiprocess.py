@@ -133,9 +133,9 @@ def test_each_process_reads_its_own_rows_of_every_batch():
     import tensorflow as tf
 
     from kits_keras.data import pipeline as data
-    from test_data import in_memory_volumes
-    from test_data import make_config
-    from test_data import synthetic_volume
+    from tests.data.test_pipeline import in_memory_volumes
+    from tests.data.test_pipeline import make_config
+    from tests.data.test_pipeline import synthetic_volume
 
     cfg = make_config()  # global batch 2
     vols = [synthetic_volume(seed=s) for s in range(3)]
