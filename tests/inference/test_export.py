@@ -1,4 +1,5 @@
-"""Tests of kits_keras/inference/export.py: SavedModel parity with Keras."""
+"""Tests of kits_keras/inference/export.py and saved_model.py: SavedModel
+parity with Keras, loading an export back."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import pytest
 from kits_keras import artifact
 from kits_keras import config as config_lib
 from kits_keras.inference import export
+from kits_keras.inference import saved_model
 from kits_keras.backend import import_tensorflow
-from kits_keras.data.preprocessing import IntensityStats
+from kits_keras.data.intensity import IntensityStats
 
 STATS = IntensityStats(clip_low=-79.0, clip_high=304.0, mean=101.0, std=76.9)
 
@@ -195,7 +197,7 @@ def test_saved_model_cli_run(exported, model, tmp_path):
 def test_load_saved_model(exported, model, config):
     base, _ = exported
     # The model base path resolves to its highest version, like TF Serving.
-    art = export.load_saved_model(base)
+    art = saved_model.load_saved_model(base)
     assert art.config == config
     assert art.stats == STATS
     batch = _random_patch((2, 16, 32, 32, 1), seed=3)
@@ -208,24 +210,24 @@ def test_load_saved_model(exported, model, config):
     from kits_keras.inference import predict
 
     loaded = predict.load_model(base)
-    assert isinstance(loaded, export.SavedModelArtifact)
+    assert isinstance(loaded, saved_model.SavedModelArtifact)
     assert loaded.path == art.path
 
 
 def test_load_rejects_foreign_folders(tmp_path):
-    assert not export.is_export(tmp_path)
+    assert not saved_model.is_export(tmp_path)
     with pytest.raises(FileNotFoundError, match="no saved_model.pb"):
-        export.load_saved_model(tmp_path)
+        saved_model.load_saved_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
-        export.load_saved_model(tmp_path)
-    asset = tmp_path / "assets" / export.ASSET_NAME
+        saved_model.load_saved_model(tmp_path)
+    asset = tmp_path / "assets" / saved_model.ASSET_NAME
     asset.parent.mkdir()
     asset.write_text("{")
     with pytest.raises(ValueError, match=f"{asset}: not a kits-keras model"):
-        export.load_saved_model(tmp_path)
-    meta = {"config": {}, "format": export.FORMAT,
-            "format_version": export.FORMAT_VERSION + 1}
+        saved_model.load_saved_model(tmp_path)
+    meta = {"config": {}, "format": saved_model.FORMAT,
+            "format_version": saved_model.FORMAT_VERSION + 1}
     asset.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{asset}: format_version"):
         artifact.read_metadata(tmp_path)
