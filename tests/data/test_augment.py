@@ -144,23 +144,6 @@ def test_labels_stay_in_label_set_after_every_transform():
             assert (out > 0).any()
 
 
-def test_elastic_displacement_stays_within_bound():
-    size = (12, 32, 32)
-
-    def fn(s):
-        return augment.elastic_displacement(size, 1e5, 4.0, 3.0, s)
-
-    for out in run_both(fn, seed(3)):
-        length = np.linalg.norm(out, axis=-1)
-        assert out.shape == size + (3,)
-        assert length.max() <= 3.0 + 1e-4
-        assert length.max() > 1.5  # really deformed
-    small = augment.elastic_displacement(size, 900.0, 9.0, 8.0, seed(3))
-    length = np.linalg.norm(small.numpy(), axis=-1)
-    # batchgenerators' alpha 900, sigma 9: a few voxels.
-    assert 0.3 < length.mean() < 8.0
-
-
 def test_gamma_retains_mean_and_std():
     image, _ = volume()
 
