@@ -35,7 +35,7 @@ def make_run(run_dir, config_name):
     from kits_keras import artifact
     from kits_keras.config import get_config
     from kits_keras.model.unet import build_unet
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     config = get_config(config_name)
     model = build_unet(config)

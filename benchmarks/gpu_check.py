@@ -307,7 +307,7 @@ def _inference(sizes, cfg, res):
     from kits_keras.config import override
     from kits_keras.model.unet import build_unet
     from kits_keras.inference.predict import predict_case
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     keras.config.set_dtype_policy("float32")  # what `kits-keras infer` uses
     keras.utils.set_random_seed(0)

@@ -335,7 +335,7 @@ def tiny_coarse_artifact(run_dir, paper_network=False):
     from kits_keras.config import get_config
     from kits_keras.config import override
     from kits_keras.model.unet import build_unet
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     path = os.path.join(run_dir, "model.keras")
     if os.path.exists(path):

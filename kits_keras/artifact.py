@@ -168,10 +168,10 @@ def read_metadata(path):
     path = os.fspath(path)
     exported = os.path.isdir(path)
     if exported:
-        from kits_keras.inference import export
+        from kits_keras.inference import saved_model
 
-        folder = export.resolve_version_dir(path)
-        path = os.path.join(folder, "assets", export.ASSET_NAME)
+        folder = saved_model.resolve_version_dir(path)
+        path = os.path.join(folder, "assets", saved_model.ASSET_NAME)
         if not os.path.exists(path):
             raise io.CaseError(
                 f"{path}: missing; {folder} was not exported by kits-keras")
@@ -191,7 +191,7 @@ def read_metadata(path):
             f"{path}: no experiment config; not a kits-keras model, or a "
             "damaged one.")
     if exported:
-        export.check_format(metadata, path)
+        saved_model.check_format(metadata, path)
     return metadata
 
 
@@ -350,7 +350,7 @@ def _stats(d):
     if d is None:
         return None
     try:
-        from kits_keras.data.preprocessing import IntensityStats
+        from kits_keras.data.intensity import IntensityStats
     except ImportError:
         return d
     return IntensityStats.from_dict(d)

@@ -11,7 +11,7 @@ Example (a tiny untrained model, so the labels mean nothing):
 >>> from kits_keras.artifact import save_artifact
 >>> from kits_keras.config import get_config
 >>> from kits_keras.model.unet import build_unet
->>> from kits_keras.data.preprocessing import IntensityStats
+>>> from kits_keras.data.intensity import IntensityStats
 >>> run = tempfile.mkdtemp()
 >>> config = get_config("tiny")
 >>> _ = save_artifact(build_unet(config), config,

@@ -109,10 +109,6 @@ def orthogonal_views_png(image, spacing, overlays=None, center=None,
     """
     import io as pyio
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-
     image = np.asarray(image)
     if image.ndim != 3:
         raise ValueError(f"image must be 3-D (z, y, x). Received: "
@@ -123,9 +119,24 @@ def orthogonal_views_png(image, spacing, overlays=None, center=None,
                                 else None)
     center = tuple(int(np.clip(c, 0, n - 1))
                    for c, n in zip(center, image.shape))
+    fig = _views_figure(image, spacing, overlays, center, window)
+    sz, sy, sx = (float(v) for v in spacing)
+    level_text = ("auto window" if window is None
+                  else f"window {window[0]:g}/{window[1]:g}")
+    fig.suptitle(f"{title}  spacing {sz:g}x{sy:.2f}x{sx:.2f} mm, "
+                 f"{level_text}".strip(), fontsize=9, x=0.01, ha="left")
+    buffer = pyio.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _views_figure(image, spacing, overlays, center, window):
+    """The figure of :func:`orthogonal_views_png`, without its title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     sz, sy, sx = (float(v) for v in spacing)
     vmin, vmax = _window_limits(image, window)
-    names = ("axial", "coronal", "sagittal")
     # Physical (width, height) of each panel in mm.
     extents = [(image.shape[2] * sx, image.shape[1] * sy),
                (image.shape[2] * sx, image.shape[0] * sz),
@@ -139,20 +150,44 @@ def orthogonal_views_png(image, spacing, overlays=None, center=None,
                             wspace=0.04, left=0.01, right=0.99, bottom=0.02,
                             top=0.86)
     image_planes = _planes(image, center)
-    legend = []
-    for i, name in enumerate(names):
+    for i, name in enumerate(("axial", "coronal", "sagittal")):
         ax = fig.add_subplot(grid[0, i])
         ax.imshow(image_planes[i], cmap="gray", vmin=vmin, vmax=vmax,
                   aspect=aspects[i], interpolation="bilinear")
         for labels, colours, _ in overlays:
-            plane = _planes(np.asarray(labels), center)[i]
-            for value, colour in colours.items():
-                mask = (plane == value).astype(np.float32)
-                if mask.any() and not mask.all():
-                    ax.contour(mask, levels=[0.5], colors=[colour],
-                               linewidths=0.9)
+            draw_outlines(ax, _planes(np.asarray(labels), center)[i],
+                          colours, linewidth=0.9)
         ax.set_title(f"{name} {center[i]}", fontsize=8)
         ax.set_axis_off()
+    legend = _legend_handles(overlays)
+    if legend:
+        fig.legend(handles=legend, loc="upper right", fontsize=7, ncol=2,
+                   frameon=False)
+    return fig
+
+
+def draw_outlines(ax, plane, colours, linewidth):
+    """Draws each label of a 2-D ``plane`` as an outline on ``ax``.
+
+    Args:
+        ax: matplotlib Axes showing ``plane``.
+        plane: 2-D integer label array.
+        colours: dict. Label value -> matplotlib colour; a value absent
+            from the plane, or filling all of it, has no outline.
+        linewidth: float. Outline width in points.
+    """
+    for value, colour in colours.items():
+        mask = (plane == value).astype(np.float32)
+        if mask.any() and not mask.all():
+            ax.contour(mask, levels=[0.5], colors=[colour],
+                       linewidths=linewidth)
+
+
+def _legend_handles(overlays):
+    """One legend line per overlay and label (``"<overlay> <class>"``)."""
+    from matplotlib.lines import Line2D
+
+    legend = []
     for labels, colours, overlay_name in overlays:
         for value, colour in colours.items():
             # KiTS23's label 3 is a cyst; other values are shown as is.
@@ -160,16 +195,7 @@ def orthogonal_views_png(image, spacing, overlays=None, center=None,
                      else "cyst" if value == 3 else value)
             legend.append(Line2D([0], [0], color=colour,
                                  label=f"{overlay_name} {label}"))
-    if legend:
-        fig.legend(handles=legend, loc="upper right", fontsize=7, ncol=2,
-                   frameon=False)
-    level_text = ("auto window" if window is None
-                  else f"window {window[0]:g}/{window[1]:g}")
-    fig.suptitle(f"{title}  spacing {sz:g}x{sy:.2f}x{sx:.2f} mm, "
-                 f"{level_text}".strip(), fontsize=9, x=0.01, ha="left")
-    buffer = pyio.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return legend
 
 
 def save_case_preview(path, case, window=CT_WINDOW):

@@ -134,7 +134,7 @@ def save_untrained_tiny_run(run_dir, seed=0):
     from kits_keras.artifact import save_artifact
     from kits_keras.config import get_config
     from kits_keras.model.unet import build_unet
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     keras.utils.set_random_seed(seed)
     config = get_config("tiny")

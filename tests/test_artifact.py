@@ -9,7 +9,7 @@ from kits_keras import artifact
 from kits_keras import config as config_lib
 from kits_keras.io import CaseError
 from kits_keras.model.unet import build_unet
-from kits_keras.data.preprocessing import IntensityStats
+from kits_keras.data.intensity import IntensityStats
 
 STATS = IntensityStats(clip_low=-80.0, clip_high=300.0, mean=100.0, std=50.0)
 

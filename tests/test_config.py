@@ -176,7 +176,7 @@ def test_infer_post_processes_with_the_runs_config():
     when the config lowers it."""
     from kits_keras import io
     from kits_keras.inference.predict import segment_volume
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     ct = np.full((32, 64, 64), 40.0, np.float32)  # soft tissue: all body
     ct[10:20, 10:30, 10:30] = 200.0  # 4,000 voxels

@@ -98,16 +98,7 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     config_name = data.dataset
     name = f"kits19/{config_name}"
     data_dir = os.fspath(data_dir or default_data_dir())
-    if not os.path.isdir(manual_dir):
-        raise FileNotFoundError(f"{manual_dir}: case folder not found")
-    if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1. Received: workers={workers}")
-    # Before importing TensorFlow (seconds): TFDS would fail on an empty
-    # folder with its download instructions and a traceback.
-    if not any(os.path.isfile(os.path.join(d, io.LABELS_FILE))
-               for d in io.find_cases(os.fspath(manual_dir))):
-        raise io.CaseError(f"{manual_dir}: no case_XXXXX folder with "
-                           f"{io.LABELS_FILE}")
+    _check_inputs(manual_dir, workers)
 
     from kits_keras.backend import import_tensorflow
 
@@ -115,36 +106,22 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
 
     from tfds_kits19.kits19 import kits19_dataset_builder as kb
 
+    def make_builder():
+        return kb.Builder(config=config_name, data_dir=data_dir,
+                          workers=workers, skip_bad_cases=skip_bad_cases,
+                          foreground_samples=data.foreground_samples)
+
     root = os.path.join(data_dir, "kits19", config_name)
     with _exclusive(root, data_dir):
         _sweep(root)
+        builder, built = _build_or_reuse(
+            kb, make_builder, name, manual_dir, data.foreground_samples,
+            rebuild)
+    return _result(name, data_dir, builder, built)
 
-        def make_builder():
-            return kb.Builder(config=config_name, data_dir=data_dir,
-                              workers=workers, skip_bad_cases=skip_bad_cases,
-                              foreground_samples=data.foreground_samples)
 
-        builder = make_builder()
-        source = kb.source_fingerprint(manual_dir, data.foreground_samples)
-        built = True
-        if os.path.isdir(builder.data_path):
-            stored = None  # an unfinished folder: no record either
-            if builder.is_prepared():
-                stored = (builder.info.metadata or {}).get("source")
-            changes = kb.fingerprint_differences(stored, source)
-            if not changes:
-                built = False
-                log.info("%s already prepared in %s from the same files: "
-                         "nothing to do", name, builder.data_dir)
-            elif not rebuild:
-                raise ValueError(
-                    f"{builder.data_path}: out of date for {manual_dir} "
-                    f"({'; '.join(changes)}); pass --rebuild to replace it")
-            else:
-                log.info("rebuilding %s: %s", name, "; ".join(changes))
-                builder = _replace(builder, make_builder, manual_dir)
-        else:
-            _build(builder, manual_dir)
+def _result(name, data_dir, builder, built):
+    """The :class:`PrepareResult` of ``builder``; logs its skipped cases."""
     meta = builder.info.metadata
     skipped = dict(meta.get("skipped_cases", {}))
     for case_id, reason in skipped.items():
@@ -156,6 +133,47 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
                       for k, v in builder.info.splits.items()},
         skipped_cases=skipped,
     )
+
+
+def _check_inputs(manual_dir, workers):
+    """Refuses a missing or caseless ``manual_dir`` and bad ``workers``."""
+    if not os.path.isdir(manual_dir):
+        raise FileNotFoundError(f"{manual_dir}: case folder not found")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1. Received: workers={workers}")
+    # Before importing TensorFlow (seconds): TFDS would fail on an empty
+    # folder with its download instructions and a traceback.
+    if not any(os.path.isfile(os.path.join(d, io.LABELS_FILE))
+               for d in io.find_cases(os.fspath(manual_dir))):
+        raise io.CaseError(f"{manual_dir}: no case_XXXXX folder with "
+                           f"{io.LABELS_FILE}")
+
+
+def _build_or_reuse(kb, make_builder, name, manual_dir, foreground_samples,
+                    rebuild):
+    """``(builder, built)``: the finished dataset if it was built from the
+    same files and code (``built`` False), else a new build; one of other
+    files or code is an error unless ``rebuild``. Runs under
+    :func:`_exclusive`."""
+    builder = make_builder()
+    source = kb.source_fingerprint(manual_dir, foreground_samples)
+    if not os.path.isdir(builder.data_path):
+        _build(builder, manual_dir)
+        return builder, True
+    stored = None  # an unfinished folder: no record either
+    if builder.is_prepared():
+        stored = (builder.info.metadata or {}).get("source")
+    changes = kb.fingerprint_differences(stored, source)
+    if not changes:
+        log.info("%s already prepared in %s from the same files: "
+                 "nothing to do", name, builder.data_dir)
+        return builder, False
+    if not rebuild:
+        raise ValueError(
+            f"{builder.data_path}: out of date for {manual_dir} "
+            f"({'; '.join(changes)}); pass --rebuild to replace it")
+    log.info("rebuilding %s: %s", name, "; ".join(changes))
+    return _replace(builder, make_builder, manual_dir), True
 
 
 def _build(builder, manual_dir):

@@ -8,7 +8,9 @@ sampled (random, kidney, tumour). Pixel aspect follows the voxel spacing.
 import numpy as np
 
 from kits_keras import files
+
 from kits_keras.viz import LABEL_COLOURS
+from kits_keras.viz import draw_outlines
 
 KIND_NAMES = ("random", "foreground", "tumour")
 
@@ -47,9 +49,6 @@ def save_patch_grid(path, images, labels, spacing, kinds=None, title="",
         title: str. Figure title.
         columns: patches per row.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape != labels.shape:
         raise ValueError(
@@ -59,6 +58,30 @@ def save_patch_grid(path, images, labels, spacing, kinds=None, title="",
     n, nz, ny, nx = images.shape
     sz, sy, sx = (float(s) for s in spacing)
     columns = max(1, min(columns, n))
+    fig, grid = _grid_figure(images.shape, (sz, sy, sx), columns)
+    vmin, vmax = np.percentile(images, (1.0, 99.0))
+    for i in range(n):
+        row, col = divmod(i, columns)
+        axes = [fig.add_subplot(grid[2 * row + j, col]) for j in range(2)]
+        _draw_patch(axes, images[i], labels[i], (sz, sy, sx), (vmin, vmax))
+        kind = "" if kinds is None else KIND_NAMES[kinds[i]]
+        share = 100.0 * float((labels[i] > 0).mean())
+        axes[0].set_title(f"#{i} {kind} fg {share:.1f}%", fontsize=7)
+    fig.suptitle(
+        f"{title}  patch {nz}x{ny}x{nx} at {sz:g}x{sy:.2f}x{sx:.2f} mm; "
+        "axial (top) and coronal (bottom) centre planes; kidney yellow, "
+        "tumour red".strip(), fontsize=8, x=0.01, ha="left")
+    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def _grid_figure(shape, spacing, columns):
+    """``(figure, gridspec)`` of two rows (axial over coronal) per row of
+    ``columns`` patches of ``shape`` (n, z, y, x) at ``spacing`` mm."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, nz, ny, nx = shape
+    sz, sy, sx = spacing
     rows = -(-n // columns)
     # Panel heights in mm: axial ny * sy, coronal nz * sz.
     width_mm = nx * sx
@@ -70,32 +93,23 @@ def save_patch_grid(path, images, labels, spacing, kinds=None, title="",
     grid = fig.add_gridspec(2 * rows, columns, height_ratios=heights,
                             hspace=0.12, wspace=0.03, left=0.01, right=0.99,
                             bottom=0.01, top=0.94)
-    vmin, vmax = np.percentile(images, (1.0, 99.0))
-    for i in range(n):
-        row, col = divmod(i, columns)
-        planes = (
-            (images[i, nz // 2], labels[i, nz // 2], sy / sx),
-            (images[i, :, ny // 2], labels[i, :, ny // 2], sz / sx),
-        )
-        for j, (image, label, aspect) in enumerate(planes):
-            ax = fig.add_subplot(grid[2 * row + j, col])
-            ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax,
-                      aspect=aspect, interpolation="nearest")
-            for value, colour in LABEL_COLOURS.items():
-                mask = (label == value).astype(np.float32)
-                if mask.any() and not mask.all():
-                    ax.contour(mask, levels=[0.5], colors=[colour],
-                               linewidths=0.8)
-            ax.set_axis_off()
-            if j == 0:
-                kind = "" if kinds is None else KIND_NAMES[kinds[i]]
-                share = 100.0 * float((labels[i] > 0).mean())
-                ax.set_title(f"#{i} {kind} fg {share:.1f}%", fontsize=7)
-    fig.suptitle(
-        f"{title}  patch {nz}x{ny}x{nx} at {sz:g}x{sy:.2f}x{sx:.2f} mm; "
-        "axial (top) and coronal (bottom) centre planes; kidney yellow, "
-        "tumour red".strip(), fontsize=8, x=0.01, ha="left")
-    return files.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return fig, grid
+
+
+def _draw_patch(axes, image, labels, spacing, limits):
+    """Central axial and coronal planes of one (z, y, x) patch on ``axes``
+    (two), with label outlines."""
+    nz, ny, _ = image.shape
+    sz, sy, sx = spacing
+    planes = (
+        (image[nz // 2], labels[nz // 2], sy / sx),
+        (image[:, ny // 2], labels[:, ny // 2], sz / sx),
+    )
+    for ax, (plane, label, aspect) in zip(axes, planes):
+        ax.imshow(plane, cmap="gray", vmin=limits[0], vmax=limits[1],
+                  aspect=aspect, interpolation="nearest")
+        draw_outlines(ax, label, LABEL_COLOURS, linewidth=0.8)
+        ax.set_axis_off()
 
 
 def save_training_batch_preview(path, config, data_dir, num=8, seed=None):

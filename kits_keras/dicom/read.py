@@ -6,7 +6,8 @@ DICOM Part 10 (other files, and dot-files, are skipped), and objects that
 are not images (DICOM SEG, RT structures, SR, presentation states) are
 skipped, so our own DICOM SEG outputs beside a series do not disturb it.
 
-Geometry, as dcm2niix and nibabel derive it (DICOM PS3.3 C.7.6.2.1.1):
+Geometry, as dcm2niix and nibabel derive it (DICOM PS3.3 C.7.6.2.1.1;
+:mod:`kits_keras.dicom.geometry`):
 
 * slices are sorted by their position along the slice normal (the cross
   product of the two ImageOrientationPatient directions), never by file
@@ -32,11 +33,11 @@ before any pixel is decoded: a modality other than CT; localizer/scout
 images; multi-frame or colour images; slices of one series whose size,
 pixel spacing, orientation or frame of reference differ (a mixed series);
 two slices at one position (two acquisitions in one series); a gantry tilt
-(positions off the slice normal by more than :data:`TOLERANCE` of the
-spacing); missing slices (a gap of 1.5 spacings or more); irregular spacing
-(a position off the regular grid by more than :data:`TOLERANCE` of the
-spacing); a series of one slice; and the size and geometry limits of
-:mod:`kits_keras.io`.
+(positions off the slice normal by more than
+:data:`kits_keras.dicom.geometry.TOLERANCE` of the spacing); missing slices
+(a gap of 1.5 spacings or more); irregular spacing (a position off the
+regular grid by more than that share of the spacing); a series of one
+slice; and the size and geometry limits of :mod:`kits_keras.io`.
 """
 
 import dataclasses
@@ -47,18 +48,16 @@ import re
 import numpy as np
 
 from kits_keras import files
-from kits_keras import io
+
 from kits_keras import nifti_checks
+
+from kits_keras import io
+from kits_keras.dicom.geometry import header_floats
+from kits_keras.dicom.geometry import place_slices
 
 log = logging.getLogger(__name__)
 
 EXTRA = "kits-keras[dicom]"
-# Slice positions may be off the regular grid, and off the slice normal, by
-# this share of the slice spacing (IPP values are often rounded to 0.01 mm:
-# 0.8 % of a 0.625 mm spacing).
-TOLERANCE = 0.05
-# A gap this many spacings wide or wider means missing slices.
-MISSING_GAP = 1.5
 # Objects that are not images (skipped when found in a folder).
 NON_IMAGE_MODALITIES = ("SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD",
                         "SR", "PR", "KO", "REG", "DOC", "PLAN", "FID")
@@ -193,18 +192,6 @@ def case_ids(folder, series):
             for n, s in zip(names, series)]
 
 
-def _floats(ds, key, count, path):
-    try:
-        values = [float(v) for v in ds[key].value]
-    except (KeyError, TypeError, ValueError):
-        raise io.CaseError(f"{path}: no usable {key}; cannot place the "
-                           "slice") from None
-    if len(values) != count or not np.all(np.isfinite(values)):
-        raise io.CaseError(f"{path}: {key} {values} is not {count} finite "
-                           "numbers")
-    return np.asarray(values, np.float64)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Slice:
     path: str
@@ -244,77 +231,12 @@ def _same(first, other, path):
                 f"{path}: {key} {other.dataset.get(key)} differs from "
                 f"{first.path} ({first.dataset.get(key)}): a mixed series")
     for key, count in (("PixelSpacing", 2), ("ImageOrientationPatient", 6)):
-        a = _floats(first.dataset, key, count, first.path)
-        b = _floats(other.dataset, key, count, path)
+        a = header_floats(first.dataset, key, count, first.path)
+        b = header_floats(other.dataset, key, count, path)
         if not np.allclose(a, b, rtol=0, atol=1e-4):
             raise io.CaseError(
                 f"{path}: {key} {b.tolist()} differs from {first.path} "
                 f"({a.tolist()}): a mixed series")
-
-
-def _geometry(slices):
-    """Sorts ``slices`` along the normal and returns ``(slices, affine)``.
-
-    The affine is dcm2niix's (module docstring), in RAS.
-    """
-    first = slices[0]
-    iop = _floats(first.dataset, "ImageOrientationPatient", 6, first.path)
-    along_row, along_col = iop[:3], iop[3:]
-    if not (abs(np.linalg.norm(along_row) - 1) < 1e-2 and abs(
-            np.linalg.norm(along_col) - 1) < 1e-2 and abs(
-                along_row @ along_col) < 1e-2):
-        raise io.CaseError(f"{first.path}: ImageOrientationPatient "
-                           f"{iop.tolist()} is not two orthogonal unit "
-                           "vectors")
-    normal = np.cross(along_row, along_col)
-    normal /= np.linalg.norm(normal)
-    if len(slices) < 2:
-        raise io.CaseError(f"{first.path}: the only slice of its series; a "
-                           "volume needs at least 2")
-    slices = sorted(slices, key=lambda s: float(s.position @ normal))
-    depth = np.array([s.position @ normal for s in slices])
-    steps = np.diff(depth)
-    for k, step in enumerate(steps):
-        if step < 1e-3:
-            raise io.CaseError(
-                f"{slices[k + 1].path}: at the position of "
-                f"{slices[k].path}: two acquisitions (or a mixed series) in "
-                "one SeriesInstanceUID")
-    spacing = float(np.median(steps))
-    for k, step in enumerate(steps):
-        if step >= MISSING_GAP * spacing:
-            missing = int(round(step / spacing)) - 1
-            raise io.CaseError(
-                f"{slices[k + 1].path}: {step:g} mm from {slices[k].path}, "
-                f"the series' spacing being {spacing:g} mm: about "
-                f"{max(missing, 1)} missing slice(s)")
-    offsets = np.array([s.position - slices[0].position for s in slices])
-    sideways = np.linalg.norm(
-        offsets - np.outer(depth - depth[0], normal), axis=1)
-    worst = int(np.argmax(sideways))
-    if sideways[worst] > TOLERANCE * spacing:
-        tilt = slices[worst].dataset.get("GantryDetectorTilt")
-        tag = f", GantryDetectorTilt {tilt}" if tilt not in (None, "") else ""
-        raise io.CaseError(
-            f"{slices[worst].path}: {sideways[worst]:.2f} mm off the slice "
-            f"normal of {slices[0].path}: gantry tilt{tag} (sheared "
-            "volume); resample it to an orthogonal grid first")
-    step = (depth[-1] - depth[0]) / (len(slices) - 1)
-    off_grid = np.abs(depth - depth[0] - step * np.arange(len(slices)))
-    worst = int(np.argmax(off_grid))
-    if off_grid[worst] > TOLERANCE * step:
-        raise io.CaseError(
-            f"{slices[worst].path}: {off_grid[worst]:.2f} mm off a regular "
-            f"grid of {step:.3f} mm slices: irregular slice spacing "
-            f"(steps {steps.min():g} to {steps.max():g} mm)")
-    rows = int(first.dataset.Rows)
-    row_mm, col_mm = _floats(first.dataset, "PixelSpacing", 2, first.path)
-    lps = np.eye(4)
-    lps[:3, 0] = along_row * col_mm
-    lps[:3, 1] = -along_col * row_mm  # rows reversed, as dcm2niix
-    lps[:3, 2] = normal * step
-    lps[:3, 3] = slices[0].position + (rows - 1) * row_mm * along_col
-    return slices, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
 def _header(affine):
@@ -338,14 +260,14 @@ def read_headers(series):
             raise io.CaseError(f"{path}: cannot read DICOM header "
                                f"({files.first_line(err)})") from None
         _check_slice(path, ds)
-        position = _floats(ds, "ImagePositionPatient", 3, path)
+        position = header_floats(ds, "ImagePositionPatient", 3, path)
         slices.append(_Slice(path, position, ds))
     if not slices:
         raise io.CaseError(f"{series.folder}: no image in series "
                            f"{series.uid}")
     for other in slices[1:]:
         _same(slices[0], other, other.path)
-    return _geometry(slices)
+    return place_slices(slices)
 
 
 def _pixels(path, pydicom):

@@ -78,36 +78,54 @@ def _slices(case, variant, seed):
     uids = tuple(generate_uid(entropy_srcs=[f"kits-keras {seed} {k}"])
                  for k in ("study", "series", "frame"))
     base = _base_dataset(pydicom, uids, stored.shape, spacing, seed)
-    feet_first = variant == "feet-first"
+    items = [[f"IM_{k + 1:04d}.dcm",
+              _slice_dataset(base, stored, k, spacing, variant), k]
+             for k in range(n)]
+    if variant == "feet-first":  # acquired from the feet up
+        items = items[::-1]
+    for number, item in enumerate(items, 1):
+        item[1].InstanceNumber = number
+    items = _break_series(items, variant, n, rng)
+    sop_class = _MR_STORAGE if variant == "mr" else _CT_STORAGE
+    for name, ds, k in items:
+        ds.SOPClassUID = sop_class
+        ds.SOPInstanceUID = generate_uid()
+    return [(name, ds) for name, ds, _ in items]
+
+
+def _slice_dataset(base, stored, k, spacing, variant):
+    """Slice ``k`` of ``stored`` (z, y, x) as a copy of ``base``, placed in
+    LPS mm; the "feet-first", "gantry-tilt" and "irregular-spacing"
+    variants change its orientation or position."""
+    n = stored.shape[0]
     # DICOM LPS: +x patient left, +y posterior, +z head. Array axis 2 runs
     # to L (IOP row direction +x), axis 1 to P (+y), axis 0 down.
     x0 = -0.5 * stored.shape[2] * spacing[2]
     y0 = -0.5 * stored.shape[1] * spacing[1]
     z0 = 0.5 * n * spacing[0]
-    items = []
-    for k in range(n):
-        ds = copy.deepcopy(base)
-        pixels = stored[k]
-        position = [x0, y0, z0 - k * spacing[0]]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        if feet_first:  # viewed from the feet: columns run to the right
-            pixels = pixels[:, ::-1]
-            position[0] = x0 + (stored.shape[2] - 1) * spacing[2]
-            ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
-            ds.PatientPosition = "FFS"
-        if variant == "gantry-tilt":  # 15 degrees: each slice shifted in y
-            position[1] += np.tan(np.radians(15)) * k * spacing[0]
-            ds.GantryDetectorTilt = 15
-        if variant == "irregular-spacing" and k >= n // 2:
-            position[2] -= 0.3 * spacing[0]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.SliceLocation = f"{position[2]:.6f}"
-        ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-        items.append([f"IM_{k + 1:04d}.dcm", ds, k])
-    if feet_first:  # acquired from the feet up
-        items = items[::-1]
-    for number, item in enumerate(items, 1):
-        item[1].InstanceNumber = number
+    ds = copy.deepcopy(base)
+    pixels = stored[k]
+    position = [x0, y0, z0 - k * spacing[0]]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    if variant == "feet-first":  # viewed from the feet: columns run right
+        pixels = pixels[:, ::-1]
+        position[0] = x0 + (stored.shape[2] - 1) * spacing[2]
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        ds.PatientPosition = "FFS"
+    if variant == "gantry-tilt":  # 15 degrees: each slice shifted in y
+        position[1] += np.tan(np.radians(15)) * k * spacing[0]
+        ds.GantryDetectorTilt = 15
+    if variant == "irregular-spacing" and k >= n // 2:
+        position[2] -= 0.3 * spacing[0]
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+    ds.SliceLocation = f"{position[2]:.6f}"
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    return ds
+
+
+def _break_series(items, variant, n, rng):
+    """The ``[name, dataset, k]`` items of a series after the variants that
+    rename, renumber, drop, relabel or add files (``n`` slices)."""
     if variant == "shuffled-names":
         for item, name in zip(items, rng.permutation(
                 [item[0] for item in items])):
@@ -130,11 +148,7 @@ def _slices(case, variant, seed):
         scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         scout.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
         items.append(["IM_0000.dcm", scout, -1])
-    sop_class = _MR_STORAGE if variant == "mr" else _CT_STORAGE
-    for name, ds, k in items:
-        ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = generate_uid()
-    return [(name, ds) for name, ds, _ in items]
+    return items
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
 from kits_keras.config import override
 from kits_keras.inference import predict
@@ -69,7 +70,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         report["dicom_series_uid"] = job.series.uid
     report["timings_s"]["total"] = time.perf_counter() - start
     path = sidecar(job.output_path, ".json")
-    io.write_json(path, report)
+    files.write_json(path, report)
     written["report"] = path
     return report
 
@@ -88,7 +89,7 @@ def _write_segmentation(job, labels, volume, options):
         io.save_like(job.output_path, labels, volume)
         written["segmentation"] = job.output_path
     if writes_seg:
-        io.atomic_write(seg_path, lambda tmp: seg.save_as(tmp))
+        files.atomic_write(seg_path, lambda tmp: seg.save_as(tmp))
         written["dicom_seg"] = seg_path
         written.setdefault("segmentation", seg_path)
     return written
@@ -130,7 +131,7 @@ def _save_probabilities(job, pred, volume):
                 original_shape=np.asarray(volume.array.shape),
                 original_spacing=np.asarray(volume.spacing))
 
-    return io.atomic_write(path, write)
+    return files.atomic_write(path, write)
 
 
 def _case_error(job, err):
@@ -238,7 +239,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
                              failures)
     summary = {"cases": reports, "failures": failures}
     if summary_file is not None and reports:
-        io.write_json(summary_file, summary)
+        files.write_json(summary_file, summary)
     if index_file is not None and reports:
         from kits_keras.report import write_index
 
@@ -270,7 +271,7 @@ def _sweep_temporaries(jobs):
     """Removes what an interrupted run left in the jobs' output folders."""
     for folder in sorted({os.path.dirname(os.path.abspath(p))
                           for job in jobs for p in output_paths(job)}):
-        for path in io.sweep_temporaries(folder):
+        for path in files.sweep_temporaries(folder):
             log.info("Removed %s (left by an interrupted run)", path)
 
 

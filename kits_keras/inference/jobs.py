@@ -14,6 +14,7 @@ import typing
 
 import numpy as np
 
+from kits_keras import files
 from kits_keras import io
 
 SEG_SUFFIX = "_seg"
@@ -135,7 +136,7 @@ def _holds_dicom(folder):
 
     return any(is_dicom_file(os.path.join(folder, name))
                for name in sorted(os.listdir(folder))[:64]
-               if not io.is_hidden(name)
+               if not files.is_hidden(name)
                and os.path.isfile(os.path.join(folder, name)))
 
 
@@ -157,7 +158,7 @@ def _dicom_inputs(folder):
 def _folder_inputs(folder):
     found = []
     for name in sorted(os.listdir(folder)):
-        if io.is_hidden(name):
+        if files.is_hidden(name):
             continue
         path = os.path.join(folder, name)
         if os.path.isfile(os.path.join(path, io.IMAGE_FILE)):

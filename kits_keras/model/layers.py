@@ -50,35 +50,43 @@ def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope):
         y = z if negative_slope is None else ops.leaky_relu(z, negative_slope)
 
         def grad(*args, upstream=None):
-            # dx = k * (dz - mean(dz) - x_hat * mean(dz * x_hat)) with
-            # k = gamma * rstd, written as dz * k + xc * b + c (xc = x - mean,
-            # b and c per sample and channel) so that only two full-size
-            # temporaries live at once; xc keeps it free of the cancellation
-            # that x * b + c would suffer when the mean dwarfs the spread.
             if upstream is None:
                 (upstream,) = args
-            dz = ops.cast(upstream, "float32")
-            # Cast again rather than keep the forward's float32 copy: under
-            # bfloat16 that copy would be a second, twice-as-large residual.
-            xc = ops.cast(x, "float32") - mean
-            k = rstd * gamma32
-            if negative_slope is not None:
-                # The activation's derivative from the recomputed pre-
-                # activation (neither it nor x_hat is stored).
-                z = xc * k + ops.cast(beta, "float32")
-                dz = ops.where(z > 0, dz, dz * negative_slope)
-            mean_dz = _spatial_mean(dz)
-            mean_dz_xhat = _spatial_mean(dz * xc) * rstd
-            dx = dz * k + (xc * (-k * rstd * mean_dz_xhat) - k * mean_dz)
-            voxels = ops.cast(ops.prod(ops.shape(x)[1:4]), "float32")
-            dbeta = ops.sum(mean_dz, axis=(0, 1, 2, 3)) * voxels
-            dgamma = ops.sum(mean_dz_xhat, axis=(0, 1, 2, 3)) * voxels
-            return (ops.cast(dx, x.dtype), ops.cast(dgamma, gamma.dtype),
-                    ops.cast(dbeta, beta.dtype))
+            return _instance_norm_grad(upstream, x, gamma, beta, mean, rstd,
+                                       negative_slope)
 
         return y, grad
 
     return forward(x, gamma, beta)
+
+
+def _instance_norm_grad(upstream, x, gamma, beta, mean, rstd,
+                        negative_slope):
+    """``(dx, dgamma, dbeta)`` of :func:`instance_norm_leaky_relu` from the
+    stored ``x`` and per-channel float32 ``mean`` and ``rstd`` only."""
+    # dx = k * (dz - mean(dz) - x_hat * mean(dz * x_hat)) with
+    # k = gamma * rstd, written as dz * k + xc * b + c (xc = x - mean,
+    # b and c per sample and channel) so that only two full-size
+    # temporaries live at once; xc keeps it free of the cancellation
+    # that x * b + c would suffer when the mean dwarfs the spread.
+    dz = ops.cast(upstream, "float32")
+    # Cast again rather than keep the forward's float32 copy: under
+    # bfloat16 that copy would be a second, twice-as-large residual.
+    xc = ops.cast(x, "float32") - mean
+    k = rstd * ops.cast(gamma, "float32")
+    if negative_slope is not None:
+        # The activation's derivative from the recomputed pre-activation
+        # (neither it nor x_hat is stored).
+        z = xc * k + ops.cast(beta, "float32")
+        dz = ops.where(z > 0, dz, dz * negative_slope)
+    mean_dz = _spatial_mean(dz)
+    mean_dz_xhat = _spatial_mean(dz * xc) * rstd
+    dx = dz * k + (xc * (-k * rstd * mean_dz_xhat) - k * mean_dz)
+    voxels = ops.cast(ops.prod(ops.shape(x)[1:4]), "float32")
+    dbeta = ops.sum(mean_dz, axis=(0, 1, 2, 3)) * voxels
+    dgamma = ops.sum(mean_dz_xhat, axis=(0, 1, 2, 3)) * voxels
+    return (ops.cast(dx, x.dtype), ops.cast(dgamma, gamma.dtype),
+            ops.cast(dbeta, beta.dtype))
 
 
 @keras.saving.register_keras_serializable(package="kits_keras")

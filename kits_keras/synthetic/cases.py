@@ -48,6 +48,9 @@ Example:
 
 import dataclasses
 import logging
+import os
+import shutil
+import tempfile
 
 import numpy as np
 from scipy import ndimage
@@ -168,21 +171,7 @@ def make_case(seed, size="small", labels=None, spacing=None,
     """
     rng = np.random.default_rng(seed)
     volume = labels if isinstance(labels, io.Volume) else None
-    if labels is None:
-        shape, spacing = sample_geometry(rng, size)
-        origin = (shape[0] * rng.uniform(0.42, 0.58),
-                  shape[1] / 2 + rng.uniform(15.0, 40.0) / spacing[1],
-                  shape[2] / 2 + rng.uniform(-12.0, 12.0) / spacing[2])
-        grid, extent = Grid(shape, spacing, origin), None
-    else:
-        if volume is not None:
-            labels, spacing = volume.array, volume.spacing
-        if spacing is None:
-            raise ValueError("spacing is required with a labels array")
-        labels = np.asarray(labels)
-        if labels.ndim != 3:
-            raise ValueError(f"labels must be 3-D. Received: {labels.shape}")
-        grid, extent = _frame_from_labels(labels, spacing)
+    grid, extent, labels = _frame(rng, size, labels, spacing)
     image = np.full(grid.shape, anatomy.AIR, np.float32)
     fov = grid.shape[2] * grid.spacing[2]
     body = anatomy.sample_body(rng, extent, fov_mm=min(fov, 520.0))
@@ -193,15 +182,7 @@ def make_case(seed, size="small", labels=None, spacing=None,
     anatomy.paint_ribs(image, grid, body, tissue, rng)
     anatomy.paint_vessels(image, grid, tissue, rng)
     anatomy.paint_organs(image, grid, body, tissue, rng)
-    if volume is None and labels is None:
-        labels = paint_kidneys(image, grid, body, tissue, rng)
-    else:
-        labels = labels.astype(np.uint8)
-        cysts = labels == CYST_LABEL
-        if cysts.any():
-            labels = np.where(cysts, np.uint8(1), labels)
-        paint_from_labels(image, labels, grid, tissue, rng,
-                          cysts if cysts.any() else None)
+    labels = _paint_labels(image, grid, body, tissue, rng, labels)
     anatomy.finish(image, grid, rng, noise_hu=rng.uniform(8.0, 35.0),
                    blur_mm=rng.uniform(0.5, 1.2))
     if volume is not None:
@@ -216,6 +197,47 @@ def make_case(seed, size="small", labels=None, spacing=None,
         io.Volume(image, spacing, **geometry),
         io.Volume(labels, spacing, **geometry),
     )
+
+
+def _frame(rng, size, labels, spacing):
+    """``(grid, kidney extent or None, labels array or None)`` of a case.
+
+    Without ``labels``, a random scan geometry of ``size`` with the spine
+    near the middle; with them (an ``io.Volume``, or an array with
+    ``spacing`` in mm), their grid, framed by :func:`_frame_from_labels`.
+    """
+    if labels is None:
+        shape, spacing = sample_geometry(rng, size)
+        origin = (shape[0] * rng.uniform(0.42, 0.58),
+                  shape[1] / 2 + rng.uniform(15.0, 40.0) / spacing[1],
+                  shape[2] / 2 + rng.uniform(-12.0, 12.0) / spacing[2])
+        return Grid(shape, spacing, origin), None, None
+    if isinstance(labels, io.Volume):
+        labels, spacing = labels.array, labels.spacing
+    if spacing is None:
+        raise ValueError("spacing is required with a labels array")
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D. Received: {labels.shape}")
+    grid, extent = _frame_from_labels(labels, spacing)
+    return grid, extent, labels
+
+
+def _paint_labels(image, grid, body, tissue, rng, labels):
+    """Paints kidneys and tumours into ``image``; returns uint8 labels.
+
+    Without ``labels`` they are drawn at random; else the given ones are
+    painted, KiTS23 cysts (label 3) as cysts labelled kidney.
+    """
+    if labels is None:
+        return paint_kidneys(image, grid, body, tissue, rng)
+    labels = labels.astype(np.uint8)
+    cysts = labels == CYST_LABEL
+    if cysts.any():
+        labels = np.where(cysts, np.uint8(1), labels)
+    paint_from_labels(image, labels, grid, tissue, rng,
+                      cysts if cysts.any() else None)
+    return labels
 
 
 def read_label_volume(path):
@@ -279,10 +301,6 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
     Returns:
         list of str: the case folders written.
     """
-    import os
-    import shutil
-    import tempfile
-
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}. Received: size={size}")
     if labels_from is None and num_cases is None:
@@ -299,20 +317,11 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
                 "replaces it)")
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".synth-", dir=out_dir)
-    written = []
     try:
-        for index, (case_id, label_path) in enumerate(pairs):
-            labels = None if label_path is None else read_label_volume(
-                label_path)
-            case = make_case(seed + index, size, labels, case_id=case_id)
-            case_dir = os.path.join(staging, case_id)
-            _save_case(case_dir, case, preview)
-            final = os.path.join(out_dir, case_id)
-            log.debug("synthesised %s %s", case_id, case.image.array.shape)
-            if on_case is not None:
-                on_case(final, case)
-            written.append((case_dir, final))
-            del case  # full cases are large: keep only the files
+        written = [
+            _stage_case(staging, out_dir, seed + index, size, case_id,
+                        label_path, preview, on_case)
+            for index, (case_id, label_path) in enumerate(pairs)]
         for tmp_dir, final in written:
             if os.path.exists(final):
                 shutil.rmtree(final)
@@ -322,9 +331,22 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _save_case(case_dir, case, preview):
-    import os
+def _stage_case(staging, out_dir, seed, size, case_id, label_path, preview,
+                on_case):
+    """Writes one case under ``staging``; returns ``(staged folder, final
+    folder)``. Only the files are kept: full cases are large."""
+    labels = None if label_path is None else read_label_volume(label_path)
+    case = make_case(seed, size, labels, case_id=case_id)
+    case_dir = os.path.join(staging, case_id)
+    _save_case(case_dir, case, preview)
+    final = os.path.join(out_dir, case_id)
+    log.debug("synthesised %s %s", case_id, case.image.array.shape)
+    if on_case is not None:
+        on_case(final, case)
+    return case_dir, final
 
+
+def _save_case(case_dir, case, preview):
     os.makedirs(case_dir)
     image = case.image
     io.save_nifti(f"{case_dir}/{io.IMAGE_FILE}",

@@ -50,7 +50,7 @@ def _save_model(path, config=None, metadata_config=None):
     from kits_keras.artifact import save_artifact
     from kits_keras.config import get_config
     from kits_keras.model.unet import build_unet
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     config = config or get_config("tiny")
     stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,

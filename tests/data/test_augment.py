@@ -137,47 +137,11 @@ def test_labels_stay_in_label_set_after_every_transform():
                                          size, config, s, -1.0)
 
         eager = [fn(seed(0))[1].numpy()]
-        mapped = []
-        if config is ALL:  # every transform at once inside Dataset.map
-            seeds = tf.data.Dataset.range(3).map(lambda i: tf.stack([7, i]))
-            mapped = [lab for _, lab in seeds.map(fn).as_numpy_iterator()]
+        seeds = tf.data.Dataset.range(3).map(lambda i: tf.stack([7, i]))
+        mapped = [lab for _, lab in seeds.map(fn).as_numpy_iterator()]
         for out in eager + mapped:
             assert set(np.unique(out)) <= {0, 1, 2}
             assert (out > 0).any()
-
-
-def test_elastic_displacement_stays_within_bound():
-    size = (12, 32, 32)
-
-    def fn(s):
-        return augment.elastic_displacement(size, 1e5, 4.0, 3.0, s)
-
-    # The control points with and without the 3-voxel limit: the limited
-    # ones must be the free ones shortened to exactly 3 voxels where they
-    # were longer and untouched elsewhere (computed here in numpy).
-    # alpha 200 puts the free lengths on both sides of the limit.
-    free = augment.elastic_control_points(size, 200.0, 4.0, np.inf,
-                                          seed(3)).numpy()
-    limited = augment.elastic_control_points(size, 200.0, 4.0, 3.0,
-                                             seed(3)).numpy()
-    free_length = np.linalg.norm(free, axis=-1, keepdims=True)
-    assert 0.1 < (free_length > 3.0).mean() < 0.9
-    np.testing.assert_allclose(
-        limited, free * np.minimum(1.0, 3.0 / free_length), rtol=1e-5,
-        atol=1e-6)
-    # Trilinear upsampling mixes control points convexly: no vector
-    # outgrows the longest control point (a cubic one would overshoot).
-    dense = augment.upsample_field(tf.constant(free), size).numpy()
-    assert dense.shape == size + (3,)
-    assert np.linalg.norm(dense, axis=-1).max() <= free_length.max() + 1e-4
-    for out in run_both(fn, seed(3)):
-        length = np.linalg.norm(out, axis=-1)
-        assert out.shape == size + (3,)
-        assert length.max() > 1.5  # really deformed
-    small = augment.elastic_displacement(size, 900.0, 9.0, 8.0, seed(3))
-    length = np.linalg.norm(small.numpy(), axis=-1)
-    # batchgenerators' alpha 900, sigma 9: a few voxels.
-    assert 0.3 < length.mean() < 8.0
 
 
 def test_gamma_retains_mean_and_std():

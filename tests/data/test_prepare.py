@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from kits_keras import io
+from kits_keras.data import intensity
 from kits_keras.data import preprocessing as pp
 
 CONFIG = "demo_4.0x3.2mm"
@@ -83,11 +84,12 @@ def test_stats_ignore_test_cases_and_split(prepared, manual_dir):
     assert meta["test_case_ids"] == ["case_00004"]
     assert meta["train_case_ids"] == [f"case_{i:05d}" for i in range(4)]
     voxels = builder.builder_config.stats_voxels
-    train_only = pp.stats_from_samples([
+    train_only = intensity.stats_from_samples([
         kb.case_foreground_sample(os.path.join(manual_dir, c), voxels)
         for c in meta["train_case_ids"]])
-    assert pp.IntensityStats.from_dict(meta["intensity_stats"]) == train_only
-    with_test = pp.stats_from_samples([
+    stored = intensity.IntensityStats.from_dict(meta["intensity_stats"])
+    assert stored == train_only
+    with_test = intensity.stats_from_samples([
         kb.case_foreground_sample(os.path.join(manual_dir, f"case_{i:05d}"),
                                   voxels) for i in range(5)])
     assert with_test.mean > train_only.mean + 10

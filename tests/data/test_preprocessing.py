@@ -1,4 +1,4 @@
-"""Tests of kits_keras/data/preprocessing.py (resampling, intensity stats)."""
+"""Tests of kits_keras/data/preprocessing.py (resampling, preprocessing)."""
 
 import os
 
@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from kits_keras import config
 from kits_keras import io
+from kits_keras.data import intensity
 from kits_keras.data import preprocessing as pp
 
 from tests.conftest import kits19_labels_path
@@ -155,8 +156,8 @@ def test_argmax_labels_ties_go_to_the_lower_class():
 
 def test_normalised_training_foreground_is_standard():
     pairs = [phantom((30, 60, 60), (3.0, 2.0, 2.0), seed=s) for s in range(3)]
-    stats = pp.compute_intensity_stats(pairs)
-    fg = np.concatenate([pp.normalise(img, stats)[lab > 0]
+    stats = intensity.compute_intensity_stats(pairs)
+    fg = np.concatenate([intensity.normalise(img, stats)[lab > 0]
                          for img, lab in pairs])
     assert abs(fg.mean()) < 0.02 and abs(fg.std() - 1) < 0.02
     lo, hi = (np.array([stats.clip_low, stats.clip_high]) - stats.mean
@@ -165,22 +166,7 @@ def test_normalised_training_foreground_is_standard():
     # preprocess_image = clip + z-score + resample, in that order
     img, lab = pairs[0]
     out = pp.preprocess_image(img, (3.0, 2.0, 2.0), stats, (3.0, 2.0, 2.0))
-    np.testing.assert_allclose(out, pp.normalise(img, stats), atol=1e-5)
-
-
-def test_intensity_stats_json_round_trip(tmp_path):
-    stats = pp.IntensityStats(-79.0, 304.0, 101.5, 76.9)
-    path = stats.save_json(str(tmp_path / "stats.json"))
-    assert pp.IntensityStats.load_json(path) == stats
-    assert pp.IntensityStats.from_dict(stats.to_dict()) == stats
-    with pytest.raises(ValueError, match="std"):
-        pp.IntensityStats(0.0, 1.0, 0.0, 0.0)
-
-
-def test_stats_need_foreground():
-    with pytest.raises(ValueError, match="foreground"):
-        pp.compute_intensity_stats([(np.zeros((4, 4, 4)),
-                                     np.zeros((4, 4, 4), np.uint8))])
+    np.testing.assert_allclose(out, intensity.normalise(img, stats), atol=1e-5)
 
 
 @pytest.mark.large  # real KiTS19 data
@@ -193,7 +179,7 @@ def test_real_labels_case_00021_coarse():
 
     case = synthetic.make_case(0, labels=io.read_labels(path),
                                case_id="case_00021")
-    stats = pp.compute_intensity_stats(
+    stats = intensity.compute_intensity_stats(
         [(case.image.array, case.labels.array)])
     image, labels = pp.preprocess_case(case, stats, COARSE)
     assert image.shape == labels.shape == pp.target_shape(
@@ -201,7 +187,7 @@ def test_real_labels_case_00021_coarse():
     # Exactly standard at the original resolution; on the coarser grid the
     # antialiased averaging lowers the noise (std ~0.86) and mixes boundary
     # voxels with fat (mean slightly < 0).
-    fg = pp.normalise(case.image.array, stats)[case.labels.array > 0]
+    fg = intensity.normalise(case.image.array, stats)[case.labels.array > 0]
     assert abs(fg.mean()) < 0.01 and abs(fg.std() - 1) < 0.01
     fg = image[labels > 0].astype(np.float64)
     assert abs(fg.mean()) < 0.15 and abs(fg.std() - 1) < 0.2

@@ -80,7 +80,7 @@ def test_predictor_never_puts_foreground_outside_body():
     from kits_keras.inference import predict
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     case = synthetic.make_case(1)
     config = override(get_config("tiny"), infer={"tta": "none"})

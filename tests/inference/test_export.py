@@ -1,4 +1,5 @@
-"""Tests of kits_keras/inference/export.py: SavedModel parity with Keras."""
+"""Tests of kits_keras/inference/export.py and saved_model.py: SavedModel
+parity with Keras, loading an export back."""
 
 import json
 import os
@@ -12,8 +13,9 @@ import pytest
 from kits_keras import artifact
 from kits_keras import config as config_lib
 from kits_keras.inference import export
+from kits_keras.inference import saved_model
 from kits_keras.backend import import_tensorflow
-from kits_keras.data.preprocessing import IntensityStats
+from kits_keras.data.intensity import IntensityStats
 
 STATS = IntensityStats(clip_low=-79.0, clip_high=304.0, mean=101.0, std=76.9)
 
@@ -89,11 +91,7 @@ def test_metadata_keeps_the_training_orientation(config):
     assert artifact.orientation_of(meta) == ("S", "A", "R")
 
 
-@pytest.mark.parametrize("shape", [
-    # A batch of tiny's full patches is large; the small odd-sized input
-    # checks the same dynamic signature.
-    pytest.param((2, 32, 64, 64, 1), marks=pytest.mark.large),
-    (1, 16, 24, 40, 1)])
+@pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), (1, 16, 24, 40, 1)])
 def test_saved_model_matches_keras(exported, model, shape):
     tf = import_tensorflow()
     loaded = tf.saved_model.load(exported[1])
@@ -146,7 +144,6 @@ def test_failed_export_leaves_nothing(model, config, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.large  # a second full export; the dynamic one is tested above
 def test_fixed_size_export(model, config, tmp_path):
     path = export.export_saved_model(
         model, tmp_path, version=2, config=config, stats=STATS,
@@ -163,7 +160,6 @@ def test_fixed_size_export(model, config, tmp_path):
     )
 
 
-@pytest.mark.large  # TensorFlow's saved_model_cli in a subprocess
 def test_saved_model_cli_show(exported):
     cli = _console_script("saved_model_cli")
     assert cli, "saved_model_cli (installed with tensorflow) not found"
@@ -183,7 +179,6 @@ def test_saved_model_cli_show(exported):
     assert "shape: (-1, -1, -1, -1, 3)" in outputs
 
 
-@pytest.mark.large  # TensorFlow's saved_model_cli in a subprocess
 def test_saved_model_cli_run(exported, model, tmp_path):
     cli = _console_script("saved_model_cli")
     batch = _random_patch((1, 16, 32, 32, 1), seed=2)
@@ -202,7 +197,7 @@ def test_saved_model_cli_run(exported, model, tmp_path):
 def test_load_saved_model(exported, model, config):
     base, _ = exported
     # The model base path resolves to its highest version, like TF Serving.
-    art = export.load_saved_model(base)
+    art = saved_model.load_saved_model(base)
     assert art.config == config
     assert art.stats == STATS
     batch = _random_patch((2, 16, 32, 32, 1), seed=3)
@@ -212,27 +207,27 @@ def test_load_saved_model(exported, model, config):
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
         art.network(batch[..., 0])
     # The one loader of inference recognises an export given as a model.
-    from kits_keras.inference.batch import load_model
+    from kits_keras.inference import predict
 
-    loaded = load_model(base)
-    assert isinstance(loaded, export.SavedModelArtifact)
+    loaded = predict.load_model(base)
+    assert isinstance(loaded, saved_model.SavedModelArtifact)
     assert loaded.path == art.path
 
 
 def test_load_rejects_foreign_folders(tmp_path):
-    assert not export.is_export(tmp_path)
+    assert not saved_model.is_export(tmp_path)
     with pytest.raises(FileNotFoundError, match="no saved_model.pb"):
-        export.load_saved_model(tmp_path)
+        saved_model.load_saved_model(tmp_path)
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="not exported by kits-keras"):
-        export.load_saved_model(tmp_path)
-    asset = tmp_path / "assets" / export.ASSET_NAME
+        saved_model.load_saved_model(tmp_path)
+    asset = tmp_path / "assets" / saved_model.ASSET_NAME
     asset.parent.mkdir()
     asset.write_text("{")
     with pytest.raises(ValueError, match=f"{asset}: not a kits-keras model"):
-        export.load_saved_model(tmp_path)
-    meta = {"config": {}, "format": export.FORMAT,
-            "format_version": export.FORMAT_VERSION + 1}
+        saved_model.load_saved_model(tmp_path)
+    meta = {"config": {}, "format": saved_model.FORMAT,
+            "format_version": saved_model.FORMAT_VERSION + 1}
     asset.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=f"{asset}: format_version"):
         artifact.read_metadata(tmp_path)
@@ -295,9 +290,8 @@ def test_infer_saved_model_matches_model(run_dir, exported, small_ct,
     for flag, source in (("--model", run_dir),
                          ("--saved-model", exported[0])):
         out = tmp_path / f"{flag.strip('-')}.nii.gz"
-        # One pass (no mirroring): the two sources, not TTA, are compared.
         result = _cli("infer", small_ct, flag, source, "-o", out,
-                      "--no-postprocess", "--tta", "none")
+                      "--no-postprocess")
         assert result.exit_code == 0, result.output
         segs[flag] = io.read_labels(str(out)).array
     keras_seg, served_seg = segs["--model"], segs["--saved-model"]

@@ -193,7 +193,7 @@ def threshold_network(batch):
 def test_predict_case_output_on_input_grid(shape, spacing):
     from kits_keras.config import get_config
     from kits_keras.config import override
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
     from kits_keras.synthetic.cases import kits19_affine
 
     image = np.full(shape, -100.0, dtype=np.float32)

@@ -27,7 +27,7 @@ def _craft(folder, body):
     returns constant probabilities; adds a valid kits-keras asset."""
     from kits_keras.inference import export
     from kits_keras.config import get_config
-    from kits_keras.data.preprocessing import IntensityStats
+    from kits_keras.data.intensity import IntensityStats
 
     tf = _tf()
 
@@ -96,7 +96,7 @@ def test_crafted_read_and_write_export_refused_by_infer(ct_file, tmp_path):
 ])
 def test_each_io_op_is_named(op, body, tmp_path):
     """SaveV2 too: allowed in the saver functions only, not in serving."""
-    from kits_keras.inference.export import check_saved_model_ops
+    from kits_keras.inference.saved_model import check_saved_model_ops
 
     folder = _craft(str(tmp_path / "m"), body)
     with pytest.raises(ValueError, match=rf"op {op} in function "):
@@ -106,7 +106,7 @@ def test_each_io_op_is_named(op, body, tmp_path):
 def test_plain_module_with_variables_passes(tmp_path):
     """Variables, their saver graph (SaveV2/RestoreV2) and arithmetic are
     what a real export holds; they pass."""
-    from kits_keras.inference.export import check_saved_model_ops
+    from kits_keras.inference.saved_model import check_saved_model_ops
 
     folder = _craft(str(tmp_path / "m"), lambda tf: tf.debugging.assert_equal(
         tf.constant(1), 1))

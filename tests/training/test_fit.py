@@ -200,6 +200,7 @@ def overfit(run_dir, epochs=5, steps=20):
     import keras
 
     from kits_keras import config as config_lib
+    from kits_keras.data import intensity
     from kits_keras.data import preprocessing
     from kits_keras.synthetic import cases as synthetic
     from kits_keras.training import fit as training
@@ -210,7 +211,7 @@ def overfit(run_dir, epochs=5, steps=20):
         "epochs": epochs, "steps_per_epoch": steps, "learning_rate": 3e-3,
         "lr_patience": 100, "batch_size": 1, "metric_smoothing": 1})
     case = synthetic.make_case(0, size="small")
-    stats = preprocessing.compute_intensity_stats(
+    stats = intensity.compute_intensity_stats(
         [(case.image.array, case.labels.array)])
     image, labels = preprocessing.preprocess_case(
         case, stats, config.data.target_spacing)

@@ -44,6 +44,7 @@ from etils import epath
 
 from kits_keras import config as kk_config
 from kits_keras import io
+from kits_keras.data import intensity
 from kits_keras.data import preprocessing
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,8 @@ def labelled_case_dirs(manual_dir):
 
 def code_version():
     """sha256 (16 hex digits) of the code that turns case files into
-    examples: this module, ``kits_keras.data.preprocessing`` and
-        ``kits_keras.io``.
+    examples: this module, ``kits_keras.data.preprocessing``,
+    ``kits_keras.data.intensity`` and ``kits_keras.io``.
 
     Any edit to them (a comment too) changes it, so a dataset is never
     silently reused after the preprocessing changed; a spurious change
@@ -118,7 +119,7 @@ def code_version():
     """
     digest = hashlib.sha256()
     for path in (__file__, inspect.getsourcefile(preprocessing),
-                 inspect.getsourcefile(io)):
+                 inspect.getsourcefile(intensity), inspect.getsourcefile(io)):
         digest.update(epath.Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -207,8 +208,8 @@ def case_foreground_sample(case_dir, max_voxels):
     """Foreground HU sample of one case (first pass, for the statistics)."""
     case = io.load_case(case_dir)
     seed = zlib.crc32(case.case_id.encode())
-    return preprocessing.foreground_sample(case.image.array,
-                                           case.labels.array, max_voxels, seed)
+    return intensity.foreground_sample(case.image.array, case.labels.array,
+                                       max_voxels, seed)
 
 
 def process_case(case_dir, stats, target_spacing, max_coords, threads=None):
@@ -342,7 +343,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 samples.append(sample)
         if not samples:
             raise self._no_training_case(manual_dir)
-        stats = preprocessing.stats_from_samples(samples)
+        stats = intensity.stats_from_samples(samples)
         log.info("intensity statistics of %d training cases: %s",
                  len(samples), stats)
         self.info.metadata.update({
