@@ -126,6 +126,24 @@ class AugmentConfig:
     p_noise: float = 0.1
     noise_variance: tuple = (0.0, 0.1)
 
+    def disabled(self):
+        """This config with every ``p_*`` probability at 0: plain crops.
+
+        Validation patches use it; a transform added later is switched off
+        too, as long as its probability is named ``p_<name>``.
+
+        >>> off = AugmentConfig().disabled()
+        >>> off.p_noise, off.p_mirror, off.noise_variance
+        (0.0, (0.0, 0.0, 0.0), (0.0, 0.1))
+        """
+        zero = {}
+        for field in dataclasses.fields(self):
+            if field.name.startswith("p_"):
+                value = getattr(self, field.name)
+                zero[field.name] = (tuple(0.0 for _ in value)
+                                    if isinstance(value, tuple) else 0.0)
+        return dataclasses.replace(self, **zero)
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:

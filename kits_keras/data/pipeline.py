@@ -126,8 +126,8 @@ def _prepare_volume(example):
 def make_patch_fn(config, seed, augment_config=None, with_kind=False):
     """``fn(volume_index, patch_index, volume) -> (image, labels tuple)``.
 
-    ``augment_config`` None means ``config.augment``; validation passes an
-    AugmentConfig with every probability at 0.
+    ``augment_config`` None means ``config.augment``; validation passes
+    ``config.augment.disabled()``.
     """
     data_config = config.data
     aug_config = augment_config or config.augment
@@ -191,12 +191,8 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False,
         ds = ds.shuffle(2 * per_volume, seed=seed)
     if shard is not None:
         ds = shard_rows(ds, *shard)
-    aug = None
-    if not training:
-        aug = config_lib.AugmentConfig(
-            p_rotation=0.0, p_scale=0.0, p_elastic=0.0, p_gamma=0.0,
-            p_mirror=(0.0, 0.0, 0.0),
-        )
+    # Validation patches are plain crops: every transform switched off.
+    aug = None if training else config.augment.disabled()
     ds = ds.map(
         make_patch_fn(config, seed, aug, with_kind),
         num_parallel_calls=AUTOTUNE,

@@ -227,3 +227,15 @@ def test_brightness_and_contrast_change_intensities_not_labels():
     scaled = image * 1.2
     expected = (scaled - scaled.mean()) * 0.5 + scaled.mean()
     np.testing.assert_allclose(out, expected, atol=1e-3)
+
+
+def test_disabled_config_gives_the_plain_crop():
+    # Every transform, intensity ones included, is off in the validation
+    # config: the patch is exactly the crop.
+    image, labels = volume()
+    off = AugmentConfig(p_brightness=1.0, p_contrast=1.0, p_noise=1.0,
+                        p_gamma=1.0, p_rotation=1.0).disabled()
+    out, out_labels = augment.augment_patch(
+        image, labels, SPACING, [1, 2, 3], (8, 16, 16), off, seed(5), 0.0)
+    np.testing.assert_array_equal(out.numpy(), image[1:9, 2:18, 3:19])
+    np.testing.assert_array_equal(out_labels.numpy(), labels[1:9, 2:18, 3:19])
