@@ -154,24 +154,25 @@ def load_model(model=None, saved_model=None):
             finished run.
         saved_model: str or None. A ``kits-keras export`` folder (model
             base path or version folder), run through
-            :func:`kits_keras.inference.export.load_saved_model`
+            :func:`kits_keras.inference.saved_model.load_saved_model`
             (TensorFlow, CPU) instead of ``model``.
 
     Returns:
         :class:`kits_keras.artifact.Artifact` or
-        :class:`kits_keras.inference.export.SavedModelArtifact`: both give
+        :class:`kits_keras.inference.saved_model.SavedModelArtifact`: both give
         ``network``, ``config``, ``stats``, ``path`` and ``metadata``.
 
     Raises:
         FileNotFoundError: with instructions when there is no model at all.
     """
     from kits_keras import artifact
-    from kits_keras.inference import export
+    from kits_keras.inference import saved_model as exported
 
-    if saved_model is None and model is not None and export.is_export(model):
+    if saved_model is None and model is not None and exported.is_export(
+            model):
         model, saved_model = None, model
     if saved_model is not None:
-        return export.load_saved_model(saved_model)
+        return exported.load_saved_model(saved_model)
     if model is None:
         root = artifact.default_runs_root()
         try:
@@ -209,7 +210,7 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         model: str or None. Run folder or ``.keras`` file; None = latest run.
         saved_model: str or None. A ``kits-keras export`` folder (model base
             path or version folder) to run instead of ``model``, through
-            :func:`kits_keras.inference.export.load_saved_model` (TensorFlow,
+            :func:`kits_keras.inference.saved_model.load_saved_model` (TensorFlow,
             CPU).
         infer_overrides: dict of :class:`InferenceConfig` fields to change
             (``overlap``, ``tta``, ``batch_size``), None values ignored.
