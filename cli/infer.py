@@ -154,10 +154,12 @@ def _echo_summary(summary, output, report):
         vols, qc = case["volumes"], case["qc"]
         flag = "  REVIEW (mirroring disagreement)" if qc["flagged"] else ""
         score = qc["mirroring_disagreement"]
+        cyst = (f"cyst {vols['cyst_ml']:.1f} mL, " if "cyst_ml" in vols
+                else "")  # KiTS23 models
         click.echo(
             f"{case['case_id']}: {case['outputs']['segmentation']}  kidney "
             f"{vols['kidney_ml']:.1f} mL, tumour {vols['tumour_ml']:.1f} mL, "
-            f"disagreement {'n/a' if score is None else f'{score:.3f}'}, "
+            f"{cyst}disagreement {'n/a' if score is None else f'{score:.3f}'}, "
             f"{case['timings_s']['total']:.1f} s{flag}"
         )
     if report and summary["cases"]:

@@ -19,9 +19,14 @@ from cli.common import user_errors
 @click.option("--labels-from", type=click.Path(),
               default=None,
               help="Folder of case_XXXXX/segmentation.nii.gz (KiTS19, or "
-                   "KiTS23: cysts are painted as cysts and labelled "
-                   "kidney): one case per label volume, built around it "
-                   "(keeps ids and geometry).")
+                   "KiTS23: cysts are painted as cysts, labelled kidney "
+                   "unless --classes kits23): one case per label volume, "
+                   "built around it (keeps ids and geometry).")
+@click.option("--classes", type=click.Choice(["kits19", "kits23"]),
+              default="kits19", show_default=True,
+              help="kits19: labels 0-2. kits23: adds 3 = cyst; generated "
+                   "cases get 0-3 simple cysts (round, 0-20 HU), "
+                   "--labels-from keeps its cysts as 3.")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]),
               default="nifti", show_default=True,
               help="nifti: KiTS19 folders. dicom: each case a folder of "
@@ -45,12 +50,13 @@ from cli.common import user_errors
 @click.option("--overwrite", is_flag=True,
               help="Replace existing case folders in OUT_DIR.")
 @user_errors
-def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
-          preview, overwrite):
+def synth(out_dir, num_cases, seed, size, labels_from, classes, fmt,
+          dicom_variant, preview, overwrite):
     """Writes synthetic contrast-enhanced CT cases to OUT_DIR.
 
     Each case is a KiTS19 folder: case_XXXXX/imaging.nii.gz (HU) and
-    segmentation.nii.gz (0 background, 1 kidney, 2 tumour), axis 0 = slices.
+    segmentation.nii.gz (0 background, 1 kidney, 2 tumour; with --classes
+    kits23 also 3 cyst), axis 0 = slices.
     Nothing is moved into OUT_DIR until every case has been written.
     """
     from kits_keras.synthetic import cases as synthetic
@@ -59,13 +65,17 @@ def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
         s = synthetic.case_summary(case)
         shape = "x".join(str(n) for n in s["shape"])
         spacing = "x".join(f"{v:.2f}" for v in s["spacing"])
+        cyst = f", cyst {s['cyst_ml']:.1f} mL" if cysts else ""
         click.echo(f"{case_dir}: {shape} voxels, {spacing} mm, kidney "
-                   f"{s['kidney_ml']:.0f} mL, tumour {s['tumour_ml']:.1f} mL")
+                   f"{s['kidney_ml']:.0f} mL, tumour {s['tumour_ml']:.1f} mL"
+                   f"{cyst}")
+
+    cysts = classes == "kits23"
 
     if fmt == "dicom":
-        if labels_from is not None or preview:
-            raise ValueError("--format dicom takes neither --labels-from "
-                             "nor --preview")
+        if labels_from is not None or preview or cysts:
+            raise ValueError("--format dicom takes neither --labels-from, "
+                             "--preview nor --classes kits23")
         from kits_keras.dicom import write as dicom_write
 
         written = dicom_write.write_dicom_cases(
@@ -75,5 +85,5 @@ def synth(out_dir, num_cases, seed, size, labels_from, fmt, dicom_variant,
         return
     written = synthetic.write_cases(
         out_dir, num_cases, seed=seed, size=size, labels_from=labels_from,
-        preview=preview, overwrite=overwrite, on_case=report)
+        preview=preview, overwrite=overwrite, on_case=report, cysts=cysts)
     click.echo(f"wrote {len(written)} case(s) to {out_dir}")

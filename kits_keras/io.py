@@ -50,6 +50,9 @@ IMAGE_FILE = "imaging.nii.gz"
 LABELS_FILE = "segmentation.nii.gz"
 LABEL_VALUES = (0, 1, 2)
 CLASS_NAMES = ("background", "kidney", "tumour")
+# KiTS21 and KiTS23 add label 3, cyst.
+KITS23_LABEL_VALUES = (0, 1, 2, 3)
+KITS23_CLASS_NAMES = CLASS_NAMES + ("cyst",)
 _CASE_DIR = re.compile(r"^case_\d{5}$")
 
 # The voxel orientation of KiTS19's volumes, and so of every array this
@@ -126,25 +129,53 @@ def voxel_ml(spacing):
     return float(np.prod(spacing)) / 1000.0
 
 
-def label_volumes_ml(labels, spacing):
-    """Kidney (label 1), tumour (label 2) and their sum in mL.
+def class_names(num_classes=3):
+    """Names of labels ``0 .. num_classes - 1``: KiTS19's three
+    (:data:`CLASS_NAMES`) or KiTS23's four (:data:`KITS23_CLASS_NAMES`).
+
+    >>> class_names(4)
+    ('background', 'kidney', 'tumour', 'cyst')
+    """
+    if num_classes not in (3, 4):
+        raise ValueError(f"num_classes must be 3 (KiTS19) or 4 (KiTS23). "
+                         f"Received: num_classes={num_classes}")
+    return KITS23_CLASS_NAMES[:num_classes]
+
+
+def label_volumes_ml(labels, spacing, num_classes=3):
+    """Kidney (label 1), tumour (label 2) and their sum in mL; with
+    KiTS23's classes also cyst (label 3) and kidney + tumour + cyst.
 
     Args:
         labels: integer array ``(z, y, x)``.
         spacing: ``(z, y, x)`` voxel size in mm.
+        num_classes: int. Classes of the label map (the model config's
+            ``num_classes``): 3 (KiTS19) or 4 (KiTS23). Defaults to 3.
 
     Returns:
         dict of floats: ``kidney_ml``, ``tumour_ml``,
-        ``kidney_and_tumour_ml``.
+        ``kidney_and_tumour_ml``; with 4 classes also ``cyst_ml`` and
+        ``kidney_and_masses_ml`` (labels 1-3, KiTS23's first evaluation
+        class).
+
+    >>> labels = np.array([[[0, 1, 1, 2, 3]]])
+    >>> label_volumes_ml(labels, (10.0, 10.0, 10.0), num_classes=4)["cyst_ml"]
+    1.0
     """
+    names = class_names(num_classes)
     # count_nonzero of a comparison: np.bincount on small ints is slow.
-    kidney, tumour = (int(np.count_nonzero(labels == v)) for v in (1, 2))
+    counts = [int(np.count_nonzero(labels == v))
+              for v in range(1, len(names))]
     ml = voxel_ml(spacing)
-    return {
-        "kidney_ml": float(kidney * ml),
-        "tumour_ml": float(tumour * ml),
-        "kidney_and_tumour_ml": float((kidney + tumour) * ml),
+    volumes = {
+        "kidney_ml": float(counts[0] * ml),
+        "tumour_ml": float(counts[1] * ml),
+        "kidney_and_tumour_ml": float((counts[0] + counts[1]) * ml),
     }
+    if num_classes == 4:
+        volumes["cyst_ml"] = float(counts[2] * ml)
+        volumes["kidney_and_masses_ml"] = float(sum(counts) * ml)
+    return volumes
 
 
 def check_orientation(codes):

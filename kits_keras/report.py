@@ -207,6 +207,8 @@ def kidney_components(labels, volume):
                                * voxel_ml),
             "tumour_ml": float(np.count_nonzero(mask & (labels == 2))
                                * voxel_ml),
+            "cyst_ml": float(np.count_nonzero(mask & (labels == 3))
+                             * voxel_ml),
         })
     for kidney in kidneys:
         same = [k for k in kidneys if k["side"] == kidney["side"]]
@@ -251,6 +253,7 @@ def write_index(path, summary, created=None):
         str: ``path``.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    cysts = any("cyst_ml" in c["volumes"] for c in summary["cases"])
     rows = []
     for case in summary["cases"]:
         vols = case["volumes"]
@@ -264,7 +267,9 @@ def write_index(path, summary, created=None):
         rows.append(
             f"<tr><td>{name}</td><td class=num>{vols['kidney_ml']:.1f}</td>"
             f"<td class=num>{vols['tumour_ml']:.1f}</td>"
-            f'<td><span class="qc {status.replace(" ", "-")}">'
+            + (f"<td class=num>{vols.get('cyst_ml', 0.0):.1f}</td>"
+               if cysts else "")
+            + f'<td><span class="qc {status.replace(" ", "-")}">'
             f"{_e(status)}</span></td></tr>")
     parts = [
         "<h1>kits-keras batch report</h1>",
@@ -273,7 +278,7 @@ def write_index(path, summary, created=None):
                      ("Failed", str(len(summary["failures"])))]),
         "<h2>Cases</h2>",
         "<table><tr><th>Case</th><th>Kidney mL</th><th>Tumour mL</th>"
-        "<th>QC</th></tr>" + "".join(rows) + "</table>",
+        + ("<th>Cyst mL</th>" if cysts else "") + "<th>QC</th></tr>" + "".join(rows) + "</table>",
     ]
     if summary["failures"]:
         parts.append("<h2>Failed</h2><table><tr><th>Case</th><th>Input</th>"
@@ -288,7 +293,7 @@ def write_index(path, summary, created=None):
 def _figure(title, volume, labels, center, caption):
     png = viz.orthogonal_views_png(
         volume.array, volume.spacing,
-        overlays=[(labels, viz.LABEL_COLOURS, "prediction")],
+        overlays=[(labels, viz.label_colours(labels), "prediction")],
         center=center, title=title)
     width, height = png_size(png)
     data = base64.b64encode(png).decode("ascii")
@@ -297,7 +302,8 @@ def _figure(title, volume, labels, center, caption):
             f"{data}\" width=\"{width}\" height=\"{height}\" alt=\""
             f"{_e(title)}: axial, coronal and sagittal planes\">"
             f"<figcaption>{_e(caption)}; planes through voxel (z, y, x) = "
-            f"({z}, {y}, {x}). Yellow: kidney, red: tumour. Axial: "
+            f"({z}, {y}, {x}). Yellow: kidney, red: tumour"
+            f"{', cyan: cyst' if (labels == 3).any() else ''}. Axial: "
             "radiological view (patient's right on the left).</figcaption>"
             "</figure>")
 
@@ -310,18 +316,26 @@ def png_size(png):
 
 
 def _volumes_table(volumes_ml, kidneys, others_ml):
-    def row(name, kidney, tumour, total):
-        return (f"<tr><td>{_e(name)}</td><td class=num>{kidney:.1f}</td>"
-                f"<td class=num>{tumour:.1f}</td>"
-                f"<td class=num>{total:.1f}</td></tr>")
+    # A KiTS23 model's volumes have a cyst column; KiTS19's table is as it
+    # was.
+    cysts = "cyst_ml" in volumes_ml
+    keys = ("kidney_ml", "tumour_ml", "cyst_ml")[:3 if cysts else 2]
 
-    rows = [row("All", volumes_ml["kidney_ml"], volumes_ml["tumour_ml"],
-                volumes_ml["kidney_and_tumour_ml"])]
+    def row(name, values):
+        return (f"<tr><td>{_e(name)}</td>" + "".join(
+            f"<td class=num>{v:.1f}</td>" for v in values) + "</tr>")
+
+    rows = [row("All", [volumes_ml[k] for k in keys] + [
+        volumes_ml["kidney_and_masses_ml" if cysts
+                   else "kidney_and_tumour_ml"]])]
     for k in kidneys:
-        rows.append(row(k["name"], k["kidney_ml"], k["tumour_ml"],
-                        k["kidney_ml"] + k["tumour_ml"]))
-    text = ("<table><tr><th></th><th>Kidney mL</th><th>Tumour mL</th>"
-            "<th>Kidney + tumour mL</th></tr>" + "".join(rows) + "</table>")
+        values = [k[key] for key in keys]
+        rows.append(row(k["name"], values + [sum(values)]))
+    head = ("<th>Kidney mL</th><th>Tumour mL</th><th>Cyst mL</th>"
+            "<th>Kidney + tumour + cyst mL</th>" if cysts else
+            "<th>Kidney mL</th><th>Tumour mL</th><th>Kidney + tumour mL</th>")
+    text = ("<table><tr><th></th>" + head + "</tr>" + "".join(rows)
+            + "</table>")
     if others_ml:
         text += (f"<p>Smaller separate pieces, counted in All only: "
                  f"{others_ml:.1f} mL.</p>")

@@ -47,7 +47,8 @@ class Result:
             model's orientation (``volume.array``'s axes); for an
             ``(array, spacing, affine)`` input, the array's own axes.
         volumes_ml: dict. ``kidney_ml``, ``tumour_ml``,
-            ``kidney_and_tumour_ml``.
+            ``kidney_and_tumour_ml`` (a KiTS23 model, 4 classes: also
+            ``cyst_ml``, ``kidney_and_masses_ml``).
         qc: dict. The quality-control report (mirroring disagreement,
             ``flagged``, ...), as in ``kits-keras infer``'s JSON.
         volume: :class:`kits_keras.io.Volume`. The CT as read.
@@ -174,8 +175,10 @@ class Segmenter:
         labels, pred, _, _ = predict.segment_volume(
             volume, self.artifact.network, self.config, self.artifact.stats,
             self.postprocess, progress)
-        return Result(labels, io.label_volumes_ml(labels, volume.spacing),
-                      pred.qc, volume, series, str(self.artifact.path))
+        volumes = io.label_volumes_ml(labels, volume.spacing,
+                                      self.config.model.num_classes)
+        return Result(labels, volumes, pred.qc, volume, series,
+                      str(self.artifact.path))
 
 
 def _from_nibabel(image, orientation):

@@ -17,6 +17,16 @@ from kits_keras import io
 
 CT_WINDOW = (40.0, 400.0)  # (level, width) HU: abdominal soft tissue
 LABEL_COLOURS = {1: "#ffd21f", 2: "#ff3030"}  # kidney yellow, tumour red
+CYST_COLOUR = "#30c8ff"  # KiTS23's label 3, cyan
+
+
+def label_colours(labels):
+    """:data:`LABEL_COLOURS`, plus the cyst's when ``labels`` hold a 3
+    (so KiTS19 figures and legends are unchanged)."""
+    colours = dict(LABEL_COLOURS)
+    if (np.asarray(labels) == 3).any():
+        colours[3] = CYST_COLOUR
+    return colours
 
 
 def central_voxel(mask):
@@ -202,6 +212,7 @@ def save_case_preview(path, case, window=CT_WINDOW):
     """Orthogonal views of an ``io.Case`` with its label outlines."""
     overlays = []
     if case.labels is not None:
-        overlays = [(case.labels.array, dict(LABEL_COLOURS), "label")]
+        overlays = [(case.labels.array, label_colours(case.labels.array),
+                     "label")]
     return save_orthogonal_views(path, case.image.array, case.spacing,
                                  overlays, title=case.case_id, window=window)

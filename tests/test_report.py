@@ -94,6 +94,34 @@ def test_page_holds_views_volumes_and_qc(case, tmp_path):
     assert case.image.path in page
 
 
+def test_kits23_page_and_index_show_cysts(case, tmp_path):
+    labels = case.labels.array.copy()
+    kidney = np.argwhere(labels == 1)
+    z, y, x = kidney[len(kidney) // 2]
+    labels[z - 1:z + 2, y - 2:y + 3, x - 2:x + 3] = 3   # a cyst in a kidney
+    vols = label_volumes_ml(labels, case.spacing, num_classes=4)
+    result = Result(labels, vols, QC_FLAGGED, case.image)
+    page = open(report.write_case_report(str(tmp_path / "c.html"), result,
+                                         case_id="c"), encoding="utf-8").read()
+    assert "<th>Cyst mL</th>" in page and "cyan: cyst" in page
+    assert _row(page, "All") == [round(vols[k], 1) for k in (
+        "kidney_ml", "tumour_ml", "cyst_ml", "kidney_and_masses_ml")]
+    rows = [_row(page, "Right kidney"), _row(page, "Left kidney")]
+    assert sum(r[2] for r in rows) == pytest.approx(vols["cyst_ml"], abs=0.1)
+    assert vols["cyst_ml"] > 0
+    summary = {"cases": [{"case_id": "c", "volumes": vols,
+                          "qc": QC_FLAGGED, "outputs": {}}], "failures": []}
+    index = open(report.write_index(str(tmp_path / "index.html"), summary),
+                 encoding="utf-8").read()
+    assert "<th>Cyst mL</th>" in index
+    assert f"<td class=num>{vols['cyst_ml']:.1f}</td>" in index
+    # A KiTS19 page has no cyst column.
+    plain = open(report.write_case_report(str(tmp_path / "p.html"),
+                                          _result(case), case_id="p"),
+                 encoding="utf-8").read()
+    assert "Cyst" not in plain and "cyst" not in plain
+
+
 def test_sides_follow_the_affine(case):
     """The same array with the left-right axis stored the other way round
     names the kidneys the other way round."""

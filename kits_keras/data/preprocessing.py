@@ -27,8 +27,9 @@ Kernel choices (measured in ``benchmarks/preprocess.py``):
   edges stays within a fraction of the clipped range. ``order=1`` (linear)
   and ``antialias=True`` (kernel widened to the output voxel, which averages
   noise away) are available.
-* Labels: linear, antialiased, on the one-hot of kidney and tumour
-  (background is one minus their sum), then argmax: each output voxel gets
+* Labels: linear, antialiased, on the one-hot of each foreground class
+  (kidney, tumour and, in KiTS23, cyst; background is one minus their
+  sum), then argmax: each output voxel gets
   the label that covers most of it, boundaries are smoother than nearest
   neighbour and volumes survive (nnU-Net also resamples one-hot, with one
   float64 resize per label, background included).
@@ -281,13 +282,26 @@ def resample_image(image, spacing, target_spacing=None, shape=None, order=3,
 
 
 def resample_labels(labels, spacing, target_spacing=None, shape=None,
-                    num_classes=3, threads=None, antialias=True):
+                    num_classes=None, threads=None, antialias=True):
     """Resamples a label volume; returns uint8 ``(z, y, x)``.
 
     Linear interpolation of the one-hot of each foreground class, background
     = 1 - their sum, then argmax (ties go to the lower label), slab by slab.
+
+    ``num_classes`` (labels are ``0 .. num_classes - 1``) defaults to the
+    largest label + 1, so KiTS23's cysts (3) are resampled like the other
+    classes; a class absent from the volume would change no voxel (its
+    one-hot is 0 everywhere and never wins the argmax), so this equals
+    passing KiTS19's 3 for a KiTS19 volume. A label ``>= num_classes``
+    raises ValueError rather than silently becoming background.
     """
     labels = np.asarray(labels)
+    top = int(labels.max()) if labels.size else 0
+    if num_classes is None:
+        num_classes = top + 1
+    elif top >= num_classes:
+        raise ValueError(f"labels must be < num_classes. Received: label "
+                         f"{top} with num_classes={num_classes}")
     shape = _resolve_shape(labels.shape, spacing, target_spacing, shape)
     fns = [lambda slab, c=c: (slab == c).astype(np.float32)
            for c in range(1, num_classes)]

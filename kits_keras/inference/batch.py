@@ -51,7 +51,8 @@ def infer_case(job, network, config, stats, options=InferOptions(),
     labels, pred, removed, t_post = predict.segment_volume(
         volume, network, config, stats, options.postprocess, tiles)
     written = _write_segmentation(job, labels, volume, options)
-    volumes = io.label_volumes_ml(labels, volume.spacing)
+    volumes = io.label_volumes_ml(labels, volume.spacing,
+                                  config.model.num_classes)
     written.update(_write_extras(job, labels, volumes, pred, volume, options,
                                  model))
     report = {
@@ -106,7 +107,7 @@ def _write_extras(job, labels, volumes, pred, volume, options, model):
 
         written["preview"] = viz.save_orthogonal_views(
             sidecar(job.output_path, ".png"), volume.array, volume.spacing,
-            overlays=[(labels, viz.LABEL_COLOURS, "prediction")],
+            overlays=[(labels, viz.label_colours(labels), "prediction")],
             title=f"{job.case_id} prediction",
         )
     if options.report:

@@ -1,19 +1,23 @@
-"""Connected-component clean-up of a kidney/tumour segmentation.
+"""Connected-component clean-up of a kidney/tumour(/cyst) segmentation.
 
-Rules (26-connectivity, on kidney-plus-tumour, i.e. label > 0):
+Labels: KiTS19's 0 background, 1 kidney, 2 tumour, and KiTS23's 3 cyst.
+Rules (26-connectivity, on the foreground, label > 0: kidney plus its
+masses, tumour and cyst alike):
 
 1. A component holding no kidney voxel (label 1) is removed: that is tumour
-   not connected to kidney. Inside a component that holds kidney every
-   tumour component touches kidney (a path from it to the kidney first
-   leaves the tumour component into a kidney voxel), so one labelling of
-   label > 0 answers both questions. Except a kidney-sized one: a
-   tumour-only component of at least ``min_fraction_tumour_only`` (0.3) of
-   the largest kidney-bearing component and, when the voxel size is known,
-   of at least ``min_ml_tumour_only`` (100 mL; with no kidney-bearing
+   or cyst not connected to kidney. Inside a component that holds kidney
+   every tumour or cyst component touches kidney or another mass that
+   does (a path from it to the kidney leaves it into a kidney voxel or a
+   mass on the way), so one labelling of label > 0 answers both
+   questions; a KiTS19 map (no 3) is cleaned exactly as before cysts
+   existed. Except a kidney-sized one: a kidney-free component (tumour,
+   cyst, or both) of at least ``min_fraction_tumour_only`` (0.3) of the
+   largest kidney-bearing component and, when the voxel size is known, of
+   at least ``min_ml_tumour_only`` (100 mL; with no kidney-bearing
    component and no voxel size, none is kept), is a kidney the network
-   called tumour throughout, and removing it would
-   delete the kidney (seen on a realistic phantom: a 360 mL kidney with
-   its tumour, all predicted tumour, Dice 0.70 before clean-up, 0 after).
+   called tumour (or cyst) throughout, and removing it would delete the
+   kidney (seen on a realistic phantom: a 360 mL kidney with its tumour,
+   all predicted tumour, Dice 0.70 before clean-up, 0 after).
    Such a component then competes under rule 2 like any other.
 2. Of the remaining components at most ``max_components`` (2: two kidneys)
    are kept, the largest first, and only those with at least
@@ -101,7 +105,8 @@ def postprocess(labels, config=PostprocessConfig(), voxel_ml=None):
     """Removes false-positive components; returns a new uint8 array.
 
     Args:
-        labels: uint8 ``(z, y, x)`` in {0, 1, 2}. Not modified.
+        labels: uint8 ``(z, y, x)`` in {0, 1, 2} (KiTS19) or {0, 1, 2, 3}
+            (KiTS23, 3 = cyst). Not modified.
         config: :class:`PostprocessConfig`.
         voxel_ml: volume of one voxel in mL, or None (then a prediction
             without any kidney voxel is cleared entirely).

@@ -133,7 +133,8 @@ def predict_case(volume, network, config, stats, progress=None):
         # background: mL per class.
         "removed_outside_body_ml": {
             name: round(removed.get(index, 0) * ml, 3)
-            for index, name in enumerate(io.CLASS_NAMES) if index > 0},
+            for index, name in enumerate(
+                io.class_names(window.probabilities.shape[-1])) if index > 0},
     }
     timings = {
         "preprocess": t_pre - start,

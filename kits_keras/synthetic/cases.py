@@ -25,6 +25,14 @@ threshold. Correlated noise (8-35 HU) and an in-plane blur (0.5-1.2 mm)
 finish the image. Around real label volumes (``labels_from``), KiTS23's
 cysts are painted as water-density cysts and labelled kidney.
 
+KiTS23 classes (``cysts=True``, ``synth --classes kits23``): label 3 is a
+cyst. Generated cases get 0-3 simple cysts (60 % of cases have any): round,
+sharp-edged, 0-20 HU whatever the phase, centred in a kidney's cortex so
+they lie inside it or bulge out of it (:func:`kidney.paint_cysts`); label
+volumes keep their cysts as label 3. The cysts are drawn from their own
+random stream, so a KiTS23 case is its KiTS19 twin (same seed) plus
+cysts, and the KiTS19 default is unchanged.
+
 Sizes:
     "small": 24-64 slices 3-5 mm apart, 96-160 px wide (AP: the same or
         0.8x) at 2.2-3.2 mm in plane, i.e. a real abdomen's field of view
@@ -58,6 +66,7 @@ from scipy import ndimage
 from kits_keras import io
 from kits_keras.synthetic import anatomy
 from kits_keras.synthetic.kidney import paint_kidneys
+from kits_keras.synthetic.kidney import paint_cysts
 from kits_keras.synthetic.kidney import paint_from_labels
 from kits_keras.synthetic.shapes import Grid
 
@@ -148,7 +157,7 @@ def _frame_from_labels(labels, spacing):
 
 
 def make_case(seed, size="small", labels=None, spacing=None,
-              case_id="case_00000", phase=None):
+              case_id="case_00000", phase=None, cysts=False):
     """Generates one synthetic case.
 
     Args:
@@ -159,18 +168,22 @@ def make_case(seed, size="small", labels=None, spacing=None,
             ``io.Volume`` (its spacing, affine, header and orientation are
             kept) or a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
             KiTS23's cysts (label 3) are painted as cysts and labelled
-            kidney, as KiTS19 annotated them.
+            kidney, as KiTS19 annotated them (unless ``cysts``).
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
         phase: contrast phase (one of ``anatomy.PHASES``), or
             None to draw one (15 % non-contrast, 25 % arterial, 40 %
             portal venous, 20 % nephrographic).
+        cysts: bool. KiTS23 classes: label 3 is a cyst; generated cases
+            get cysts, ``labels`` keep theirs. Defaults to False (KiTS19:
+            labels 0-2).
 
     Returns:
         io.Case with image float32 HU (integer-valued) and labels uint8.
     """
     rng = np.random.default_rng(seed)
     volume = labels if isinstance(labels, io.Volume) else None
+    generated = labels is None
     grid, extent, labels = _frame(rng, size, labels, spacing)
     image = np.full(grid.shape, anatomy.AIR, np.float32)
     fov = grid.shape[2] * grid.spacing[2]
@@ -183,6 +196,12 @@ def make_case(seed, size="small", labels=None, spacing=None,
     anatomy.paint_vessels(image, grid, tissue, rng)
     anatomy.paint_organs(image, grid, body, tissue, rng)
     labels = _paint_labels(image, grid, body, tissue, rng, labels)
+    if cysts and generated:
+        # A stream of their own: the rest of the case is its KiTS19 twin's.
+        paint_cysts(image, labels, grid, body,
+                    np.random.default_rng((seed, CYST_LABEL)))
+    elif not cysts and labels.max() == CYST_LABEL:
+        labels = np.where(labels == CYST_LABEL, np.uint8(1), labels)
     anatomy.finish(image, grid, rng, noise_hu=rng.uniform(8.0, 35.0),
                    blur_mm=rng.uniform(0.5, 1.2))
     if volume is not None:
@@ -227,15 +246,16 @@ def _paint_labels(image, grid, body, tissue, rng, labels):
     """Paints kidneys and tumours into ``image``; returns uint8 labels.
 
     Without ``labels`` they are drawn at random; else the given ones are
-    painted, KiTS23 cysts (label 3) as cysts labelled kidney.
+    painted, KiTS23 cysts (label 3) as water-density cysts; the labels are
+    returned as given (uint8), cysts included.
     """
     if labels is None:
         return paint_kidneys(image, grid, body, tissue, rng)
     labels = labels.astype(np.uint8)
     cysts = labels == CYST_LABEL
-    if cysts.any():
-        labels = np.where(cysts, np.uint8(1), labels)
-    paint_from_labels(image, labels, grid, tissue, rng,
+    # Painted as kidney, then water over the cysts.
+    painted = np.where(cysts, np.uint8(1), labels) if cysts.any() else labels
+    paint_from_labels(image, painted, grid, tissue, rng,
                       cysts if cysts.any() else None)
     return labels
 
@@ -277,7 +297,7 @@ def _case_ids(labels_from, num_cases):
 
 def write_cases(out_dir, num_cases=None, seed=0, size="small",
                 labels_from=None, preview=False, overwrite=False,
-                on_case=None):
+                on_case=None, cysts=False):
     """Writes synthetic ``case_XXXXX/`` folders under ``out_dir``.
 
     All cases are first written to a hidden staging folder inside
@@ -297,6 +317,9 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
         on_case: optional callable ``(case_dir, case)`` called as each case
             is ready (for progress output); ``case_dir`` is where it will
             be once all are done.
+        cysts: bool. KiTS23 classes (label 3 = cyst; see
+            :func:`make_case`). Defaults to False: KiTS19's 0-2, a label
+            volume's cysts labelled kidney.
 
     Returns:
         list of str: the case folders written.
@@ -320,7 +343,7 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
     try:
         written = [
             _stage_case(staging, out_dir, seed + index, size, case_id,
-                        label_path, preview, on_case)
+                        label_path, preview, on_case, cysts)
             for index, (case_id, label_path) in enumerate(pairs)]
         for tmp_dir, final in written:
             if os.path.exists(final):
@@ -332,11 +355,11 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
 
 
 def _stage_case(staging, out_dir, seed, size, case_id, label_path, preview,
-                on_case):
+                on_case, cysts=False):
     """Writes one case under ``staging``; returns ``(staged folder, final
     folder)``. Only the files are kept: full cases are large."""
     labels = None if label_path is None else read_label_volume(label_path)
-    case = make_case(seed, size, labels, case_id=case_id)
+    case = make_case(seed, size, labels, case_id=case_id, cysts=cysts)
     case_dir = os.path.join(staging, case_id)
     _save_case(case_dir, case, preview)
     final = os.path.join(out_dir, case_id)
@@ -361,11 +384,12 @@ def _save_case(case_dir, case, preview):
 
 
 def case_summary(case):
-    """Small dict describing a case (shape, spacing, label volumes in mL)."""
-    ml = io.label_volumes_ml(case.labels.array, case.spacing)
+    """Small dict describing a case (shape, spacing, label volumes in mL;
+    ``cyst_ml`` is 0 when the labels have no cyst)."""
+    ml = io.label_volumes_ml(case.labels.array, case.spacing, num_classes=4)
     return dataclasses.asdict(_Summary(
         case.case_id, tuple(case.image.array.shape), case.spacing,
-        ml["kidney_ml"], ml["tumour_ml"]))
+        ml["kidney_ml"], ml["tumour_ml"], ml["cyst_ml"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,3 +399,4 @@ class _Summary:
     spacing: tuple
     kidney_ml: float
     tumour_ml: float
+    cyst_ml: float

@@ -207,3 +207,73 @@ def test_target_shape_refuses_an_implausible_resampled_volume():
     with pytest.raises(ValueError, match="over the limit"):
         pp.target_shape((100, 512, 512), (3.0, 8000.0, 8000.0),
                         (3.0, 0.78, 0.78))
+
+
+def test_resample_labels_keeps_kits23_cysts():
+    shape, spacing = GEOMETRIES["thick"]
+    _, labels = phantom(shape, spacing)
+    z, y, x = np.meshgrid(*[(np.arange(n) + 0.5) * s
+                            for n, s in zip(shape, spacing)], indexing="ij")
+    # A 2 cm cyst on the side away from the tumour.
+    cz, cy, cx = [n * s / 2 for n, s in zip(shape, spacing)]
+    labels[((z - cz) ** 2 + (y - cy) ** 2 + (x - cx + 12) ** 2) < 10 ** 2] = 3
+    out = pp.resample_labels(labels, spacing, COARSE)
+    actual = [n * s / m for n, s, m in zip(shape, spacing, out.shape)]
+    for c in (1, 2, 3):
+        before = (labels == c).sum() * np.prod(spacing)
+        after = (out == c).sum() * np.prod(actual)
+        assert abs(after - before) / before < 0.06, (c, before, after)
+    # KiTS19's 3 classes, inferred or given: the same voxels.
+    kits19 = np.where(labels == 3, np.uint8(1), labels)
+    assert np.array_equal(pp.resample_labels(kits19, spacing, COARSE),
+                          pp.resample_labels(kits19, spacing, COARSE,
+                                             num_classes=3))
+    # A label the class count does not cover is refused, not dropped.
+    with pytest.raises(ValueError, match="num_classes=3"):
+        pp.resample_labels(labels, spacing, COARSE, num_classes=3)
+
+
+KITS23_LABELS = os.path.join(os.path.dirname(kits19_labels_path()),
+                             "kits23-labels")
+KITS23_CASES = ("case_00400", "case_00403", "case_00409", "case_00418",
+                "case_00430", "case_00433", "case_00442", "case_00451")
+# The paper's training spacing (KiTS19's "interpolated" release).
+TRAINING = config.DATASET_SPACINGS["interp_3.0x0.78mm"]
+
+
+def _dice(a, b):
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+@pytest.mark.large  # real KiTS23 data; up to ~20 s a case
+@pytest.mark.parametrize("case", KITS23_CASES)
+def test_kits23_labels_round_trip_dice(case):
+    """Real labels to the training spacing and back to their grid.
+
+    Measured: kidney 0.985-0.998, tumour and cyst over 5 mL 0.978-0.999,
+    on the seven cases with 2-5 mm slices; case_00442's 0.5 mm slices go
+    six times coarser: kidney 0.978, tumour 0.957 (36 mL), cyst 0.970
+    (38 mL). Structures under 5 mL are only reported: case_00400's 4.1 mL
+    tumour 0.989, case_00409's 2.5 mL cyst 0.979, case_00451's 0.9 mL
+    tumour 0.862.
+    """
+    path = os.path.join(KITS23_LABELS, case, io.LABELS_FILE)
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    volume = io.read_labels(path, label_values=io.KITS23_LABEL_VALUES)
+    labels, spacing = volume.array, volume.spacing
+    down = pp.resample_labels(labels, spacing, TRAINING)
+    back = pp.resample_labels(down, None, shape=labels.shape)
+    # Slices more than 4x thinner than the training grid's lose more at
+    # the kidney's poles than the bound allows.
+    kidney_min = 0.98 if TRAINING[0] / spacing[0] <= 4.0 else 0.97
+    assert _dice(labels == 1, back == 1) >= kidney_min
+    for c in (2, 3):
+        ml = np.count_nonzero(labels == c) * volume.voxel_volume_ml
+        score = _dice(labels == c, back == c)
+        if ml > 5.0:
+            assert score >= 0.95, (c, ml, score)
+        else:
+            print(f"{case}: label {c} {ml:.1f} mL, Dice {score:.3f} "
+                  "(under 5 mL: reported, not checked)")

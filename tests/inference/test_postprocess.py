@@ -1,4 +1,5 @@
-"""Connected-component clean-up: constructed cases and real KiTS19 labels."""
+"""Connected-component clean-up: constructed cases and real KiTS19 and
+KiTS23 labels."""
 
 import os
 
@@ -13,6 +14,9 @@ LABELS_DIR = os.environ.get(
     os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared",
                  "data", "kits19-labels"),
 )
+KITS23_DIR = os.path.join(os.path.dirname(LABELS_DIR), "kits23-labels")
+KITS23_CASES = ("case_00400", "case_00403", "case_00409", "case_00418",
+                "case_00430", "case_00433", "case_00442", "case_00451")
 REAL_CASES = ("case_00002", "case_00003", "case_00004", "case_00005",
               "case_00010", "case_00021", "case_00030", "case_00040")
 
@@ -90,11 +94,35 @@ def test_kidney_sized_tumour_only_component_kept_small_one_removed():
     assert pp.postprocess(seg, voxel_ml=0.01)[5:25, 10:30, 50:68].max() == 0
 
 
-def add_false_positives(seg):
+def test_cysts_must_touch_a_kidney_like_tumours():
+    seg = two_kidneys()
+    seg[8:12, 22:28, 8:14] = 3      # cyst inside the left kidney's edge
+    seg[25:29, 12:18, 60:66] = 3    # cyst bulging below the right kidney
+    seg[10:16, 14:20, 28:31] = 3    # cyst on the tumour, not the kidney
+    seg[30:36, 45:55, 70:78] = 3    # cyst touching nothing
+    seg[32:36, 40:44, 2:6] = 2      # tumour touching nothing
+    expected = seg.copy()
+    expected[30:36, 45:55, 70:78] = 0
+    expected[32:36, 40:44, 2:6] = 0
+    assert np.array_equal(pp.postprocess(seg), expected)
+
+
+def test_kidney_sized_cyst_only_component_kept_like_tumour_only():
+    seg = two_kidneys()
+    seg[5:25, 10:30, 50:68] = 3     # the right kidney predicted all cyst
+    out = pp.postprocess(seg, voxel_ml=0.04)   # 288 mL: kidney-sized
+    assert np.array_equal(out, seg)
+    assert pp.postprocess(seg, voxel_ml=0.01)[5:25, 10:30, 50:68].max() == 0
+
+
+def add_false_positives(seg, cyst=False):
     """Adds blobs far from the foreground: kidney fragments, a third
-    kidney-sized blob smaller than the smallest true kidney component, and
-    a detached tumour. Returns the new array."""
-    sizes = pp.component_table(seg)[2][1:]
+    kidney-sized blob smaller than the smallest true kidney component, a
+    detached tumour and, with ``cyst``, a detached cyst. Returns the new
+    array."""
+    # The components clean-up keeps (all of them in KiTS19's ground truth;
+    # KiTS23's has specks of a few voxels besides).
+    sizes = pp.component_table(pp.postprocess(seg))[2][1:]
     # A third blob is only recognisable as such next to two kidneys; next
     # to one kidney it must be small (below min_fraction) to be removable.
     blob = 0.6 * sizes.min() if len(sizes) >= 2 else 0.03 * sizes.max()
@@ -110,6 +138,9 @@ def add_false_positives(seg):
         ((slice(z0, z0 + 2), slice(y - 10, y - 6), slice(x - 10, x - 6)), 1),
         ((slice(0, 2), slice(y // 2, y // 2 + 3), slice(4, 7)), 1),
     ]
+    if cyst:
+        blobs.append(((slice(z0, z0 + depth), slice(4, 24),
+                       slice(x - 24, x - 4)), 3))
     for region, value in blobs:
         assert seg[region].max() == 0, "blob would touch the foreground"
         out[region] = value
@@ -130,6 +161,30 @@ def test_real_labels_with_false_positives(case):
     noisy = add_false_positives(truth)
     assert np.count_nonzero(noisy != truth) > 0
     assert np.array_equal(pp.postprocess(noisy), truth)
+
+
+@pytest.mark.large  # real KiTS23 data
+@pytest.mark.parametrize("case", KITS23_CASES)
+def test_real_kits23_labels_keep_cysts_and_tumours(case):
+    path = os.path.join(KITS23_DIR, case, "segmentation.nii.gz")
+    if not os.path.exists(path):
+        pytest.skip(f"{path} absent")
+    truth = np.asarray(nib.load(path).dataobj, dtype=np.uint8)
+    clean = pp.postprocess(truth)
+    # Every tumour and cyst voxel of a true kidney is kept. KiTS23's ground
+    # truth also has specks of a few voxels (case_00418: 5, 4 and 1 voxels,
+    # 4 of them tumour; case_00430: 10 and 2 voxels of tumour alone), away
+    # from the kidneys: they go, as clean-up is meant to do.
+    bbox, components, sizes, _ = pp.component_table(truth)
+    large = np.zeros(truth.shape, bool)
+    large[bbox] = sizes[components] >= 100
+    large[bbox] &= components > 0
+    for c in (2, 3):
+        assert (clean[large & (truth == c)] == c).all()
+    assert sizes[1:][sizes[1:] < 100].max(initial=0) <= 12
+    noisy = add_false_positives(truth, cyst=True)
+    assert (noisy == 3).sum() > (truth == 3).sum()
+    assert np.array_equal(pp.postprocess(noisy), clean)
 
 
 def test_cli_postprocess(tmp_path):

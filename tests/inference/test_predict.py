@@ -174,6 +174,22 @@ def test_label_volumes_ml():
                     "kidney_and_tumour_ml": 0.004}
 
 
+def test_label_volumes_ml_kits23():
+    labels = np.zeros((2, 2, 2), np.uint8)
+    labels[0, 0, :] = 1
+    labels[0, 1, 0] = 2
+    labels[1, 1, :] = 3
+    vols = io.label_volumes_ml(labels, (10.0, 10.0, 10.0), num_classes=4)
+    assert vols == {"kidney_ml": 2.0, "tumour_ml": 1.0,
+                    "kidney_and_tumour_ml": 3.0, "cyst_ml": 2.0,
+                    "kidney_and_masses_ml": 5.0}
+    # KiTS19's keys only, whatever the map holds.
+    assert set(io.label_volumes_ml(labels, (1, 1, 1))) == {
+        "kidney_ml", "tumour_ml", "kidney_and_tumour_ml"}
+    with pytest.raises(ValueError, match="num_classes=5"):
+        io.label_volumes_ml(labels, (1, 1, 1), num_classes=5)
+
+
 def threshold_network(batch):
     """Per-voxel 'model': kidney where the normalised intensity is > 1."""
     x = batch[..., 0]

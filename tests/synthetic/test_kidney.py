@@ -1,0 +1,120 @@
+"""KiTS23 cysts in synthetic cases (kits_keras/synthetic/kidney.py
+``paint_cysts``, ``make_case(cysts=True)``, ``synth --classes kits23``)."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import ndimage
+
+from cli.main import main
+from kits_keras import io
+from kits_keras.inference.postprocess import postprocess
+from kits_keras.synthetic import anatomy
+from kits_keras.synthetic import cases as synthetic
+from kits_keras.synthetic.kidney import CYST_HU
+
+SEEDS = range(8)
+
+
+@pytest.fixture(scope="module")
+def twins():
+    """``(KiTS19 case, KiTS23 case)`` per seed."""
+    return [(synthetic.make_case(seed), synthetic.make_case(seed, cysts=True))
+            for seed in SEEDS]
+
+
+def test_kits23_cases_have_all_four_labels(twins):
+    values = set()
+    with_cysts = 0
+    for plain, kits23 in twins:
+        labels = kits23.labels.array
+        assert labels.dtype == np.uint8 and labels.max() <= 3
+        assert plain.labels.array.max() <= 2
+        values |= set(np.unique(labels).tolist())
+        with_cysts += bool((labels == 3).any())
+    assert values == {0, 1, 2, 3}
+    # 60 % of cases have cysts: some do, some do not.
+    assert 0 < with_cysts < len(SEEDS)
+
+
+def test_cysts_only_add_to_the_kits19_twin(twins):
+    for plain, kits23 in twins:
+        before, after = plain.labels.array, kits23.labels.array
+        cyst = after == 3
+        # Only cysts were added: the rest of the map is the twin's, and a
+        # cyst replaces kidney or background, never tumour.
+        assert np.array_equal(before[~cyst], after[~cyst])
+        assert not (before[cyst] == 2).any()
+
+
+def test_every_cyst_touches_a_kidney(twins):
+    for _, kits23 in twins:
+        labels = kits23.labels.array
+        cysts, n = ndimage.label(labels == 3, np.ones((3, 3, 3), bool))
+        kidney = ndimage.binary_dilation(labels == 1,
+                                         np.ones((3, 3, 3), bool))
+        for i in range(1, n + 1):
+            assert (kidney & (cysts == i)).any()
+        # So clean-up keeps them all.
+        assert np.array_equal(postprocess(labels), labels)
+
+
+def test_cyst_intensities_are_water(twins, monkeypatch):
+    # Before the scanner's noise and blur: every cyst voxel 0-20 HU.
+    monkeypatch.setattr(anatomy, "finish", lambda *args, **kwargs: None)
+    painted = 0
+    for seed in SEEDS:
+        case = synthetic.make_case(seed, cysts=True)
+        cyst = case.labels.array == 3
+        values = case.image.array[cyst]
+        assert ((values >= CYST_HU[0]) & (values <= CYST_HU[1])).all()
+        painted += int(cyst.sum())
+    assert painted > 0
+    monkeypatch.undo()
+    # After them, a cyst's interior is still near water (noise 8-35 HU):
+    # darker than the kidney in a contrast phase.
+    for _, kits23 in twins:
+        labels, image = kits23.labels.array, kits23.image.array
+        inner = ndimage.binary_erosion(labels == 3)
+        if inner.sum() >= 30:
+            assert -10.0 < np.median(image[inner]) < 30.0
+
+
+def test_labels_from_kits23_keeps_cysts_with_cysts_true(tmp_path):
+    labels = np.zeros((30, 96, 96), np.uint8)
+    zz, yy, xx = np.mgrid[:30, :96, :96]
+    labels[((zz - 15) / 9.0) ** 2 + ((yy - 55) / 14.0) ** 2
+           + ((xx - 30) / 10.0) ** 2 < 1] = 1
+    cyst = ((zz - 15) / 3.0) ** 2 + ((yy - 55) / 5.0) ** 2 + (
+        (xx - 22) / 4.0) ** 2 < 1
+    labels[cyst] = 3
+    case_dir = tmp_path / "labels" / "case_00400"
+    case_dir.mkdir(parents=True)
+    io.save_nifti(str(case_dir / io.LABELS_FILE), labels,
+                  synthetic.kits19_affine((5.0, 3.0, 3.0)))
+    out = tmp_path / "out"
+    synthetic.write_cases(str(out), labels_from=str(tmp_path / "labels"),
+                          seed=0, cysts=True)
+    image = io.read_image(str(out / "case_00400" / io.IMAGE_FILE)).array
+    written = io.read_labels(str(out / "case_00400" / io.LABELS_FILE),
+                             label_values=io.KITS23_LABEL_VALUES).array
+    # The label volume is kept as it is: no cyst added, none relabelled.
+    assert np.array_equal(written, labels)
+    assert -15 < np.median(image[cyst]) < 40
+
+
+def test_cli_classes_kits23(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["synth", str(out), "--cases", "2", "--seed", "1",
+               "--classes", "kits23"])
+    assert result.exit_code == 0, result.output
+    assert "cyst" in result.output
+    labels = io.read_labels(str(out / "case_00000" / io.LABELS_FILE),
+                            label_values=io.KITS23_LABEL_VALUES).array
+    assert labels.max() == 3  # seed 1 has a cyst
+    result = CliRunner().invoke(
+        main, ["synth", str(tmp_path / "d"), "--format", "dicom",
+               "--classes", "kits23"])
+    assert result.exit_code != 0 and "--classes kits23" in result.output
+    assert not (tmp_path / "d").exists()
