@@ -96,11 +96,6 @@ class DataConfig:
     def target_spacing(self):
         return DATASET_SPACINGS[self.dataset]
 
-    @property
-    def label_values(self):
-        """The label values of ``label_set``, e.g. ``(0, 1, 2)``."""
-        return LABEL_SETS[self.label_set]
-
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
@@ -185,9 +180,9 @@ class ModelConfig:
         base_filters: features at full resolution; doubled per level.
         max_filters: cap on features per level (nnU-Net: 320).
         num_classes: label classes, background included: 3 for KiTS19
-            (background, kidney, tumour), 4 for KiTS23 (and cyst). Must
-            match ``data.label_set``; training refuses a dataset with
-            another number of labels.
+            (background, kidney, tumour), 4 for KiTS23 (and cyst).
+            Training refuses a dataset with another number of labels
+            (``metadata["label_values"]``).
         output_mode: "softmax" (one probability per class, exp-log loss)
             or "regions" (one sigmoid per nested region, Dice + BCE per
             region, as the top KiTS21/KiTS23 entries;
@@ -329,14 +324,6 @@ class ExperimentConfig:
     train: TrainConfig = TrainConfig()
     infer: InferenceConfig = InferenceConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
-
-    def __post_init__(self):
-        labels = self.data.label_values
-        if self.model.num_classes != len(labels):
-            raise ValueError(
-                f"model.num_classes must be the number of labels of "
-                f"data.label_set={self.data.label_set!r} {labels}. "
-                f"Received: num_classes={self.model.num_classes}")
 
     def to_dict(self):
         return dataclasses.asdict(self)
