@@ -125,6 +125,7 @@ def predict_case(volume, network, config, stats, progress=None):
         image, network, config.data.patch_size, overlap=infer.overlap,
         tta=infer.tta, batch_size=infer.batch_size,
         sigma_scale=infer.gaussian_sigma_scale, progress=progress,
+        to_labels=to_labels,
     )
     del image
     t_win = time.perf_counter()
