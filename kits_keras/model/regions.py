@@ -96,7 +96,7 @@ def regions_to_labels(maps, label_set, xp=np):
         raise ValueError(f"Need one map per region of {label_set} "
                          f"({len(given)}). Received: {len(maps)} maps")
     dtype = "uint8" if xp is np else "int32"
-    labels = xp.zeros(maps[0].shape, dtype=dtype)
+    labels = xp.zeros_like(maps[0], dtype=dtype)
     for p, value in zip(maps, given):
         labels = xp.where(p > THRESHOLD, value, labels)
     return labels.astype(np.uint8) if xp is np else labels
