@@ -24,8 +24,8 @@ the case folder before reusing a dataset.
 ``metadata["foreground_samples"]``: at most this many voxel coordinates of
 each foreground class (kidney-or-tumour, tumour) are stored per case for
 oversampling (``foreground_coords``: label > 0; ``tumour_coords``: a label
-of the builder's ``MASS_LABELS``, KiTS19's tumour); the experiment's ``data.foreground_samples``, given to the
-builder by ``kits_keras.dataset.prepare``. It is part of the source
+of the builder's ``MASS_LABELS``, KiTS19's tumour); the experiment's
+``data.foreground_samples``, given to the builder by ``kits_keras.dataset.prepare``. It is part of the source
 fingerprint (a dataset built with another value is out of date), and
 ``kits_keras.data.pipeline`` refuses a dataset built with another value than the
 experiment's.
