@@ -7,9 +7,12 @@ tumour. Both modes train the tiny U-Net on the whole foreground box for
 ``epochs`` x ``steps`` steps and must reach Dice > 0.9 for each KiTS23 HEC
 (kidney and masses, masses, tumour) on it.
 
-Measured (2-core CPU, JAX, 5 x 20 steps, lr 3e-3; see the report in the
-commit that added this file): the numbers printed by ``python
-tests/training/test_overfit_kits23.py overfit DIR MODE``.
+Measured once each (shared 2-core CPU, 10 x 20 steps, lr 3e-3; ``python
+tests/training/test_overfit_kits23.py overfit DIR MODE`` prints them):
+softmax reached HEC Dice 0.9996 / 1.0 / 1.0 (kidney and masses, masses,
+tumour; > 0.97 from epoch 6) in 3.5 min; regions 0.989 / 0.992 / 0.998
+(> 0.9 from epoch 9-10) in 4 min. ``configs/kits23_paper.py`` takes its
+default output mode from this.
 """
 
 import json
