@@ -30,6 +30,21 @@ DATASET_SPACINGS = {
     "demo_4.0x3.2mm": (4.0, 3.2, 3.2),
 }
 
+# Label sets: name -> the label values of its segmentations, 0 first.
+# ``data.label_set`` picks the TFDS builder of the same name
+# (``tfds_kits19/<name>/``) and the labels ``model.num_classes`` counts.
+LABEL_SETS = {
+    # KiTS19: background, kidney, tumour.
+    "kits19": (0, 1, 2),
+    # KiTS21/KiTS23: background, kidney, tumour, cyst.
+    "kits23": (0, 1, 2, 3),
+}
+
+# ``model.output_mode``: one softmax over the labels, or one sigmoid per
+# nested region (KiTS19: kidney, tumour; KiTS23: its three HECs),
+# :mod:`kits_keras.model.regions`.
+OUTPUT_MODES = ("softmax", "regions")
+
 # The experiments are the modules of ``kits_keras/configs/``: adding a file
 # there adds an experiment.
 EXPERIMENTS = tuple(sorted(
@@ -42,11 +57,15 @@ class DataConfig:
 
     Attributes:
         dataset: TFDS builder config name (a key of ``DATASET_SPACINGS``).
+        label_set: a key of ``LABEL_SETS``: "kits19" (labels 0-2) or
+            "kits23" (0-3, cyst added); also the TFDS builder's name
+            (``kits19/<dataset>`` or ``kits23/<dataset>``).
         patch_size: patch shape ``(z, y, x)`` in voxels.
         foreground_fraction: share of patches centred on a foreground voxel
             (nnU-Net: 1/3).
         tumour_fraction: share of those foreground patches centred on a
-            tumour voxel, when the volume has tumour.
+            mass voxel (tumour; for "kits23" tumour or cyst), when the
+            volume has one.
         patches_per_volume: patches cut from each loaded volume.
         shuffle_volumes: volumes held in the shuffle buffer.
         validation_cases: training cases held out for validation.
@@ -58,6 +77,7 @@ class DataConfig:
     """
 
     dataset: str = "interp_3.0x0.78mm"
+    label_set: str = "kits19"
     patch_size: tuple = (48, 192, 192)
     foreground_fraction: float = 1.0 / 3.0
     tumour_fraction: float = 0.5
@@ -65,6 +85,12 @@ class DataConfig:
     shuffle_volumes: int = 8
     validation_cases: int = 10
     foreground_samples: int = 10000
+
+    def __post_init__(self):
+        if self.label_set not in LABEL_SETS:
+            raise ValueError(
+                f"Unknown label_set. Expected one of {tuple(LABEL_SETS)}. "
+                f"Received: label_set={self.label_set!r}")
 
     @property
     def target_spacing(self):
@@ -153,7 +179,15 @@ class ModelConfig:
         num_levels: resolution levels, including the bottleneck.
         base_filters: features at full resolution; doubled per level.
         max_filters: cap on features per level (nnU-Net: 320).
-        num_classes: output classes (background, kidney, tumour).
+        num_classes: label classes, background included: 3 for KiTS19
+            (background, kidney, tumour), 4 for KiTS23 (and cyst).
+            Training refuses a dataset with another number of labels
+            (``metadata["label_values"]``).
+        output_mode: "softmax" (one probability per class, exp-log loss)
+            or "regions" (one sigmoid per nested region, Dice + BCE per
+            region, as the top KiTS21/KiTS23 entries;
+            :mod:`kits_keras.model.regions`). Either way ``infer`` writes
+            labels.
         norm: "instance" or "batch".
         negative_slope: leaky ReLU slope.
         strides: per-level downsampling strides ``(z, y, x)``; the first is
@@ -164,21 +198,31 @@ class ModelConfig:
     base_filters: int = 30
     max_filters: int = 320
     num_classes: int = 3
+    output_mode: str = "softmax"
     norm: str = "instance"
     negative_slope: float = 0.01
     strides: tuple = ()
 
+    def __post_init__(self):
+        if self.output_mode not in OUTPUT_MODES:
+            raise ValueError(
+                f"Unknown output_mode. Expected one of {OUTPUT_MODES}. "
+                f"Received: output_mode={self.output_mode!r}")
+
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Exponential-logarithmic loss (Wong et al., MICCAI 2018).
+    """Exponential-logarithmic loss (Wong et al., MICCAI 2018), or with
+    ``model.output_mode="regions"`` Dice + binary cross-entropy per region
+    (weights ``w_dice``, ``w_ce`` and ``smooth`` apply to both).
 
     Attributes:
         w_dice: weight of the Dice term.
         w_ce: weight of the cross-entropy term.
         gamma_dice: exponent of ``-ln Dice``.
         gamma_ce: exponent of ``-ln p``.
-        class_weights: cross-entropy weight for background, kidney, tumour.
+        class_weights: cross-entropy weight per class (background, kidney,
+            tumour[, cyst]); one per ``model.num_classes``. Softmax only.
         smooth: Dice smoothing added to numerator and denominator.
     """
 

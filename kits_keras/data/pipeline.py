@@ -6,7 +6,8 @@ patches so that reading and decoding volumes does not dominate. Each patch:
 * is centred, with probability ``data.foreground_fraction``, on a random
   foreground voxel (jittered by up to a quarter patch so the voxel is not
   always in the middle), and of those, with probability
-  ``data.tumour_fraction``, on a tumour voxel when the case has tumour
+  ``data.tumour_fraction``, on a mass voxel (the dataset's
+  ``tumour_coords``: tumour; KiTS23 tumour or cyst) when the case has one
   (small tumours decide the tumour Dice); otherwise the patch lies anywhere
   in the volume;
 * is augmented by :mod:`kits_keras.data.augment` (one resampling from the whole
@@ -229,16 +230,19 @@ def batch(ds, batch_size, drop_remainder):
 
 def prepared_builder(config, data_dir):
     """The TFDS builder of ``config.data.dataset`` prepared in ``data_dir``
-    (the one lookup of a prepared dataset).
+    (the one lookup of a prepared dataset): ``kits19/<dataset>`` or
+    ``kits23/<dataset>`` after ``config.data.label_set``.
 
     Raises:
         FileNotFoundError: when it was not prepared there.
+        ValueError: when its labels are not ``model.num_classes`` classes,
+            or it stores another ``foreground_samples``.
     """
     import tensorflow_datasets as tfds
 
-    import tfds_kits19  # noqa: F401  (registers the kits19 builder)
+    import tfds_kits19  # noqa: F401  (registers kits19 and kits23)
 
-    name = f"kits19/{config.data.dataset}"
+    name = f"{config.data.label_set}/{config.data.dataset}"
     builder = tfds.builder(name, data_dir=data_dir)
     if not tf.io.gfile.exists(builder.data_dir):
         raise FileNotFoundError(
@@ -246,7 +250,24 @@ def prepared_builder(config, data_dir):
             f"{builder.data_dir}); run `kits-keras prepare` first."
         )
     _check_foreground_samples(config, builder)
+    _check_num_classes(config, builder)
     return builder
+
+
+def _check_num_classes(config, builder):
+    """Refuses a dataset whose labels are not ``model.num_classes``
+    classes: the number of classes comes from the dataset (its
+    ``metadata["label_values"]``; datasets built before it was recorded
+    are KiTS19's 0-2)."""
+    from kits_keras.config import LABEL_SETS
+
+    stored = (builder.info.metadata or {}).get("label_values",
+                                               LABEL_SETS["kits19"])
+    if len(stored) != config.model.num_classes:
+        raise ValueError(
+            f"{builder.data_dir}: labels {list(stored)} are "
+            f"{len(stored)} classes, the config's model.num_classes is "
+            f"{config.model.num_classes}")
 
 
 def _check_foreground_samples(config, builder):
@@ -322,7 +343,8 @@ def make_train_dataset(config, data_dir, seed=None, shard=None):
 
     Args:
         config: ExperimentConfig.
-        data_dir: TFDS data directory holding ``kits19/<data.dataset>``.
+        data_dir: TFDS data directory holding ``<data.label_set>/
+            <data.dataset>``.
         seed: int. Defaults to ``config.train.seed`` (runs are reproducible
             unless a seed is given).
         shard: ``(index, count)`` or None: this process's share of every

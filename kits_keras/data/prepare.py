@@ -1,12 +1,16 @@
-"""Building the ``kits19`` TFDS dataset (what ``kits-keras prepare`` runs).
+"""Building the TFDS dataset (what ``kits-keras prepare`` runs).
 
-The builder itself is ``tfds_kits19/kits19/kits19_dataset_builder.py``; this
-module only picks the config, points TFDS at the case folder and reports.
+The builders are ``tfds_kits19/kits19/kits19_dataset_builder.py`` (labels
+0-2) and its sibling ``tfds_kits19/kits23/kits23_dataset_builder.py``
+(labels 0-3); the experiment's ``data.label_set`` picks one and
+``data.dataset`` its config. This module only picks them, points TFDS at
+the case folder and reports.
 """
 
 import contextlib
 import dataclasses
 import fcntl
+import importlib
 import logging
 import os
 import shutil
@@ -25,7 +29,8 @@ class PrepareResult:
     """What :func:`prepare` did.
 
     Attributes:
-        name: str. ``kits19/<config>``, what ``tfds.load`` takes.
+        name: str. ``<label set>/<config>`` (``kits19/...`` or
+            ``kits23/...``), what ``tfds.load`` takes.
         data_dir: str. TFDS data directory.
         path: str. Folder of the prepared version.
         built: bool. False when a finished dataset built from the same
@@ -68,7 +73,7 @@ def default_data_dir():
 
 def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
             workers=None, skip_bad_cases=False, rebuild=False):
-    """Builds ``kits19/<config>`` from KiTS19-layout case folders.
+    """Builds ``<label_set>/<config>`` from KiTS19-layout case folders.
 
     A finished dataset is reused only when it was built from the same files
     (case ids; each file's size, modification time and gzip CRC) by the
@@ -80,8 +85,8 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     build leaves no folder behind.
 
     Args:
-        manual_dir: str. Folder of ``case_XXXXX/`` (KiTS19 ``data/`` or a
-            ``kits-keras synth`` output).
+        manual_dir: str. Folder of ``case_XXXXX/`` (KiTS19 ``data/``,
+            KiTS23 ``dataset/`` or a ``kits-keras synth`` output).
         data_dir: str. TFDS data directory. Defaults to
             :func:`default_data_dir`.
         config: str or DataConfig. TFDS config or experiment name, or an
@@ -96,7 +101,7 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
     """
     data = data_config(config)
     config_name = data.dataset
-    name = f"kits19/{config_name}"
+    name = f"{data.label_set}/{config_name}"
     data_dir = os.fspath(data_dir or default_data_dir())
     _check_inputs(manual_dir, workers)
 
@@ -104,20 +109,30 @@ def prepare(manual_dir, data_dir=None, config="interp_3.0x0.78mm",
 
     import_tensorflow()  # hides GPUs before TFDS imports TF
 
-    from tfds_kits19.kits19 import kits19_dataset_builder as kb
+    kb = builder_module(data.label_set)
 
     def make_builder():
         return kb.Builder(config=config_name, data_dir=data_dir,
                           workers=workers, skip_bad_cases=skip_bad_cases,
                           foreground_samples=data.foreground_samples)
 
-    root = os.path.join(data_dir, "kits19", config_name)
+    root = os.path.join(data_dir, data.label_set, config_name)
     with _exclusive(root, data_dir):
         _sweep(root)
         builder, built = _build_or_reuse(
             kb, make_builder, name, manual_dir, data.foreground_samples,
             rebuild)
     return _result(name, data_dir, builder, built)
+
+
+def builder_module(label_set):
+    """The TFDS builder module of ``label_set`` ("kits19" or "kits23")."""
+    if label_set not in kk_config.LABEL_SETS:
+        raise ValueError(f"Unknown label_set. Expected one of "
+                         f"{tuple(kk_config.LABEL_SETS)}. Received: "
+                         f"{label_set!r}")
+    return importlib.import_module(
+        f"tfds_kits19.{label_set}.{label_set}_dataset_builder")
 
 
 def _result(name, data_dir, builder, built):
@@ -260,14 +275,15 @@ def _exclusive(root, data_dir):
 
 def _remove_new(new, root, data_dir):
     """Removes the folders of ``new`` (a failed first build's): ``root``
-    with all in it, the others (``kits19/`` with TFDS's ``.config/``,
+    with all in it, the others (``kits19/`` or ``kits23/`` with TFDS's
+    ``.config/``,
     TFDS's empty ``downloads/extracted/``, ``data_dir``) only if nothing
     else is there (another config's dataset may be)."""
     if root in new:
         shutil.rmtree(root, ignore_errors=True)
-    kits19 = os.path.dirname(root)
-    if kits19 in new:
-        shutil.rmtree(os.path.join(kits19, ".config"), ignore_errors=True)
+    dataset = os.path.dirname(root)
+    if dataset in new:
+        shutil.rmtree(os.path.join(dataset, ".config"), ignore_errors=True)
     for path in new:
         try:
             os.rmdir(path)  # only if empty

@@ -312,7 +312,8 @@ def resample_labels(labels, spacing, target_spacing=None, shape=None,
     return _resample(labels, shape, 1, fns, threads, antialias, reduce)[0]
 
 
-def resample_probabilities(probs, shape, threads=None, labels=False):
+def resample_probabilities(probs, shape, threads=None, labels=False,
+                           to_labels=argmax_labels):
     """Brings class probabilities ``(z, y, x, C)`` to ``shape`` (z, y, x).
 
     Linear, slab by slab in float32, so the memory on top of the output is
@@ -327,6 +328,10 @@ def resample_probabilities(probs, shape, threads=None, labels=False):
             the float probabilities never exist on the output grid (3.3 GB
             for 1059 x 512 x 512 x 3). Defaults to False: float32
             ``shape + (C,)``.
+        to_labels: callable ``(maps) -> uint8 labels`` reducing one slab's
+            per-channel maps with ``labels``. Defaults to
+            :func:`argmax_labels` (softmax classes); region outputs pass
+            :func:`kits_keras.model.regions.maps_to_labels_fn`'s.
 
     Example:
 
@@ -344,12 +349,12 @@ def resample_probabilities(probs, shape, threads=None, labels=False):
     channels = probs.shape[-1]
     if labels:
         if probs.shape[:3] == shape:
-            return argmax_labels(np.moveaxis(probs, -1, 0))
+            return to_labels(list(np.moveaxis(probs, -1, 0)))
         fns = [lambda slab, c=c: np.ascontiguousarray(slab[..., c],
                                                       np.float32)
                for c in range(channels)]
         return _resample(probs, shape, 1, fns, threads,
-                         reduce=argmax_labels)[0]
+                         reduce=to_labels)[0]
     out = np.empty(shape + (channels,), np.float32)
     for c in range(channels):
         out[..., c] = _resample(
@@ -371,13 +376,16 @@ def preprocess_image(image, spacing, stats, target_spacing, order=3,
                           stats=stats, threads=threads)
 
 
-def preprocess_case(case, stats, target_spacing, threads=None):
+def preprocess_case(case, stats, target_spacing, threads=None,
+                    num_classes=3):
     """``(image float32 normalised, labels uint8)`` of an :class:`io.Case`
-    on the ``target_spacing`` grid (labels None if the case has none)."""
+    on the ``target_spacing`` grid (labels None if the case has none);
+    labels take values ``0 .. num_classes - 1`` (3: KiTS19, 4: KiTS23)."""
     image = preprocess_image(case.image.array, case.spacing, stats,
                              target_spacing, threads=threads)
     labels = None
     if case.labels is not None:
         labels = resample_labels(case.labels.array, case.spacing,
-                                 shape=image.shape, threads=threads)
+                                 shape=image.shape, num_classes=num_classes,
+                                 threads=threads)
     return image, labels

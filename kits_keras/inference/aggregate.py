@@ -25,8 +25,11 @@ class Aggregator:
     """
 
     def __init__(self, shape, gauss, num_flips, qc_shape, inverse_weight,
-                 tiles):
+                 tiles, to_labels=None):
         self.shape, self.gauss, self.num_flips = shape, gauss, num_flips
+        # Labels of one tile's channel maps, for the disagreement: the
+        # argmax, or the region maps' rule (model.regions).
+        self.to_labels = to_labels or argmax_labels
         # First slice of every tile, in feeding order.
         self.starts = [tile[0].start for tile in tiles]
         if self.starts != sorted(self.starts):
@@ -56,7 +59,8 @@ class Aggregator:
             if self.num_flips > 1:
                 self.gauss *= np.float32(1.0 / self.num_flips)
         if qc_views is not None:
-            labels = [argmax_labels(np.moveaxis(probs[i][v[0]], -1, 0))
+            labels = [self.to_labels(list(np.moveaxis(probs[i][v[0]], -1,
+                                                      0)))
                       for i, v in enumerate(qc_views)]
             if flip == 0:
                 self.first = labels

@@ -5,7 +5,9 @@
 builder uses (:func:`kits_keras.data.preprocessing.preprocess_image`), predicts
 by overlapping sliding window with mirroring
 (:mod:`kits_keras.inference.sliding_window`), brings the probabilities back to
-the input's grid and takes the argmax.
+the input's grid and turns them into labels: the argmax of softmax
+classes, or with ``model.output_mode="regions"`` the region maps' labels
+(:func:`kits_keras.model.regions.regions_to_labels`).
 
 Bounded memory: probabilities are held whole only at the network's
 (resampled) resolution. Going back to the original grid is
@@ -41,8 +43,10 @@ class Prediction:
     """Result of :func:`predict_case`.
 
     Attributes:
-        labels: uint8 ``(z, y, x)`` on the input's grid, in {0, 1, 2}.
-        probabilities: float32 ``(z, y, x, C)`` at network resolution.
+        labels: uint8 ``(z, y, x)`` on the input's grid, in {0, 1, 2}
+            (KiTS23 label set: {0, 1, 2, 3}).
+        probabilities: float32 ``(z, y, x, C)`` at network resolution:
+            per-class probabilities, or per-region ones (regions mode).
         network_spacing: spacing (mm, ``(z, y, x)``) of ``probabilities``.
         qc: dict. ``mirroring_disagreement`` (share, or None without
             mirroring), ``flagged`` (bool), ``threshold``, ``tta``,
@@ -59,7 +63,8 @@ class Prediction:
     timings: dict
 
 
-def mirroring_disagreement(probabilities, disagreement):
+def mirroring_disagreement(probabilities, disagreement,
+                           to_labels=None):
     """Share of predicted foreground voxels whose label changes with mirroring.
 
     Args:
@@ -67,6 +72,9 @@ def mirroring_disagreement(probabilities, disagreement):
         disagreement: float32 map of
             :func:`kits_keras.inference.sliding_window.sliding_window` (every
             2nd voxel of ``probabilities``), or None.
+        to_labels: callable ``(maps) -> labels`` over per-channel maps
+            (:func:`kits_keras.model.regions.maps_to_labels_fn`). Defaults
+            to the argmax.
 
     Returns:
         float in [0, 1], or None when there was no mirroring.
@@ -77,7 +85,8 @@ def mirroring_disagreement(probabilities, disagreement):
         return None
     # The disagreement map samples every 2nd voxel (sliding_window).
     sample = probabilities[::2, ::2, ::2]
-    foreground = argmax_labels(np.moveaxis(sample, -1, 0)) > 0
+    to_labels = to_labels or argmax_labels
+    foreground = to_labels(list(np.moveaxis(sample, -1, 0))) > 0
     count = int(np.count_nonzero(foreground))
     if count == 0:
         return 0.0
@@ -103,8 +112,11 @@ def predict_case(volume, network, config, stats, progress=None):
     from kits_keras.inference.body_mask import remove_outside_body
     from kits_keras.data.preprocessing import preprocess_image
     from kits_keras.data.preprocessing import resample_probabilities
+    from kits_keras.model.regions import maps_to_labels_fn
 
     infer = config.infer
+    to_labels = maps_to_labels_fn(config.model.output_mode,
+                                  config.data.label_set)
     start = time.perf_counter()
     target = tuple(config.data.target_spacing)
     image = preprocess_image(volume.array, volume.spacing, stats, target)
@@ -113,15 +125,17 @@ def predict_case(volume, network, config, stats, progress=None):
         image, network, config.data.patch_size, overlap=infer.overlap,
         tta=infer.tta, batch_size=infer.batch_size,
         sigma_scale=infer.gaussian_sigma_scale, progress=progress,
+        to_labels=to_labels,
     )
     del image
     t_win = time.perf_counter()
     labels = resample_probabilities(window.probabilities, volume.array.shape,
-                                    labels=True)
+                                    labels=True, to_labels=to_labels)
     t_res = time.perf_counter()
     removed = remove_outside_body(labels, volume.array, volume.spacing,
-                                  window.probabilities.shape[-1])
-    score = mirroring_disagreement(window.probabilities, window.disagreement)
+                                  config.model.num_classes)
+    score = mirroring_disagreement(window.probabilities, window.disagreement,
+                                   to_labels)
     ml = volume.voxel_volume_ml
     qc = {
         "mirroring_disagreement": score,

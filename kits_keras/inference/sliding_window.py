@@ -212,7 +212,8 @@ class _TimedNetwork:
 
 
 def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
-                   batch_size=2, sigma_scale=0.125, progress=None):
+                   batch_size=2, sigma_scale=0.125, progress=None,
+                   to_labels=None):
     """Predicts class probabilities over a whole volume tile by tile.
 
     Args:
@@ -226,6 +227,10 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
         batch_size: int. Tiles per network call. Defaults to 2.
         sigma_scale: float. Gaussian sigma / patch size. Defaults to 1/8.
         progress: optional callable ``(tiles_done, tiles_total)``.
+        to_labels: optional callable ``(maps) -> uint8 labels`` over
+            per-channel maps, for the mirroring disagreement (region
+            outputs: :func:`kits_keras.model.regions.maps_to_labels_fn`).
+            Defaults to the argmax.
 
     Returns:
         :class:`WindowResult`. Its probabilities sum to 1 over classes
@@ -254,7 +259,7 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     agg = Aggregator(
         padded.shape, gauss, len(flips), qc_shape if track else None,
         _inverse_weight_factors(padded.shape, patch_size, sigma_scale, steps),
-        tiles,
+        tiles, to_labels=to_labels,
     )
     _feed_tiles(padded, tiles, batch_size, flips, timed, agg,
                 origin if track else None, progress)

@@ -19,6 +19,14 @@ Choices where the paper is silent:
   with ``eps = 1e-6``: zero at a perfect prediction, finite gradient.
 * Probabilities are clipped to ``[1e-7, 1]`` before the logarithm.
 
+Region mode (``model.output_mode="regions"``, :func:`region_loss`): one
+sigmoid per nested region (:mod:`kits_keras.model.regions`), and::
+
+    L = w_dice * mean_r(1 - Dice_r) + w_ce * mean_r mean_x BCE_r(x)
+
+with the same batch soft Dice and smoothing, the region-based training of
+the top KiTS21/KiTS23 entries (nnU-Net's Dice + BCE on its "regions").
+
 Multi-scale supervision: the output of decoder level ``i`` (full resolution
 is ``i = 0``) gets weight ``2^-i``, normalised to sum 1. Unlike nnU-Net, the
 coarsest output keeps its (small) weight: the paper supervises every decoder
@@ -31,6 +39,7 @@ import keras
 from keras import ops
 
 from kits_keras.config import LossConfig
+from kits_keras.model import regions as regions_lib
 
 # Offset inside the powers (see module docstring).
 POWER_EPSILON = 1e-6
@@ -95,6 +104,55 @@ def exp_log_loss(y_true, y_pred, loss_config=LossConfig()):
     return loss_config.w_dice * dice_term + loss_config.w_ce * ce_term
 
 
+def region_loss(y_true, y_pred, loss_config=LossConfig(),
+                label_set="kits23"):
+    """Dice + binary cross-entropy per region, of one output (scalar).
+
+    Args:
+        y_true: int tensor ``(B, z, y, x)`` of labels (a trailing axis of
+            size 1 and float dtypes are accepted).
+        y_pred: tensor ``(B, z, y, x, R)`` of sigmoid probabilities, one
+            channel per region of ``label_set`` outermost first.
+        loss_config: LossConfig. ``w_dice``, ``w_ce`` and ``smooth``.
+        label_set: str. "kits19" or "kits23".
+
+    Example:
+        >>> import numpy as np
+        >>> y = np.array([[[[0, 1], [2, 3]]]])
+        >>> p = np.stack([y > 0, y > 1, y == 2], -1).astype("float32")
+        >>> float(region_loss(y, p)) < 1e-3
+        True
+    """
+    table = regions_lib.regions(label_set)
+    y_pred = ops.cast(y_pred, "float32")
+    if y_pred.shape[-1] != len(table):
+        raise ValueError(
+            f"y_pred needs one channel per region of {label_set} "
+            f"({len(table)}). Received: shape={y_pred.shape}")
+    labels = ops.reshape(ops.cast(y_true, "int32"), ops.shape(y_pred)[:-1])
+    target = ops.stack(
+        [ops.cast(regions_lib.in_region(labels, r, ops), "float32")
+         for _, r in table], axis=-1)
+    p = ops.clip(y_pred, PROB_EPSILON, 1.0 - PROB_EPSILON)
+    spatial = tuple(range(len(p.shape) - 1))
+    intersection = ops.sum(target * p, axis=spatial)
+    denominator = ops.sum(target, axis=spatial) + ops.sum(p, axis=spatial)
+    smooth = loss_config.smooth
+    dice = (2.0 * intersection + smooth) / (denominator + smooth)
+    bce = -(target * ops.log(p) + (1.0 - target) * ops.log(1.0 - p))
+    return (loss_config.w_dice * ops.mean(1.0 - dice)
+            + loss_config.w_ce * ops.mean(bce))
+
+
+def output_loss(y_true, y_pred, loss_config=LossConfig(),
+                output_mode="softmax", label_set="kits19"):
+    """The loss of one output: :func:`exp_log_loss` (softmax) or
+    :func:`region_loss` (regions)."""
+    if output_mode == "regions":
+        return region_loss(y_true, y_pred, loss_config, label_set)
+    return exp_log_loss(y_true, y_pred, loss_config)
+
+
 def deep_supervision_weights(n):
     """Weights of ``n`` decoder outputs, full resolution first.
 
@@ -111,14 +169,17 @@ def deep_supervision_weights(n):
     return [w / total for w in raw]
 
 
-def multi_scale_loss(y_trues, y_preds, loss_config=LossConfig()):
-    """Weighted sum of :func:`exp_log_loss` over decoder outputs.
+def multi_scale_loss(y_trues, y_preds, loss_config=LossConfig(),
+                     output_mode="softmax", label_set="kits19"):
+    """Weighted sum of :func:`output_loss` over decoder outputs.
 
     Args:
         y_trues: sequence of label tensors, one per output, each at the
             output's resolution (full resolution first).
         y_preds: sequence of probability tensors, same order.
         loss_config: LossConfig.
+        output_mode: str. "softmax" or "regions" (``model.output_mode``).
+        label_set: str. ``data.label_set`` (the regions).
     """
     if len(y_trues) != len(y_preds):
         raise ValueError(
@@ -128,8 +189,51 @@ def multi_scale_loss(y_trues, y_preds, loss_config=LossConfig()):
     weights = deep_supervision_weights(len(y_preds))
     total = 0.0
     for w, y_true, y_pred in zip(weights, y_trues, y_preds):
-        total = total + w * exp_log_loss(y_true, y_pred, loss_config)
+        total = total + w * output_loss(y_true, y_pred, loss_config,
+                                        output_mode, label_set)
     return total
+
+
+@keras.saving.register_keras_serializable(package="kits_keras")
+class RegionLoss(keras.losses.Loss):
+    """Keras loss wrapper of :func:`region_loss` for one output.
+
+    Args:
+        w_dice, w_ce, smooth: as in :class:`kits_keras.config.LossConfig`,
+            whose defaults they take.
+        label_set: str. Whose regions. Defaults to "kits23".
+        name: str. Defaults to "region_loss".
+
+    Example:
+        >>> RegionLoss.from_loss_config(LossConfig()).get_config()["w_ce"]
+        0.2
+    """
+
+    def __init__(self, w_dice=_DEFAULTS.w_dice, w_ce=_DEFAULTS.w_ce,
+                 smooth=_DEFAULTS.smooth, label_set="kits23",
+                 name="region_loss", reduction="sum_over_batch_size",
+                 dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        regions_lib.regions(label_set)  # refuses an unknown one
+        self.label_set = label_set
+        self.loss_config = LossConfig(w_dice=float(w_dice),
+                                      w_ce=float(w_ce), smooth=float(smooth))
+
+    @classmethod
+    def from_loss_config(cls, loss_config, **kwargs):
+        return cls(w_dice=loss_config.w_dice, w_ce=loss_config.w_ce,
+                   smooth=loss_config.smooth, **kwargs)
+
+    def call(self, y_true, y_pred):
+        # A scalar, as ExpLogLoss: the batch Dice couples voxels.
+        return region_loss(y_true, y_pred, self.loss_config, self.label_set)
+
+    def get_config(self):
+        config = super().get_config()
+        lc = self.loss_config
+        config.update(w_dice=lc.w_dice, w_ce=lc.w_ce, smooth=lc.smooth,
+                      label_set=self.label_set)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="kits_keras")

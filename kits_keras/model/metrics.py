@@ -1,29 +1,54 @@
-"""Keras metrics for training: KiTS19 region Dice on validation patches.
+"""Keras metrics for training: region Dice on validation patches.
 
-KiTS19 scores two nested regions rather than the raw classes: *kidney* is
+KiTS scores nested regions rather than the raw classes. KiTS19: *kidney* is
 every voxel labelled kidney or tumour (label > 0), *tumour* is label == 2.
+KiTS23: *kidney* is its HEC "kidney and masses" (label > 0 again), *masses*
+{2, 3} (tumour or cyst) and *tumour* {2}. Metric names are
+``<region>_dice``; for KiTS23 the first is ``kidney_dice`` too, so that a
+run's logs name the same region alike for both label sets.
 """
 
 import keras
 from keras import ops
 
-# Region name -> smallest label value inside the region (labels are nested:
-# 0 background < 1 kidney < 2 tumour).
-REGIONS = {"kidney": 1, "tumour": 2}
+from kits_keras.model import regions as regions_lib
+
+# Metric region name -> region of :mod:`kits_keras.model.regions`, per
+# label set.
+REGIONS = {
+    "kits19": {"kidney": "kidney", "tumour": "tumour"},
+    "kits23": {"kidney": "kidney_and_masses", "masses": "masses",
+               "tumour": "tumour"},
+}
+
+
+def region_names(label_set):
+    """Metric region names of ``label_set``, outermost first.
+
+    >>> region_names("kits23")
+    ('kidney', 'masses', 'tumour')
+    """
+    return tuple(REGIONS[label_set])
 
 
 @keras.saving.register_keras_serializable(package="kits_keras")
 class RegionDice(keras.metrics.Metric):
-    """Dice of one KiTS19 region, pooled over every voxel of every batch.
+    """Dice of one region, pooled over every voxel of every batch.
 
-    The prediction is the arg-max class of the probabilities. Pooling the
+    The prediction is the network output's labels
+    (:func:`kits_keras.model.regions.to_labels`: the arg-max class, or the
+    region maps' labels). Pooling the
     intersection and the sizes over the whole validation set (instead of
     averaging per-patch Dice) keeps patches without that region from counting
     as 0 or 1. With the region absent from both labels and prediction the
     result is 1.
 
     Args:
-        region: str. "kidney" (label > 0) or "tumour" (label == 2).
+        region: str. A name of :func:`region_names`: "kidney" (label > 0),
+            "tumour" (label == 2), for "kits23" also "masses" (2 or 3).
+        label_set: str. "kits19" or "kits23". Defaults to "kits19".
+        output_mode: str. "softmax" or "regions" (``model.output_mode``).
+            Defaults to "softmax".
         name: str. Defaults to "<region>_dice".
 
     Example:
@@ -35,15 +60,19 @@ class RegionDice(keras.metrics.Metric):
         0.6667
     """
 
-    def __init__(self, region="kidney", name=None, dtype=None):
-        if region not in REGIONS:
+    def __init__(self, region="kidney", label_set="kits19",
+                 output_mode="softmax", name=None, dtype=None):
+        names = REGIONS.get(label_set, {})
+        if region not in names:
             raise ValueError(
-                f"Unknown region. Expected one of {tuple(REGIONS)}. "
-                f"Received: region={region!r}"
+                f"Unknown region of label_set={label_set!r}. Expected one "
+                f"of {tuple(names)}. Received: region={region!r}"
             )
         super().__init__(name=name or f"{region}_dice", dtype=dtype)
         self.region = region
-        self._min_label = REGIONS[region]
+        self.label_set = label_set
+        self.output_mode = output_mode
+        self._labels = dict(regions_lib.regions(label_set))[names[region]]
         self.intersection = self.add_variable(
             shape=(), initializer="zeros", name="intersection"
         )
@@ -54,8 +83,11 @@ class RegionDice(keras.metrics.Metric):
     def update_state(self, y_true, y_pred, sample_weight=None):
         """``y_true`` int labels ``(B, z, y, x)``; ``y_pred`` probabilities
         ``(B, z, y, x, C)``."""
-        predicted = ops.argmax(y_pred, axis=-1) >= self._min_label
-        truth = ops.cast(y_true, "int32") >= self._min_label
+        labels = regions_lib.to_labels(y_pred, self.output_mode,
+                                       self.label_set, ops)
+        predicted = regions_lib.in_region(labels, self._labels, ops)
+        truth = ops.reshape(ops.cast(y_true, "int32"), ops.shape(labels))
+        truth = regions_lib.in_region(truth, self._labels, ops)
         predicted = ops.cast(predicted, "float32")
         truth = ops.cast(truth, "float32")
         self.intersection.assign_add(ops.sum(predicted * truth))
@@ -69,4 +101,6 @@ class RegionDice(keras.metrics.Metric):
         )
 
     def get_config(self):
-        return {"region": self.region, "name": self.name, "dtype": self.dtype}
+        return {"region": self.region, "label_set": self.label_set,
+                "output_mode": self.output_mode, "name": self.name,
+                "dtype": self.dtype}

@@ -5,7 +5,8 @@ Segmentation" (KiTS19), laid out as nnU-Net's ``PlainConvUNet``: per level two
 3x3x3 convolutions, each followed by instance normalisation and leaky ReLU;
 downsampling by the stride of the first convolution of a level; upsampling by
 a transposed convolution whose kernel equals its stride; skips by
-concatenation; a 1x1x1 convolution + softmax head at every decoder level.
+concatenation; a 1x1x1 convolution + softmax head at every decoder level
+(sigmoid per region with ``model.output_mode="regions"``).
 
 Layer names say where a layer sits: ``enc{level}_conv{i}`` (+ ``_norm``, which
 with instance normalisation also applies the leaky ReLU; batch normalisation
@@ -20,6 +21,7 @@ The model imports and runs without TensorFlow (JAX backend).
 import keras
 
 from kits_keras import config as config_lib
+from kits_keras.model import regions as regions_lib
 from kits_keras.model.layers import HeNormal
 from kits_keras.model.layers import InstanceNormalization
 
@@ -94,16 +96,17 @@ def apply_up_block(x, skip, filters, stride, name, norm="instance",
     return apply_conv_block(x, filters, 1, name, norm, negative_slope)
 
 
-def apply_head(x, num_classes, name):
-    """1x1x1 convolution + softmax, the softmax in float32.
+def apply_head(x, channels, name, activation="softmax"):
+    """1x1x1 convolution + ``activation`` ("softmax" over classes, or
+    "sigmoid" per region), the activation in float32.
 
     Under a ``mixed_bfloat16`` policy the logits are bfloat16 but the
     probabilities (and hence the loss) are float32.
     """
     x = keras.layers.Conv3D(
-        num_classes, 1, name=f"{name}_conv", kernel_initializer=HeNormal()
+        channels, 1, name=f"{name}_conv", kernel_initializer=HeNormal()
     )(x)
-    return keras.layers.Activation("softmax", dtype="float32", name=name)(x)
+    return keras.layers.Activation(activation, dtype="float32", name=name)(x)
 
 
 def build_unet(config):
@@ -115,10 +118,13 @@ def build_unet(config):
 
     Returns:
         keras.Model. Input ``(batch, z, y, x, 1)`` float32 with each spatial
-        size divisible by the total stride; outputs a list of softmax
-        probabilities ``(batch, z/f, y/f, x/f, num_classes)`` float32, one per
-        decoder level, full resolution first, ``f`` as in
-        :func:`kits_keras.config.output_strides`.
+        size divisible by the total stride; outputs a list of probabilities
+        ``(batch, z/f, y/f, x/f, C)`` float32, one per decoder level, full
+        resolution first, ``f`` as in
+        :func:`kits_keras.config.output_strides`: softmax over
+        ``C = num_classes`` classes, or with ``model.output_mode="regions"``
+        one sigmoid per region of ``data.label_set``
+        (:mod:`kits_keras.model.regions`).
 
     Example:
         >>> from kits_keras.config import get_config
@@ -141,6 +147,8 @@ def build_unet(config):
         )
     filters = level_filters(mc)
     block = dict(norm=mc.norm, negative_slope=mc.negative_slope)
+    channels = regions_lib.num_outputs(mc, config.data.label_set)
+    activation = "sigmoid" if mc.output_mode == "regions" else "softmax"
 
     inputs = keras.Input((None, None, None, 1), name="image")
     x = inputs
@@ -156,7 +164,7 @@ def build_unet(config):
             x, skips[level], filters[level], tuple(strides[level + 1]),
             f"dec{level}", **block,
         )
-        outputs.append(apply_head(x, mc.num_classes, f"head{level}"))
+        outputs.append(apply_head(x, channels, f"head{level}", activation))
     return keras.Model(inputs, outputs[::-1], name=f"unet_{config.name}")
 
 
@@ -224,6 +232,7 @@ def count_flops(config, patch_size):
         macs += voxels[level] * channels * f
         macs += voxels[level] * 27 * 2 * f * f  # conv1 on the concat
         macs += voxels[level] * 27 * f * f
-        macs += voxels[level] * f * mc.num_classes
+        macs += voxels[level] * f * regions_lib.num_outputs(
+            mc, config.data.label_set)
         channels = f
     return 2 * macs

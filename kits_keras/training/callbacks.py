@@ -64,33 +64,39 @@ def _find(logs, prefix, suffix):
 
 
 class ValidationSummary(keras.callbacks.Callback):
-    """Adds the KiTS19 validation metric and its moving average to ``logs``.
+    """Adds the validation metric and its moving average to ``logs``.
 
-    ``val_dice`` = mean of the validation kidney and tumour Dice,
-    ``val_dice_ma`` = its mean over the last ``window`` validations; the
-    best checkpoint is chosen by ``val_dice_ma``.
+    ``val_dice`` = mean of the validation Dice of the label set's regions
+    (KiTS19: kidney and tumour; KiTS23: its three HECs, named kidney,
+    masses and tumour, the challenge's Dice ranking), ``val_dice_ma`` = its
+    mean over the last ``window`` validations; the best checkpoint is
+    chosen by ``val_dice_ma``.
 
     With a ``volume_validator`` (:class:`kits_keras.training.validation.
     VolumeValidator`) those are full-volume sliding-window figures, computed
     on the first epoch, every ``volume_every`` epochs and on the last; the
-    patch metrics of every epoch are kept as ``val_patch_kidney_dice`` /
-    ``val_patch_tumour_dice``. Without one they are the pooled Dice of the
-    validation patches (:class:`kits_keras.model.metrics.RegionDice` of the
-    full-resolution output; Keras names them ``val_<output>_kidney_dice``).
+    patch metrics of every epoch are kept as ``val_patch_<region>_dice``.
+    Without one they are the pooled Dice of the validation patches
+    (:class:`kits_keras.model.metrics.RegionDice` of the full-resolution
+    output; Keras names them ``val_<output>_<region>_dice``).
 
     Args:
         window: int. Validations in the moving average.
         volume_validator: callable ``(model, epoch) -> dict`` with
-            ``kidney_dice`` and ``tumour_dice``, or None.
+            ``<region>_dice`` for each region, or None.
         volume_every: int. Epochs between full-volume validations (>= 1
             with a validator).
+        regions: tuple of str. Region names. Defaults to KiTS19's
+            ``("kidney", "tumour")``.
     """
 
-    def __init__(self, window, volume_validator=None, volume_every=1):
+    def __init__(self, window, volume_validator=None, volume_every=1,
+                 regions=("kidney", "tumour")):
         super().__init__()
         self.window = int(window)
         self.volume_validator = volume_validator
         self.volume_every = max(int(volume_every), 1)
+        self.regions = tuple(regions)
         self.dice_history = []
 
     def get_state(self):
@@ -106,21 +112,20 @@ class ValidationSummary(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
             return
-        kidney = _find(logs, "val_", "kidney_dice")
-        tumour = _find(logs, "val_", "tumour_dice")
+        dice = {r: _find(logs, "val_", f"{r}_dice") for r in self.regions}
         if self.volume_validator is not None:
-            if kidney is not None:
-                logs["val_patch_kidney_dice"] = kidney
-                logs["val_patch_tumour_dice"] = tumour
+            for region, value in dice.items():
+                if value is not None:
+                    logs[f"val_patch_{region}_dice"] = value
             if not self._volume_due(epoch):
                 return
             scores = self.volume_validator(self.model, epoch)
-            kidney, tumour = scores["kidney_dice"], scores["tumour_dice"]
-        if kidney is None or tumour is None:
+            dice = {r: scores[f"{r}_dice"] for r in self.regions}
+        if any(v is None for v in dice.values()):
             return
-        logs["val_kidney_dice"] = float(kidney)
-        logs["val_tumour_dice"] = float(tumour)
-        logs["val_dice"] = (float(kidney) + float(tumour)) / 2.0
+        for region, value in dice.items():
+            logs[f"val_{region}_dice"] = float(value)
+        logs["val_dice"] = float(np.mean([float(v) for v in dice.values()]))
         self.dice_history.append(logs["val_dice"])
         recent = self.dice_history[-self.window:]
         logs["val_dice_ma"] = float(np.mean(recent))

@@ -111,24 +111,38 @@ def build_model(config, seed):
 
 
 def compile_model(model, config):
-    """Adam, the multi-scale exp-log loss, region Dice on the full-res output.
+    """Adam, the multi-scale loss, region Dice on the full-res output.
 
-    The loss of output ``i`` is weighted by ``deep_supervision_weights``
-    (halving per level, normalised).
+    The loss is the exp-log loss (``model.output_mode="softmax"``) or Dice
+    + BCE per region ("regions"); the loss of output ``i`` is weighted by
+    ``deep_supervision_weights`` (halving per level, normalised).
     """
-    from kits_keras.model.losses import ExpLogLoss
     from kits_keras.model.losses import deep_supervision_weights
     from kits_keras.model.metrics import RegionDice
+    from kits_keras.model.metrics import region_names
 
     n = len(model.outputs)
+    label_set = config.data.label_set
+    mode = config.model.output_mode
+    metrics = [RegionDice(r, label_set, mode) for r in region_names(label_set)]
     model.compile(
         optimizer=keras.optimizers.Adam(config.train.learning_rate),
-        loss=[ExpLogLoss.from_loss_config(config.loss) for _ in range(n)],
+        loss=[make_loss(config) for _ in range(n)],
         loss_weights=deep_supervision_weights(n),
-        metrics=[[RegionDice("kidney"), RegionDice("tumour")]]
-        + [[] for _ in range(n - 1)],
+        metrics=[metrics] + [[] for _ in range(n - 1)],
     )
     return model
+
+
+def make_loss(config):
+    """The Keras loss of one output for ``config.model.output_mode``."""
+    from kits_keras.model.losses import ExpLogLoss
+    from kits_keras.model.losses import RegionLoss
+
+    if config.model.output_mode == "regions":
+        return RegionLoss.from_loss_config(
+            config.loss, label_set=config.data.label_set)
+    return ExpLogLoss.from_loss_config(config.loss)
 
 
 def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
@@ -142,9 +156,12 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
     """
     from kits_keras.model.unet import build_unet
 
+    from kits_keras.model.metrics import region_names
+
     summary = cb.ValidationSummary(config.train.metric_smoothing,
                                    volume_validator,
-                                   config.train.volume_validation_every)
+                                   config.train.volume_validation_every,
+                                   region_names(config.data.label_set))
     plateau = cb.ResumableReduceLROnPlateau(
         monitor="loss", factor=config.train.lr_factor,
         patience=config.train.lr_patience, verbose=1,

@@ -83,7 +83,8 @@ def assign_state(model, optimizer, state):
         var.assign(value)
 
 
-def make_train_step(model, loss_config, optimizer, jit=True):
+def make_train_step(model, loss_config, optimizer, jit=True,
+                    output_mode="softmax", label_set="kits19"):
     """A training step ``step(state, x, ys) -> (state, loss)``.
 
     Args:
@@ -93,6 +94,10 @@ def make_train_step(model, loss_config, optimizer, jit=True):
         optimizer: keras.optimizers.Optimizer (e.g. ``Adam(3e-4)``).
         jit: bool. Compile with ``jax.jit``, donating the state. Defaults to
             True.
+        output_mode: str. ``model.output_mode`` of the model's config
+            (which loss). Defaults to "softmax".
+        label_set: str. ``data.label_set`` (the regions). Defaults to
+            "kits19".
 
     Returns:
         ``(step, state)``: the step function and the initial TrainState.
@@ -103,7 +108,8 @@ def make_train_step(model, loss_config, optimizer, jit=True):
     jax = _require_jax()
     _register_state(jax)
     state = init_state(model, optimizer)
-    grad_fn = _value_and_grad(jax, model, loss_config)
+    grad_fn = _value_and_grad(jax, model, loss_config, output_mode,
+                              label_set)
 
     def step(state, x, ys):
         (loss, non_trainable), grads = grad_fn(
@@ -119,25 +125,31 @@ def make_train_step(model, loss_config, optimizer, jit=True):
     return step, state
 
 
-def _value_and_grad(jax, model, loss_config):
+def _value_and_grad(jax, model, loss_config, output_mode="softmax",
+                    label_set="kits19"):
     def loss_fn(trainable, non_trainable, x, ys):
         outputs, non_trainable = model.stateless_call(
             trainable, non_trainable, x, training=True
         )
-        return multi_scale_loss(ys, outputs, loss_config), non_trainable
+        loss = multi_scale_loss(ys, outputs, loss_config, output_mode,
+                                label_set)
+        return loss, non_trainable
 
     return jax.value_and_grad(loss_fn, has_aux=True)
 
 
-def make_loss_and_grad_norm(model, loss_config, jit=True):
+def make_loss_and_grad_norm(model, loss_config, jit=True,
+                            output_mode="softmax", label_set="kits19"):
     """``fn(state, x, ys) -> (loss, global gradient norm)``, no update.
 
     For numerics checks (bfloat16 against float32 on one batch): the loss
-    and gradients of the training step, without the optimizer.
+    and gradients of the training step, without the optimizer
+    (``output_mode`` and ``label_set`` as :func:`make_train_step`'s).
     """
     jax = _require_jax()
     _register_state(jax)
-    grad_fn = _value_and_grad(jax, model, loss_config)
+    grad_fn = _value_and_grad(jax, model, loss_config, output_mode,
+                              label_set)
 
     def loss_and_norm(state, x, ys):
         (loss, _), grads = grad_fn(state.trainable, state.non_trainable, x,

@@ -5,7 +5,8 @@ sees the air, bone and bowel where a network that has not generalised
 makes its false positives: it stayed at 0.25-0.35 on cases whose
 full-volume Dice was 0.135 (issue 19). :class:`VolumeValidator` runs the
 predictor's sliding window (no mirroring) over each whole validation
-volume, as ``kits-keras infer`` does, and scores it with the KiTS19 metric,
+volume, as ``kits-keras infer`` does, and scores it with the label set's
+region Dice (KiTS19: kidney, tumour; KiTS23: its three HECs),
 so the number ``fit`` reports and picks its best checkpoint by is the one
 inference will get. It works on the preprocessed volumes of the dataset
 (network grid; ``(z, y, x)``), so its Dice differs from Dice on the
@@ -18,14 +19,16 @@ import numpy as np
 
 from kits_keras import evaluate
 from kits_keras.inference import sliding_window as sw
+from kits_keras.model import regions as regions_lib
 
 log = logging.getLogger(__name__)
 
 
 class VolumeValidator:
-    """Callable ``(model, epoch) -> {"kidney_dice", "tumour_dice",
-    "dice"}``: means over the validation cases of the per-case KiTS19 Dice
-    of a sliding-window prediction.
+    """Callable ``(model, epoch) -> {"<region>_dice", ..., "dice"}``: means
+    over the validation cases of the per-case Dice of each region
+    (:func:`kits_keras.model.metrics.region_names`) of a sliding-window
+    prediction; ``dice`` is their mean.
 
     Args:
         volumes: list of ``(case_id, image, labels)``: normalised float32
@@ -55,15 +58,37 @@ class VolumeValidator:
                 overlap=infer.overlap, tta="none",
                 batch_size=infer.batch_size,
                 sigma_scale=infer.gaussian_sigma_scale)
-            predicted = np.argmax(window.probabilities, axis=-1)
-            scores[case_id] = evaluate.kits_scores(predicted, labels)
+            predicted = regions_lib.to_labels(
+                window.probabilities, self.config.model.output_mode,
+                self.config.data.label_set)
+            scores[case_id] = region_scores(predicted, labels,
+                                            self.config.data.label_set)
         self.last_cases = scores
-        kidney = float(np.mean([s["kidney_dice"] for s in scores.values()]))
-        tumour = float(np.mean([s["tumour_dice"] for s in scores.values()]))
-        log.info("epoch %d: full-volume validation kidney %.3f tumour %.3f "
-                 "(%d cases)", epoch + 1, kidney, tumour, len(scores))
-        return {"kidney_dice": kidney, "tumour_dice": tumour,
-                "dice": (kidney + tumour) / 2.0}
+        means = {key: float(np.mean([s[key] for s in scores.values()]))
+                 for key in next(iter(scores.values()))}
+        log.info("epoch %d: full-volume validation %s (%d cases)",
+                 epoch + 1, ", ".join(f"{k[:-5]} {v:.3f}"
+                                      for k, v in means.items()),
+                 len(scores))
+        means["dice"] = float(np.mean(list(means.values())))
+        return means
+
+
+def region_scores(predicted, labels, label_set):
+    """``{"<region>_dice": Dice}`` of one case, for each metric region of
+    ``label_set`` (both empty: :data:`kits_keras.evaluate.EMPTY_DICE`).
+
+    >>> truth = np.array([0, 1, 2, 3])
+    >>> region_scores(np.array([0, 1, 2, 2]), truth, "kits23")["masses_dice"]
+    1.0
+    """
+    from kits_keras.model.metrics import REGIONS
+
+    table = dict(regions_lib.regions(label_set))
+    return {f"{name}_dice": evaluate.dice(
+                regions_lib.in_region(predicted, table[region]),
+                regions_lib.in_region(labels, table[region]))
+            for name, region in REGIONS[label_set].items()}
 
 
 def load_validation_volumes(config, data_dir):

@@ -23,11 +23,17 @@ the case folder before reusing a dataset.
 
 ``metadata["foreground_samples"]``: at most this many voxel coordinates of
 each foreground class (kidney-or-tumour, tumour) are stored per case for
-oversampling; the experiment's ``data.foreground_samples``, given to the
-builder by ``kits_keras.dataset.prepare``. It is part of the source
+oversampling (``foreground_coords``: label > 0; ``tumour_coords``: a label
+of the builder's ``MASS_LABELS``, KiTS19's tumour); the experiment's
+``data.foreground_samples``, given to the builder by ``kits_keras.dataset.prepare``. It is part of the source
 fingerprint (a dataset built with another value is out of date), and
 ``kits_keras.data.pipeline`` refuses a dataset built with another value than the
 experiment's.
+
+``metadata["label_values"]``: the labels the segmentations may hold
+(``LABEL_VALUES``). The sibling ``tfds_kits19/kits23`` builder subclasses
+:class:`Builder`, changing only the class attributes (labels, masses, split
+rule, source files) and the texts.
 """
 
 import concurrent.futures
@@ -68,6 +74,7 @@ _CITATION = """
 }
 """
 
+KITS19_LABELS = kk_config.LABEL_SETS["kits19"]  # 0 background, 1, 2
 TEST_EVERY = 5  # every 5th sorted labelled case (index % 5 == 4) is test
 # Datasets built before ``metadata["foreground_samples"]`` was recorded
 # stored at most this many coordinates per class (then a fixed number).
@@ -97,6 +104,18 @@ def split_case_ids(case_ids):
     return train, test
 
 
+def read_case(case_dir, label_values=KITS19_LABELS):
+    """:class:`kits_keras.io.Case` of a labelled ``case_XXXXX/`` folder
+    whose labels may take ``label_values`` (an image and labels file on
+    one grid; anything else raises :class:`kits_keras.io.CaseError`)."""
+    case_dir = epath.Path(case_dir)
+    image = io.read_image(str(case_dir / io.IMAGE_FILE))
+    labels = io.read_labels(str(case_dir / io.LABELS_FILE),
+                            label_values=tuple(label_values))
+    io.check_same_grid(image, labels)
+    return io.Case(case_dir.name, image, labels)
+
+
 def labelled_case_dirs(manual_dir):
     """``{case_id: dir}`` of the ``case_XXXXX/`` folders with labels."""
     dirs = {}
@@ -108,10 +127,11 @@ def labelled_case_dirs(manual_dir):
     return dirs
 
 
-def code_version():
+def code_version(extra_sources=()):
     """sha256 (16 hex digits) of the code that turns case files into
     examples: this module, ``kits_keras.data.preprocessing``,
-    ``kits_keras.data.intensity`` and ``kits_keras.io``.
+    ``kits_keras.data.intensity``, ``kits_keras.io`` and the files of
+    ``extra_sources`` (a subclassing builder's module).
 
     Any edit to them (a comment too) changes it, so a dataset is never
     silently reused after the preprocessing changed; a spurious change
@@ -119,13 +139,16 @@ def code_version():
     """
     digest = hashlib.sha256()
     for path in (__file__, inspect.getsourcefile(preprocessing),
-                 inspect.getsourcefile(intensity), inspect.getsourcefile(io)):
+                 inspect.getsourcefile(intensity), inspect.getsourcefile(io),
+                 *extra_sources):
         digest.update(epath.Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
 
-def source_fingerprint(manual_dir, foreground_samples):
+def source_fingerprint(manual_dir, foreground_samples, extra_sources=()):
     """What a dataset built from ``manual_dir`` now would be built from.
+
+    ``extra_sources``: further code files (:func:`code_version`).
 
     Returns a JSON-able dict: ``folder`` (absolute path, informative only),
     ``code`` (:func:`code_version`), ``foreground_samples`` (coordinates
@@ -138,7 +161,7 @@ def source_fingerprint(manual_dir, foreground_samples):
             name: file_fingerprint(epath.Path(case_dir) / name)
             for name in (io.IMAGE_FILE, io.LABELS_FILE)}
     return {"folder": str(epath.Path(manual_dir).resolve()),
-            "code": code_version(),
+            "code": code_version(extra_sources),
             "foreground_samples": int(foreground_samples), "cases": cases}
 
 
@@ -204,23 +227,31 @@ def _coords(mask, max_coords, seed):
     return np.stack(np.unravel_index(flat, mask.shape), axis=1).astype(np.int32)
 
 
-def case_foreground_sample(case_dir, max_voxels):
-    """Foreground HU sample of one case (first pass, for the statistics)."""
-    case = io.load_case(case_dir)
+def case_foreground_sample(case_dir, max_voxels,
+                           label_values=KITS19_LABELS):
+    """Foreground HU sample of one case (first pass, for the statistics;
+    foreground: label > 0, cysts included)."""
+    case = read_case(case_dir, label_values)
     seed = zlib.crc32(case.case_id.encode())
     return intensity.foreground_sample(case.image.array, case.labels.array,
                                        max_voxels, seed)
 
 
-def process_case(case_dir, stats, target_spacing, max_coords, threads=None):
+def process_case(case_dir, stats, target_spacing, max_coords, threads=None,
+                 label_values=KITS19_LABELS, mass_labels=(2,)):
     """Loads and preprocesses one case; returns ``(key, example)``.
 
     A pure function of its arguments (no builder state), so it can run in a
     thread pool here or in ``beam.Map`` for a large dataset (see README).
+    ``label_values``: the labels the case may hold (every one is resampled
+    as its own class); ``mass_labels``: those whose voxels are stored as
+    ``tumour_coords`` for oversampling (KiTS19: tumour; KiTS23: tumour and
+    cyst).
     """
-    case = io.load_case(case_dir)
-    image, labels = preprocessing.preprocess_case(case, stats, target_spacing,
-                                                  threads=threads)
+    case = read_case(case_dir, label_values)
+    image, labels = preprocessing.preprocess_case(
+        case, stats, target_spacing, threads=threads,
+        num_classes=len(label_values))
     seed = zlib.crc32(case.case_id.encode())
     example = {
         "case_id": case.case_id,
@@ -231,13 +262,29 @@ def process_case(case_dir, stats, target_spacing, max_coords, threads=None):
         "original_shape": np.asarray(case.image.array.shape, np.int32),
         "affine": np.asarray(case.image.affine, np.float64),
         "foreground_coords": _coords(labels > 0, max_coords, seed),
-        "tumour_coords": _coords(labels == 2, max_coords, seed + 1),
+        "tumour_coords": _coords(np.isin(labels, mass_labels), max_coords,
+                                 seed + 1),
     }
     return case.case_id, example
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
-    """DatasetBuilder for KiTS19 (one example per case)."""
+    """DatasetBuilder for KiTS19 (one example per case).
+
+    Class attributes a sibling builder (``kits23``) overrides:
+    ``LABEL_VALUES`` (labels the segmentations hold), ``MASS_LABELS``
+    (stored as ``tumour_coords``), ``split_case_ids`` and ``SPLIT_RULE``
+    (train/test split and its description) and ``source_fingerprint``
+    (what a build depends on).
+    """
+
+    LABEL_VALUES = KITS19_LABELS
+    MASS_LABELS = (2,)
+    SPLIT_RULE = "sorted labelled case ids; index % 5 == 4 -> test"
+    split_case_ids = staticmethod(split_case_ids)
+    source_fingerprint = staticmethod(source_fingerprint)
+    HOMEPAGE = "https://kits19.grand-challenge.org/"
+    CITATION = _CITATION
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -289,8 +336,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                                       dtype=np.int32),
             }),
             supervised_keys=("image", "labels"),
-            homepage="https://kits19.grand-challenge.org/",
-            citation=_CITATION,
+            homepage=self.HOMEPAGE,
+            citation=self.CITATION,
             metadata=tfds.core.MetadataDict(),
         )
 
@@ -330,11 +377,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if not dirs:
             raise io.CaseError(f"{manual_dir}: no case_XXXXX "
                                f"folder with {io.LABELS_FILE}")
-        source = source_fingerprint(manual_dir, self._foreground_samples)
-        train_ids, test_ids = split_case_ids(dirs)
+        source = self.source_fingerprint(manual_dir, self._foreground_samples)
+        train_ids, test_ids = self.split_case_ids(dirs)
         cfg = self.builder_config
         samples = []
-        fn = lambda d: case_foreground_sample(d, cfg.stats_voxels)  # noqa
+        fn = lambda d: case_foreground_sample(  # noqa: E731
+            d, cfg.stats_voxels, self.LABEL_VALUES)
         for _, sample in tfds.core.utils.tqdm(
                 self._map(fn, [dirs[c] for c in train_ids]),
                 total=len(train_ids), desc="Intensity statistics (train)",
@@ -351,7 +399,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             "train_case_ids": list(train_ids),
             "test_case_ids": list(test_ids),
             "target_spacing": list(cfg.target_spacing),
-            "split_rule": "sorted labelled case ids; index % 5 == 4 -> test",
+            "split_rule": self.SPLIT_RULE,
+            "label_values": list(self.LABEL_VALUES),
+            "mass_labels": list(self.MASS_LABELS),
             "skipped_cases": self.skipped_cases,
             "foreground_samples": self._foreground_samples,
             "source": source,
@@ -393,7 +443,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             case_dir = todo.pop(0)
             _, first = self._call(case_dir, lambda: process_case(  # noqa
                 case_dir, stats, cfg.target_spacing,
-                self._foreground_samples, preprocessing.usable_cores()))
+                self._foreground_samples, preprocessing.usable_cores(),
+                self.LABEL_VALUES, self.MASS_LABELS))
             if first is not None:
                 return itertools.chain(
                     [first], self._generate_examples(todo, stats))
@@ -410,7 +461,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         threads = max(1, preprocessing.usable_cores() // self._workers)
         fn = lambda d: process_case(d, stats, cfg.target_spacing,  # noqa
-                                    self._foreground_samples, threads)
+                                    self._foreground_samples, threads,
+                                    self.LABEL_VALUES, self.MASS_LABELS)
         todo = [d for d in case_dirs
                 if epath.Path(d).name not in self.skipped_cases]
         for case_dir, result in self._map(fn, todo):
