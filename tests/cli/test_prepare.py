@@ -177,7 +177,7 @@ def test_preprocessing_code_change_needs_rebuild(five_cases, tmp_path,
     cases = cases_folder(five_cases, tmp_path / "cases", [0])
     data_dir = str(tmp_path / "tfds")
     dataset.prepare(cases, data_dir, CONFIG, workers=1)
-    monkeypatch.setattr(kb, "code_version", lambda: "0123456789abcdef")
+    monkeypatch.setattr(kb, "code_version", lambda *_: "0123456789abcdef")
     with pytest.raises(ValueError, match=r"out of date .*\(preprocessing code "
                                          r"changed\); pass --rebuild"):
         dataset.prepare(cases, data_dir, CONFIG, workers=1)

@@ -294,7 +294,7 @@ def test_four_class_labels_keep_every_class_and_its_volume():
         after = np.count_nonzero(out == value) * 27.0
         assert after == pytest.approx(before, rel=0.15), value
     with pytest.raises(ValueError, match="num_classes=3"):
-        pp.resample_labels(labels, (2.0,) * 3, (3.0,) * 3)
+        pp.resample_labels(labels, (2.0,) * 3, (3.0,) * 3, num_classes=3)
 
 
 def test_resample_probabilities_reduces_region_maps_with_to_labels():

@@ -207,9 +207,9 @@ def test_load_saved_model(exported, model, config):
     with pytest.raises(ValueError, match="B, z, y, x, 1"):
         art.network(batch[..., 0])
     # The one loader of inference recognises an export given as a model.
-    from kits_keras.inference import predict
+    from kits_keras.inference import batch
 
-    loaded = predict.load_model(base)
+    loaded = batch.load_model(base)
     assert isinstance(loaded, saved_model.SavedModelArtifact)
     assert loaded.path == art.path
 

@@ -50,6 +50,7 @@ from etils import epath
 
 from kits_keras import config as kk_config
 from kits_keras import io
+from kits_keras import nifti_checks
 from kits_keras.data import intensity
 from kits_keras.data import preprocessing
 
@@ -130,7 +131,8 @@ def labelled_case_dirs(manual_dir):
 def code_version(extra_sources=()):
     """sha256 (16 hex digits) of the code that turns case files into
     examples: this module, ``kits_keras.data.preprocessing``,
-    ``kits_keras.data.intensity``, ``kits_keras.io`` and the files of
+    ``kits_keras.data.intensity``, ``kits_keras.io``,
+    ``kits_keras.nifti_checks`` (how the voxels are read) and the files of
     ``extra_sources`` (a subclassing builder's module).
 
     Any edit to them (a comment too) changes it, so a dataset is never
@@ -140,7 +142,7 @@ def code_version(extra_sources=()):
     digest = hashlib.sha256()
     for path in (__file__, inspect.getsourcefile(preprocessing),
                  inspect.getsourcefile(intensity), inspect.getsourcefile(io),
-                 *extra_sources):
+                 inspect.getsourcefile(nifti_checks), *extra_sources):
         digest.update(epath.Path(path).read_bytes())
     return digest.hexdigest()[:16]
 
