@@ -189,32 +189,27 @@ def test_overfits_one_synthetic_case(tmp_path):
     assert result["kidney_dice"] > 0.9 and result["tumour_dice"] > 0.9, result
 
 
-def overfit(run_dir, epochs=5, steps=20):
-    """Trains the tiny U-Net on one synthetic case, validates on the same.
+def train_on_one_case(config, case, run_dir, num_classes=3):
+    """Trains ``config``'s network on one case and validates on the same.
 
-    The case (seed 0, "small") is preprocessed as the TFDS builder does and
-    cropped to its foreground bounding box plus 4 voxels, grown to multiples
-    of the total stride 8; the network sees that whole box each step (no
-    augmentation). Returns the last epoch's validation Dice on the box.
+    The case is preprocessed as the TFDS builder does and cropped to its
+    foreground bounding box plus 4 voxels, grown to multiples of the total
+    stride 8; the network sees that whole box each step (no augmentation).
+    Returns ``(history dict, image box (z, y, x, 1), label box (z, y, x))``.
     """
-    import keras
+    import numpy as np
 
     from kits_keras import config as config_lib
+    from kits_keras.backend import import_tensorflow
     from kits_keras.data import intensity
     from kits_keras.data import preprocessing
-    from kits_keras.synthetic import cases as synthetic
     from kits_keras.training import fit as training
-    from kits_keras.backend import import_tensorflow
 
     tf = import_tensorflow()
-    config = config_lib.override(config_lib.get_config("tiny"), train={
-        "epochs": epochs, "steps_per_epoch": steps, "learning_rate": 3e-3,
-        "lr_patience": 100, "batch_size": 1, "metric_smoothing": 1})
-    case = synthetic.make_case(0, size="small")
     stats = intensity.compute_intensity_stats(
         [(case.image.array, case.labels.array)])
     image, labels = preprocessing.preprocess_case(
-        case, stats, config.data.target_spacing)
+        case, stats, config.data.target_spacing, num_classes=num_classes)
     fg = np.argwhere(labels > 0)
     lo = np.maximum(fg.min(0) - 4, 0)
     hi = lo + -(-(fg.max(0) + 5 - lo) // 8) * 8
@@ -228,6 +223,27 @@ def overfit(run_dir, epochs=5, steps=20):
     model = training.compile_model(training.build_model(config, 0), config)
     history = training.train(config, model, lambda epoch: data, data,
                              run_dir, stats=stats, verbose=2).history
+    return history, x, y
+
+
+def overfit(run_dir, epochs=5, steps=20):
+    """Trains the tiny U-Net on one synthetic case, validates on the same.
+
+    The case (seed 0, "small") is preprocessed as the TFDS builder does and
+    cropped to its foreground bounding box plus 4 voxels, grown to multiples
+    of the total stride 8; the network sees that whole box each step (no
+    augmentation). Returns the last epoch's validation Dice on the box.
+    """
+    import keras
+
+    from kits_keras import config as config_lib
+    from kits_keras.synthetic import cases as synthetic
+
+    config = config_lib.override(config_lib.get_config("tiny"), train={
+        "epochs": epochs, "steps_per_epoch": steps, "learning_rate": 3e-3,
+        "lr_patience": 100, "batch_size": 1, "metric_smoothing": 1})
+    history, x, y = train_on_one_case(
+        config, synthetic.make_case(0, size="small"), run_dir)
     return {"backend": keras.backend.backend(), "box": list(x.shape[:3]),
             "tumour_voxels": int((y == 2).sum()),
             "kidney_dice": history["val_kidney_dice"][-1],

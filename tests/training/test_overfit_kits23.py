@@ -64,37 +64,18 @@ def overfit(run_dir, output_mode, epochs=10, steps=20):
     import keras
 
     from kits_keras import config as config_lib
-    from kits_keras.backend import import_tensorflow
-    from kits_keras.data import intensity
-    from kits_keras.data import preprocessing
     from kits_keras.synthetic import cases as synthetic
-    from kits_keras.training import fit as training
+    from tests.training.test_fit import train_on_one_case
 
-    tf = import_tensorflow()
     config = config_lib.override(
         config_lib.get_config("kits23_tiny"),
         model={"output_mode": output_mode},
         train={"epochs": epochs, "steps_per_epoch": steps,
                "learning_rate": 3e-3, "lr_patience": 100, "batch_size": 1,
                "metric_smoothing": 1})
-    case = with_cyst(synthetic.make_case(0, size="small"))
-    stats = intensity.compute_intensity_stats(
-        [(case.image.array, case.labels.array)])
-    image, labels = preprocessing.preprocess_case(
-        case, stats, config.data.target_spacing, num_classes=4)
-    fg = np.argwhere(labels > 0)
-    lo = np.maximum(fg.min(0) - 4, 0)
-    hi = lo + -(-(fg.max(0) + 5 - lo) // 8) * 8
-    pad = [(0, p) for p in np.maximum(hi - np.array(labels.shape), 0)]
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    x = np.pad(image, pad, constant_values=image.min())[box][..., None]
-    y = np.pad(labels, pad)[box].astype("int32")
-    ys = tuple(y[::f[0], ::f[1], ::f[2]]
-               for f in config_lib.output_strides(config))
-    data = tf.data.Dataset.from_tensors((x.astype("float32"), ys)).batch(1)
-    model = training.compile_model(training.build_model(config, 0), config)
-    history = training.train(config, model, lambda epoch: data, data,
-                             run_dir, stats=stats, verbose=2).history
+    history, _, y = train_on_one_case(
+        config, with_cyst(synthetic.make_case(0, size="small")), run_dir,
+        num_classes=4)
     names = ("kidney", "masses", "tumour")
     return {"backend": keras.backend.backend(), "mode": output_mode,
             "voxels": {int(v): int((y == v).sum()) for v in range(4)},
