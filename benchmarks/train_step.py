@@ -18,6 +18,17 @@ same threads and the same input arrays; peak RSS is measured in the child:
 
 A training step is forward + multi-scale loss + backward + Adam update.
 
+Both CPU kinds in one run: every side runs ``native`` (this CPU as it is)
+and ``avx2`` (``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN, in TensorFlow and in
+PyTorch, limited to AVX2, as on an AVX2-only EPYC or Xeon). TensorFlow runs
+twice per kind, with oneDNN (``tensorflow-onednn``) and with its Eigen
+kernels (``tensorflow-eigen``, TensorFlow's own default on AVX2-only CPUs);
+"ours" in the ``summary`` is the one ``--backend auto`` picks for that
+kind (:func:`kits_keras.backend.tensorflow_onednn`), and the ratios without
+a suffix are the worse of the two kinds. The ``tiny`` experiment's step
+(seconds and minor page faults per ``train_on_batch``) is measured the same
+way, against a same-shape ``PlainConvUNet``.
+
 GPU (``--gpu``, JAX only): paper config, bfloat16 mixed precision, batch 8,
 48 x 192 x 192, synthetic device arrays; time per step, FLOPs per step from
 cost analysis, achieved TFLOP/s. Its section is merged into the same JSON.
@@ -25,7 +36,7 @@ The full GPU check (PyTorch peer on the GPU, data parallel, inference,
 numerics) is ``benchmarks/gpu_check.py``, which reuses this file's inputs,
 torch network and torch loss.
 
-Run: ``python benchmarks/train_step.py`` (about 10-15 min on 2 cores) or
+Run: ``python benchmarks/train_step.py`` (about 25 min on 2 cores) or
 ``python benchmarks/train_step.py --gpu`` on a GPU host.
 """
 
@@ -73,15 +84,38 @@ def make_inputs(batch, patch, strides=PEER_STRIDES):
     return x, ys
 
 
+def minor_faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn, warmup, repeats, label):
-    times = []
+    """Median seconds of ``fn`` after ``warmup`` calls, and the median
+    number of minor page faults (fresh pages touched) per call."""
+    times, faults = [], []
     for i in range(warmup + repeats):
+        before = minor_faults()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-        print(f"  {label} {i}: {times[-1]:.2f} s", file=sys.stderr, flush=True)
+        faults.append(minor_faults() - before)
+        print(f"  {label} {i}: {times[-1]:.2f} s, {faults[-1]} faults",
+              file=sys.stderr, flush=True)
     return dict(warmup=times[:warmup], times=times[warmup:],
-                median=statistics.median(times[warmup:]))
+                median=statistics.median(times[warmup:]),
+                page_faults_median=statistics.median(faults[warmup:]))
+
+
+def tiny_shape():
+    """``(strides, features, patch)`` of the ``tiny`` experiment's U-Net."""
+    from kits_keras.config import get_config
+    from kits_keras.config import model_strides
+
+    cfg = get_config("tiny")
+    m = cfg.model
+    features = tuple(min(m.base_filters * 2**i, m.max_filters)
+                     for i in range(m.num_levels))
+    return (tuple(tuple(s) for s in model_strides(cfg)), features,
+            tuple(cfg.data.patch_size))
 
 
 # ----------------------------------------------------------------- torch
@@ -142,9 +176,13 @@ def torch_worker(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    net = torch_unet()
+    if args.model == "tiny":
+        strides, features, _ = tiny_shape()
+    else:
+        strides, features = PEER_STRIDES, FEATURES
+    net = torch_unet(strides, features)
     opt = torch.optim.Adam(net.parameters(), lr=3e-4)
-    x_np, ys_np = make_inputs(args.batch, args.patch)
+    x_np, ys_np = make_inputs(args.batch, args.patch, strides)
     x = torch.from_numpy(x_np[..., 0][:, None].copy())
     ys = [torch.from_numpy(y.astype(np.int64)) for y in ys_np]
 
@@ -164,7 +202,8 @@ def torch_worker(args):
     res = dict(side="torch", torch=torch.__version__,
                dna=getattr(dna, "__version__", None),
                params=sum(p.numel() for p in net.parameters()),
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(),
+               mkldnn=torch.backends.mkldnn.is_available())
     net.train()
     res["train"] = timed(train_step, args.warmup, args.repeats, "train")
     net.eval()  # InstanceNorm has no running stats: same numerics
@@ -173,13 +212,17 @@ def torch_worker(args):
 
 
 # ----------------------------------------------------------------- keras
-def keras_model(patch):
+def keras_model(patch, model="paper"):
+    """The paper's U-Net with the peer's strides, or the ``tiny`` one."""
     from kits_keras.config import get_config
     from kits_keras.config import override
     from kits_keras.model.unet import build_unet
 
-    cfg = override(get_config("paper"), model={"strides": PEER_STRIDES},
-                   data={"patch_size": tuple(patch)})
+    if model == "tiny":
+        cfg = override(get_config("tiny"), model={"strides": tiny_shape()[0]})
+    else:
+        cfg = override(get_config("paper"), model={"strides": PEER_STRIDES},
+                       data={"patch_size": tuple(patch)})
     return cfg, build_unet(cfg)
 
 
@@ -194,9 +237,13 @@ def tensorflow_worker(args):
     from kits_keras.model.losses import ExpLogLoss
     from kits_keras.model.losses import deep_supervision_weights
 
+    from tensorflow.python.util import _pywrap_util_port
+
     keras.utils.set_random_seed(0)
-    cfg, model = keras_model(args.patch)
-    x, ys = make_inputs(args.batch, args.patch)
+    cfg, model = keras_model(args.patch, args.model)
+    from kits_keras.config import model_strides
+
+    x, ys = make_inputs(args.batch, args.patch, model_strides(cfg))
     model.compile(
         optimizer=keras.optimizers.Adam(3e-4),
         loss=[ExpLogLoss.from_loss_config(cfg.loss)] * len(ys),
@@ -205,7 +252,12 @@ def tensorflow_worker(args):
     )
     res = dict(side=args.side, keras=keras.__version__,
                tensorflow=tf.__version__, params=model.count_params(),
-               jit_compile=args.side == "tensorflow-xla")
+               jit_compile=args.side == "tensorflow-xla",
+               onednn_in_force=bool(_pywrap_util_port.IsMklEnabled()),
+               intra_op_threads=(
+                   tf.config.threading.get_intra_op_parallelism_threads()),
+               inter_op_threads=(
+                   tf.config.threading.get_inter_op_parallelism_threads()))
     res["forward"] = timed(lambda: model.predict_on_batch(x), args.warmup,
                            args.repeats, "forward")
     res["train"] = timed(lambda: model.train_on_batch(x, ys), args.warmup,
@@ -247,8 +299,10 @@ def jax_worker(args, batch, patch, warmup, repeats, bfloat16=False):
 
         ys = [y[:, ::f[0], ::f[1], ::f[2]] for f in output_strides(cfg)]
     else:
-        cfg, model = keras_model(patch)
-        x, ys = make_inputs(batch, patch)
+        from kits_keras.config import model_strides
+
+        cfg, model = keras_model(patch, args.model)
+        x, ys = make_inputs(batch, patch, model_strides(cfg))
     x, ys = jax.device_put(x), [jax.device_put(y) for y in ys]
     step, state = make_train_step(model, cfg.loss,
                                   keras.optimizers.Adam(3e-4))
@@ -257,7 +311,8 @@ def jax_worker(args, batch, patch, warmup, repeats, bfloat16=False):
                devices=[str(d) for d in jax.devices()],
                params=model.count_params(),
                dtype_policy=keras.mixed_precision.dtype_policy().name,
-               analytic_forward_flops_per_sample=count_flops(cfg, patch))
+               analytic_forward_flops_per_sample=count_flops(
+                   cfg, tuple(patch)))
     start = time.perf_counter()
     forward_c = forward.lower(state, x).compile()
     res["forward_compile_s"] = time.perf_counter() - start
@@ -296,22 +351,60 @@ def run_worker(args):
 
 
 # ---------------------------------------------------------------- parent
-def run_side(args, side):
+# The two CPU kinds: this CPU, and an AVX2-only one emulated by capping
+# oneDNN's instruction set (TensorFlow's and PyTorch's).
+KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+# TensorFlow's oneDNN switch per TensorFlow side.
+TF_SIDES = {"tensorflow-onednn": "1", "tensorflow-eigen": "0",
+            "tensorflow-xla": "1"}
+
+
+def kind_flags(kind, flags):
+    """The CPU flags the kernels see in ``kind``: without AVX-512, VNNI and
+    AMX for ``avx2``."""
+    if kind == "native":
+        return frozenset(flags)
+    return frozenset(f for f in flags
+                     if not f.startswith(("avx512", "amx", "avx_vnni")))
+
+
+def auto_side(kind, flags):
+    """The TensorFlow side ``--backend auto`` runs on a ``kind`` CPU."""
+    from kits_keras.backend import tensorflow_onednn
+
+    enabled, _, why = tensorflow_onednn(kind_flags(kind, flags), {})
+    return ("tensorflow-onednn" if enabled else "tensorflow-eigen"), why
+
+
+def run_side(args, side, kind, model):
     python = args.peers_python if side == "torch" else sys.executable
     backend = "jax" if side == "jax" else "tensorflow"
-    warmup, repeats = ((args.jax_warmup, args.jax_repeats) if side == "jax"
-                       else (args.warmup, args.repeats))
+    if model == "tiny":
+        warmup, repeats, batch = args.tiny_warmup, args.tiny_repeats, 2
+        from kits_keras.config import get_config
+
+        patch = get_config("tiny").data.patch_size
+    elif side == "jax":
+        warmup, repeats = args.jax_warmup, args.jax_repeats
+        batch, patch = args.batch, args.patch
+    else:
+        warmup, repeats, batch, patch = (args.warmup, args.repeats,
+                                         args.batch, args.patch)
     env = dict(os.environ, KERAS_BACKEND=backend, OMP_NUM_THREADS=str(
         args.threads), MKL_NUM_THREADS=str(args.threads),
-        JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+        JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
+        **KINDS[kind])
+    if side in TF_SIDES:
+        env["TF_ENABLE_ONEDNN_OPTS"] = TF_SIDES[side]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         cmd = [python, os.path.abspath(__file__), "--worker", "--side", side,
-               "--result", out, "--batch", str(args.batch),
+               "--model", model, "--result", out, "--batch", str(batch),
                "--threads", str(args.threads), "--warmup", str(warmup),
                "--repeats", str(repeats), "--patch",
-               *[str(p) for p in args.patch]]
-        print(f"[{side}] {' '.join(cmd)}", file=sys.stderr, flush=True)
+               *[str(p) for p in patch]]
+        print(f"[{kind} {model} {side}] {' '.join(cmd)}", file=sys.stderr,
+              flush=True)
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=REPO, text=True,
                               stdout=subprocess.PIPE, stderr=None)
@@ -321,6 +414,9 @@ def run_side(args, side):
         with open(out) as f:
             res = json.load(f)
         res["wall_s"] = time.perf_counter() - start
+        res["env"] = {k: env[k] for k in ("ONEDNN_MAX_CPU_ISA",
+                                          "TF_ENABLE_ONEDNN_OPTS",
+                                          "OMP_NUM_THREADS") if k in env}
         return res
 
 
@@ -333,33 +429,57 @@ def versions():
 write_json = common.write_json  # no nibabel needed: the GPU host has none
 
 
-def summarise(sides):
-    torch = sides.get("torch", {})
-    ours = {k: v for k, v in sides.items()
-            if k != "torch" and "train" in v}
+def _ratio(ours, torch, *keys):
+    a, b = ours, torch
+    for k in keys:
+        a, b = a[k], b[k]
+    return a / b
+
+
+def summarise_kind(kind, sides, ours):
+    """Ratios of the ``ours`` side (auto's choice) to torch, and every
+    side's figures, for one CPU kind; keys end in ``_<kind>``."""
+    paper, tiny = sides["paper"], sides["tiny"]
+    torch = paper.get("torch", {})
+    out = {}
+    if "train" in torch and "train" in paper.get(ours, {}):
+        out.update({
+            f"cpu_train_time_ratio_vs_torch_{kind}": _ratio(
+                paper[ours], torch, "train", "median"),
+            f"cpu_forward_time_ratio_vs_torch_{kind}": _ratio(
+                paper[ours], torch, "forward", "median"),
+            f"cpu_peak_memory_ratio_vs_torch_{kind}": _ratio(
+                paper[ours], torch, "peak_rss_mb"),
+        })
+    for model, by_side in (("paper", paper), ("tiny", tiny)):
+        for side, v in by_side.items():
+            if "train" not in v:
+                continue
+            key = f"{model}_{side}_{kind}"
+            out[f"{key}_train_s"] = v["train"]["median"]
+            out[f"{key}_forward_s"] = v["forward"]["median"]
+            out[f"{key}_peak_rss_mb"] = v["peak_rss_mb"]
+            if model == "tiny":
+                out[f"{key}_train_page_faults_per_step"] = (
+                    v["train"]["page_faults_median"])
+    return out
+
+
+def summarise(kinds):
+    """The per-kind summaries and, without suffix, the worse kind's
+    ratios (what holds on every x86 CPU)."""
     summary = {}
-    if not ours or "train" not in torch:
-        return summary
-    best = min(ours, key=lambda k: ours[k]["train"]["median"])
-    t_train, t_fwd = torch["train"]["median"], torch["forward"]["median"]
-    summary.update(
-        best_backend=best,
-        cpu_train_time_ratio_vs_torch=ours[best]["train"]["median"] / t_train,
-        cpu_forward_time_ratio_vs_torch=(ours[best]["forward"]["median"]
-                                         / t_fwd),
-        cpu_peak_memory_ratio_vs_torch=(ours[best]["peak_rss_mb"]
-                                        / torch["peak_rss_mb"]),
-        torch_train_s=t_train, torch_forward_s=t_fwd,
-        torch_peak_rss_mb=torch["peak_rss_mb"])
-    for k, v in ours.items():
-        summary[f"{k}_train_s"] = v["train"]["median"]
-        summary[f"{k}_forward_s"] = v["forward"]["median"]
-        summary[f"{k}_peak_rss_mb"] = v["peak_rss_mb"]
-        summary[f"{k}_train_ratio_vs_torch"] = v["train"]["median"] / t_train
-        summary[f"{k}_forward_ratio_vs_torch"] = (v["forward"]["median"]
-                                                  / t_fwd)
-        summary[f"{k}_memory_ratio_vs_torch"] = (v["peak_rss_mb"]
-                                                 / torch["peak_rss_mb"])
+    for kind, entry in kinds.items():
+        summary[f"auto_side_{kind}"] = entry["auto_side"]
+        summary.update(summarise_kind(kind, entry["sides"],
+                                      entry["auto_side"]))
+    for name in ("cpu_train_time_ratio_vs_torch",
+                 "cpu_forward_time_ratio_vs_torch",
+                 "cpu_peak_memory_ratio_vs_torch"):
+        values = [summary[f"{name}_{k}"] for k in kinds
+                  if f"{name}_{k}" in summary]
+        if values:
+            summary[name] = max(values)
     return summary
 
 
@@ -367,13 +487,25 @@ def main_cpu(args):
     # No KERAS_BACKEND here: the package would take it for the user's
     # choice and ``auto_backend_on_this_host`` would echo it.
     sys.path.insert(0, REPO)
+    from kits_keras.backend import cpu_flags
     from kits_keras.backend import resolve_backend
     from kits_keras.config import get_config
     from kits_keras.config import override
     from kits_keras.model.unet import count_flops
 
     cfg = override(get_config("paper"), model={"strides": PEER_STRIDES})
-    sides = {side: run_side(args, side) for side in args.sides.split(",")}
+    flags = cpu_flags()
+    kinds = {}
+    for kind in args.kinds.split(","):
+        side_auto, why = auto_side(kind, flags)
+        kinds[kind] = dict(
+            env=KINDS[kind], auto_side=side_auto, auto_why=why,
+            flags_seen={f: f in kind_flags(kind, flags) for f in (
+                "avx2", "avx512f", "avx512_vnni", "avx512_bf16",
+                "amx_tile")},
+            sides={model: {side: run_side(args, side, kind, model)
+                           for side in args.sides.split(",")}
+                   for model in ("tiny", "paper")})
     flops = count_flops(cfg, tuple(args.patch))
     previous = {}
     if os.path.exists(args.out):
@@ -382,8 +514,9 @@ def main_cpu(args):
     gpu = previous.get("gpu") if previous.get("gpu", {}).get("run") else {
         "run": False, "reason": "no GPU on the host of this CPU run; run "
         "`python benchmarks/train_step.py --gpu` on a GPU host"}
-    summary = summarise(sides)
+    summary = summarise(kinds)
     summary["gpu_run"] = bool(gpu.get("run"))
+    strides, features, tiny_patch = tiny_shape()
     data = dict(
         benchmark="train_step", date=datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -393,10 +526,12 @@ def main_cpu(args):
                    features=FEATURES, dtype="float32",
                    loss="exponential-logarithmic, 4 deep-supervision heads",
                    optimizer="Adam 3e-4",
+                   tiny=dict(batch=2, patch=list(tiny_patch),
+                             strides=strides, features=features),
                    auto_backend_on_this_host=resolve_backend("auto")),
         analytic_forward_flops_per_sample=flops,
         analytic_train_flops_per_batch=3 * flops * args.batch,
-        sides=sides, gpu=gpu, summary=summary)
+        kinds=kinds, gpu=gpu, summary=summary)
     write_json(args.out, data)
     print(json.dumps(summary, indent=1))
 
@@ -427,13 +562,20 @@ def main_gpu(args):
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sides", default="torch,tensorflow,jax",
-                   help="comma list of torch, tensorflow, tensorflow-xla, "
-                        "jax")
+    p.add_argument("--sides", default=("torch,tensorflow-onednn,"
+                                       "tensorflow-eigen,jax"),
+                   help="comma list of torch, tensorflow-onednn, "
+                        "tensorflow-eigen, tensorflow-xla, jax")
+    p.add_argument("--kinds", default="native,avx2",
+                   help="comma list of CPU kinds: native, avx2")
+    p.add_argument("--model", default="paper", choices=("paper", "tiny"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--tiny-warmup", type=int, default=3)
+    p.add_argument("--tiny-repeats", type=int, default=8)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--patch", type=int, nargs=3, default=[48, 96, 96])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     # The JAX step is compiled ahead of time, so no warm-up is needed.
     p.add_argument("--jax-warmup", type=int, default=0)
@@ -451,6 +593,11 @@ def parse_args():
 if __name__ == "__main__":
     args = parse_args()
     if args.worker:
+        if args.side != "torch":
+            # What the kits-keras command does first on a CPU-only host.
+            from kits_keras import backend
+
+            backend.tune_allocator()
         run_worker(args)
     elif args.gpu:
         main_gpu(args)

@@ -11,6 +11,10 @@ import click
 
 import kits_keras
 
+if kits_keras.backend.cpu_only_host():
+    # Before NumPy or TensorFlow start threads: see tune_allocator.
+    kits_keras.backend.tune_allocator()
+
 # (module under cli/, click command name in it)
 COMMANDS = (
     ("infer", "infer"),
