@@ -18,13 +18,17 @@ from cli.common import user_errors
               type=click.IntRange(min=5),
               help="Synthetic cases; every 5th is held out for testing.")
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--dataset", type=click.Choice(("kits19", "kits23")),
+              default="kits19", show_default=True,
+              help="kits23: cysts (label 3) in the synthetic cases, the "
+              "kits23_tiny experiment and KiTS23's HEC Dice / Surface Dice.")
 @backend_option()
 @click.option("--overwrite", is_flag=True,
               help="Replace an earlier demo in --out.")
 @user_errors
-def demo(out_dir, steps, num_cases, seed, backend, overwrite):
+def demo(out_dir, steps, num_cases, seed, dataset, backend, overwrite):
     """Synthesise cases, build the dataset, train the tiny model, segment
-    the held-out cases and score them with the KiTS19 metric."""
+    the held-out cases and score them with the KiTS19 (or KiTS23) metric."""
     from kits_keras.backend import select_backend
 
     click.echo(f"Keras backend: {select_backend(backend)}")
@@ -34,7 +38,7 @@ def demo(out_dir, steps, num_cases, seed, backend, overwrite):
 
     result = run_demo(DemoOptions(out_dir=out_dir, steps=steps,
                                   num_cases=num_cases, seed=seed,
-                                  overwrite=overwrite))
+                                  overwrite=overwrite, dataset=dataset))
     click.echo("")
     click.echo(format_table(result["scores"]))
     click.echo("")

@@ -89,3 +89,33 @@ def test_demo_refuses_to_replace_without_overwrite(demo_dir):
     assert proc.returncode == 1
     assert "--overwrite" in proc.stderr
     assert os.path.getmtime(os.path.join(out, "demo.json")) == before
+
+
+def test_kits23_demo_reports_hec_dice_of_the_files_it_wrote(tmp_path):
+    """``demo --dataset kits23``: cysts in the cases, a 0-3 label map, and
+    KiTS23's HEC Dice recomputed here from the written files."""
+    out = str(tmp_path / "out")
+    proc = _run("demo", "--out", out, "--steps", "5", "--cases", "5",
+                "--dataset", "kits23")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "demo.json")) as f:
+        result = json.load(f)
+    assert result["dataset"] == "kits23" and result["config"] == (
+        "kits23_tiny")
+    row = result["scores"]["cases"][0]
+    assert row["status"] == "ok"
+    pred = np.asarray(nib.load(os.path.join(
+        out, "predictions", "case_00004.nii.gz")).dataobj)
+    truth = np.asarray(nib.load(os.path.join(
+        out, "cases", "case_00004", "segmentation.nii.gz")).dataobj)
+    # Cysts are painted into the synthetic cases (not into every one).
+    assert any(np.any(np.asarray(nib.load(os.path.join(
+        out, "cases", c, "segmentation.nii.gz")).dataobj) == 3)
+        for c in result["cases"]["train"] + result["cases"]["test"])
+    assert set(np.unique(pred)) <= {0, 1, 2, 3}
+    for name, labels in (("kidney_and_masses", (1, 2, 3)),
+                         ("masses", (2, 3)), ("tumour", (2,))):
+        expected = _dice(np.isin(pred, labels), np.isin(truth, labels))
+        assert row[f"{name}_dice"] == pytest.approx(expected, abs=1e-6)
+        assert 0 <= row[f"{name}_surface_dice"] <= 1
+    assert "masses" in proc.stdout

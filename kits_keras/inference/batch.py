@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from kits_keras import backend
 from kits_keras import files
 from kits_keras import io
 from kits_keras.config import override
@@ -66,6 +67,8 @@ def infer_case(job, network, config, stats, options=InferOptions(),
                         "voxels_removed": removed},
         "qc": pred.qc,
         "timings_s": {**pred.timings, "read": t_read, "postprocess": t_post},
+        # What ran the network, and why (backend, oneDNN, CPU kind).
+        "runtime": backend.describe(),
     }
     if job.series is not None:
         report["dicom_series_uid"] = job.series.uid
@@ -240,6 +243,8 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         reports = _infer_all(todo, art, infer_overrides, options, progress,
                              failures)
     summary = {"cases": reports, "failures": failures}
+    if reports:
+        summary["runtime"] = reports[0]["runtime"]
     if summary_file is not None and reports:
         files.write_json(summary_file, summary)
     if index_file is not None and reports:

@@ -154,6 +154,46 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def format_duration(seconds):
+    """``"1 h 02 min"``, ``"4 min 05 s"`` or ``"12 s"``.
+
+    >>> format_duration(3725), format_duration(245), format_duration(12.4)
+    ('1 h 02 min', '4 min 05 s', '12 s')
+    """
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    if seconds >= 60:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds} s"
+
+
+class Eta(keras.callbacks.Callback):
+    """Logs, after each epoch, the steps done of the run's fixed total and
+    the time left at the mean pace of the epochs of this call so far
+    (validation included)."""
+
+    def __init__(self, epochs, steps_per_epoch):
+        super().__init__()
+        self.epochs = int(epochs)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.start = self.first_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.start is None:
+            self.start, self.first_epoch = time.monotonic(), epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        elapsed = time.monotonic() - self.start
+        done = epoch + 1
+        per_epoch = elapsed / (done - self.first_epoch)
+        log.info("epoch %d/%d (%d of %d steps): %s elapsed, ETA %s",
+                 done, self.epochs, done * self.steps_per_epoch,
+                 self.epochs * self.steps_per_epoch,
+                 format_duration(elapsed),
+                 format_duration(per_epoch * (self.epochs - done)))
+
+
 class LossCurves(keras.callbacks.Callback):
     """Redraws ``loss_curves.png`` from ``history.csv`` after every epoch.
 

@@ -195,7 +195,9 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
         {"plateau": plateau, "summary": summary},
         {"seed": int(seed), "config": config.name},
     )
-    return [summary, plateau, *loggers, curves, checkpoint], checkpoint
+    eta = cb.Eta(config.train.epochs, config.train.steps_per_epoch)
+    return ([summary, plateau, *loggers, curves, eta, checkpoint],
+            checkpoint)
 
 
 def train(config, model, epoch_dataset, validation, run_dir, stats=None,
@@ -308,6 +310,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, changes=None,
     writes = cluster is None or cluster.writes
     if writes:
         run_folder.write_config(run_dir, config)
+        run_folder.write_runtime(run_dir)
     model = compile_model(build_model(config, config.train.seed), config)
     if distribution is not None:
         _log_sharding(config, distribution, cluster)

@@ -1,7 +1,8 @@
 """The run folder of ``kits-keras fit``: starting, resuming, restoring.
 
 A run folder holds ``config.json`` (:data:`CONFIG_FILE`, written before
-training starts), ``checkpoints/`` (``epoch_XXXX.keras`` and
+training starts), ``runtime.json`` (:data:`RUNTIME_FILE`: the backend,
+oneDNN and allocator choices and why, the CPU), ``checkpoints/`` (``epoch_XXXX.keras`` and
 ``state.json``, :class:`kits_keras.training.callbacks.RunCheckpoint`) and
 the artifact ``model.keras`` (:mod:`kits_keras.artifact`).
 :func:`prepare_run` picks or checks the folder, :func:`write_config` starts
@@ -22,6 +23,7 @@ from kits_keras.training import callbacks as cb
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
+RUNTIME_FILE = "runtime.json"
 
 
 def prepare_run(config, out_dir, resume, changes=None):
@@ -61,6 +63,15 @@ def prepare_run(config, out_dir, resume, changes=None):
             f"{run_dir}: already holds a run; pass --resume to continue it "
             "or choose another --out.")
     return run_dir, config, None
+
+
+def write_runtime(run_dir):
+    """Writes :data:`RUNTIME_FILE`: what ran the network and why
+    (:func:`kits_keras.backend.describe`); a resumed run overwrites it
+    with the resuming process's."""
+    from kits_keras import backend
+
+    files.write_json(os.path.join(run_dir, RUNTIME_FILE), backend.describe())
 
 
 def write_config(run_dir, config):

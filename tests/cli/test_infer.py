@@ -70,6 +70,9 @@ def test_default_output_beside_input_and_latest_run(ct_file, runs_root,
                                       "kidney_and_tumour_ml"}
     assert report["qc"]["mirroring_disagreement"] is None  # --tta none
     assert report["timings_s"]["total"] > 0
+    # What ran the network on this host, and why.
+    assert report["runtime"]["backend"] in ("tensorflow", "jax")
+    assert report["runtime"]["why"]
     assert os.path.getsize(ct_file.replace(".nii.gz", "_seg.png")) > 1000
     # Existing output: refused, untouched; --overwrite replaces it.
     before = os.path.getmtime(seg_path)

@@ -141,6 +141,14 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     # The run folder holds everything the issue lists.
     for name in ("model.keras", "config.json", "loss_curves.png", "logs"):
         assert os.path.exists(os.path.join(split, name)), name
+    # ... and what ran it, and why.
+    import keras
+
+    with open(os.path.join(split, "runtime.json")) as f:
+        runtime = json.load(f)
+    assert runtime["backend"] == keras.backend.backend()
+    assert runtime["why"] and runtime["cpu"]["kind"] in ("avx512", "avx2",
+                                                         "other")
     art = artifact.load_artifact(split)
     # The best model may be epoch 1's, saved by the 1-epoch invocation: its
     # config says the epochs it was trained with.
