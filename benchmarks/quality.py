@@ -18,7 +18,18 @@ Run (about 30 minutes on 2 cores)::
     v/bin/python benchmarks/quality.py [--work /tmp/kits-quality]
 
 Stages are cached in ``--work`` (cases, dataset, run); ``--fresh`` starts
-over. The number of steps is fixed, so the figures do not depend on the
+over.
+
+``--variants K`` (K > 1) trains on K synthetic CTs per training label
+volume instead of one (another body, contrast phase, organs and noise
+around the same real labels, as more patients with the same kidneys would
+be); the held-out cases and their labels are untouched and the validation
+cases keep one CT each, so neither the test nor the validation Dice sees
+a label volume that was trained on. The variants get case ids
+``1000 * v + N`` and the validation cases ``9000 + N``, so that the
+builder's own rule (sorted ids, the last ``validation_cases`` of its
+training split validate) puts the validation cases last; the variants
+that rule assigns to its ``test`` split are simply not used. The number of steps is fixed, so the figures do not depend on the
 machine's speed.
 """
 
@@ -72,7 +83,43 @@ def stage(work, name, fn, fresh=False):
     return {"result": result, "seconds": seconds}
 
 
-def run(work, steps, seed, fresh=False):
+def plan_training_ids(train_ids, val_ids, variants):
+    """``{training case id: (source case id, variant)}`` for
+    ``--variants``: variant 0 is the original CT, variant ``v`` of case
+    ``N`` becomes ``case_{1000 v + N}``, the validation cases
+    ``case_{9000 + N}``; variants are dropped from the end until the
+    builder's split keeps the validation cases last in its training
+    split.
+
+    With five ids the fifth would go to the builder's test split, so one
+    variant is dropped:
+
+    >>> plan = plan_training_ids(["case_00002", "case_00005"],
+    ...                          ["case_00009"], 2)
+    >>> sorted(plan)
+    ['case_00002', 'case_00005', 'case_01002', 'case_09009']
+    >>> plan["case_01002"], plan["case_09009"]
+    (('case_00002', 1), ('case_00009', 0))
+    """
+    from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
+
+    def number(case_id):
+        return int(case_id.split("_")[1])
+
+    extra = [(f"case_{1000 * v + number(c):05d}", (c, v))
+             for v in range(1, variants) for c in train_ids]
+    base = {c: (c, 0) for c in train_ids}
+    base.update({f"case_{9000 + number(c):05d}": (c, 0) for c in val_ids})
+    while True:
+        plan = {**base, **dict(extra)}
+        train, _ = split_case_ids(sorted(plan))
+        wanted = sorted(f"case_{9000 + number(c):05d}" for c in val_ids)
+        if sorted(train)[-len(val_ids):] == wanted or not extra:
+            return plan
+        extra.pop()
+
+
+def run(work, steps, seed, fresh=False, variants=1):
     from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras.synthetic import cases as synthetic
@@ -94,12 +141,47 @@ def run(work, steps, seed, fresh=False):
                               seed=seed)
         return sorted(os.listdir(path))
 
+    def variant_cases(path):
+        """The extra CTs (variants 1..K-1) and a folder of every training
+        case, ``train_cases/``, that ``prepare`` builds from."""
+        from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
+
+        originals = sorted(os.listdir(os.path.join(work, "labels")))
+        train_ids, _ = split_case_ids(originals)
+        n_val = config.data.validation_cases
+        plan = plan_training_ids(train_ids[:-n_val], train_ids[-n_val:],
+                                 variants)
+        labels = os.path.join(path, "labels")
+        os.makedirs(labels)
+        for case_id, (source, v) in sorted(plan.items()):
+            if v:
+                os.symlink(os.path.realpath(os.path.join(work, "labels",
+                                                         source)),
+                           os.path.join(labels, case_id))
+        if os.listdir(labels):
+            # Other seeds than the originals' (case i uses seed + i).
+            synthetic.write_cases(os.path.join(path, "cases"),
+                                  labels_from=labels, seed=seed + 1000)
+        train_dir = os.path.join(path, "train_cases")
+        os.makedirs(train_dir)
+        for case_id, (source, v) in sorted(plan.items()):
+            folder = (os.path.join(path, "cases", case_id) if v else
+                      os.path.join(work, "cases", source))
+            os.symlink(os.path.abspath(folder),
+                       os.path.join(train_dir, case_id))
+        return {c: list(v) for c, v in plan.items()}
+
     def prepare(path):
         from kits_keras.demo import _split_case_ids
 
-        result = dataset.prepare(os.path.join(work, "cases"), data_dir=path,
-                                 config=config.data)
-        train_ids, test_ids = _split_case_ids(result)
+        result = dataset.prepare(
+            os.path.join(work, "variants", "train_cases"), data_dir=path,
+            config=config.data)
+        train_ids, _ = _split_case_ids(result)
+        from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
+
+        _, test_ids = split_case_ids(sorted(os.listdir(
+            os.path.join(work, "labels"))))
         return {"train": sorted(train_ids), "test": sorted(test_ids)}
 
     def train(path):
@@ -108,7 +190,8 @@ def run(work, steps, seed, fresh=False):
         return path
 
     for name, fn in (("labels", labels), ("cases", cases),
-                     ("tfds", prepare), ("run", train)):
+                     ("variants", variant_cases), ("tfds", prepare),
+                     ("run", train)):
         timings[name] = stage(work, name, fn, fresh)["seconds"]
     split = stage(work, "tfds", prepare)["result"]
     run_dir = os.path.join(work, "run")
@@ -120,10 +203,13 @@ def run(work, steps, seed, fresh=False):
     # Validation cases, as fit saw them (no mirroring), on their own grid:
     # does the Dice fit reported match the one inference gets?
     val_ids = _validation_ids(config, os.path.join(work, "tfds"))
-    val, timings["infer_validation"] = segment(work, val_ids, run_dir,
-                                               "none", "val_predictions")
+    val, timings["infer_validation"] = segment(
+        work, val_ids, run_dir, "none", "val_predictions",
+        cases_dir=os.path.join(work, "variants", "train_cases"))
     return {
         "config": config.to_dict(),
+        "variants": variants,
+        "training_cases": stage(work, "variants", None)["result"],
         "steps": config.train.epochs * config.train.steps_per_epoch,
         "split": {**split, "validation": val_ids},
         "cases": cases,
@@ -140,9 +226,10 @@ def _validation_ids(config, data_dir):
     return sorted(data.case_split(config, builder)[1])
 
 
-def segment(work, case_ids, run_dir, tta, name):
-    """``kits-keras infer`` + ``evaluate`` of ``case_ids``; returns
-    ``({"report", "qc"}, seconds)``."""
+def segment(work, case_ids, run_dir, tta, name, cases_dir=None):
+    """``kits-keras infer`` + ``evaluate`` of ``case_ids`` (folders in
+    ``cases_dir``, default ``work/cases``); returns ``({"report", "qc"},
+    seconds)``."""
     from kits_keras import evaluate
     from kits_keras.inference import batch
 
@@ -150,16 +237,17 @@ def segment(work, case_ids, run_dir, tta, name):
     truth_dir = pred_dir + "_truth"
     for folder in (pred_dir, truth_dir):
         shutil.rmtree(folder, ignore_errors=True)
+    cases_dir = cases_dir or os.path.join(work, "cases")
     start = time.perf_counter()
     summary = batch.run_inference(
-        [os.path.join(work, "cases", c) for c in case_ids], output=pred_dir,
+        [os.path.join(cases_dir, c) for c in case_ids], output=pred_dir,
         model=run_dir, infer_overrides={"tta": tta})
     seconds = round(time.perf_counter() - start, 1)
     if summary["failures"]:
         raise RuntimeError(f"inference failed: {summary['failures']}")
     os.makedirs(truth_dir)
     for c in case_ids:
-        os.symlink(os.path.join(work, "cases", c, "segmentation.nii.gz"),
+        os.symlink(os.path.join(cases_dir, c, "segmentation.nii.gz"),
                    os.path.join(truth_dir, f"{c}.nii.gz"))
     report = evaluate.evaluate_folders(pred_dir, truth_dir)
     qc = {c["case_id"]: c["qc"] for c in summary["cases"]}
@@ -262,6 +350,8 @@ def main(argv=None):
     parser.add_argument("--work", default="/tmp/kits-quality")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", type=int, default=1,
+                        help="Synthetic CTs per training label volume.")
     parser.add_argument("--fresh", action="store_true",
                         help="Rebuild every cached stage.")
     parser.add_argument("--no-write", action="store_true",
@@ -274,7 +364,8 @@ def main(argv=None):
     from kits_keras.backend import select_backend
 
     backend = select_backend(args.backend)  # before anything imports Keras
-    result = run(args.work, args.steps, args.seed, args.fresh)
+    result = run(args.work, args.steps, args.seed, args.fresh,
+                 args.variants)
     cases = result["cases"]
     result["backend"] = backend
     result["summary"] = {
@@ -285,6 +376,7 @@ def main(argv=None):
         "max_foreground_ml_in_air": max(c["foreground_ml_in_air"]
                                         for c in cases),
         "held_out_cases": len(cases),
+        "variants_per_training_label": args.variants,
         "steps": result["steps"],
         "validation_patch_vs_volume_correlation":
             result["validation"]["patch_vs_volume_correlation"],
