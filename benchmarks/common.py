@@ -153,7 +153,7 @@ with open(out, "w") as fh:
 
 
 def call_in_subprocess(path, func, kwargs=None, python=None, threads=2,
-                       timeout=1800):
+                       timeout=1800, env=None):
     """Runs ``func(**kwargs)`` from the file ``path`` in a fresh process.
 
     Args:
@@ -163,6 +163,8 @@ def call_in_subprocess(path, func, kwargs=None, python=None, threads=2,
         python: str. Interpreter (e.g. the peers env). Defaults to this one.
         threads: int. Value for OMP/MKL/OpenBLAS thread variables.
         timeout: float. Seconds before the child is killed.
+        env: dict or None. Extra environment variables for the child
+            (``ONEDNN_MAX_CPU_ISA=AVX2`` for the AVX2-only emulation).
 
     Returns:
         dict with ``result`` (what ``func`` returned), ``wall_s`` (seconds
@@ -181,7 +183,8 @@ def call_in_subprocess(path, func, kwargs=None, python=None, threads=2,
                 func, json.dumps(kwargs or {}), out]
         with open(log, "w") as log_fh:
             proc = subprocess.Popen(args, stdout=log_fh, stderr=log_fh,
-                                    env=thread_env(threads))
+                                    env={**thread_env(threads),
+                                         **(env or {})})
             deadline = time.monotonic() + timeout
             # wait4 gives this child's own rusage (RUSAGE_CHILDREN would
             # report the maximum over every child so far).

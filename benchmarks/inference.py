@@ -39,12 +39,25 @@ Run from the repo root (about 6-8 min on 2 cores)::
    levels); the paper-size network (base 30, 5 levels) with ``--tta none``
    when ``--paper-network`` is given (several minutes on 2 cores).
 
+5. What a case costs on CPU against nnU-Net, on both CPU kinds (native,
+   and ``ONEDNN_MAX_CPU_ISA=AVX2``, the AVX2-only emulation): ``kits-keras
+   infer --tta all`` (8 mirrorings) on the 261-slice case with the tiny
+   network, and nnU-Net's ``nnUNetPredictor.predict_single_npy_array``
+   (crop, resample, CT normalisation, Gaussian sliding window with step
+   0.5 and 8 mirrorings, resampling back, argmax) on the same CT with a
+   same-shape ``PlainConvUNet`` (random weights), the same target spacing,
+   tile and intensity statistics. Ours is the per-case ``total`` of the
+   infer JSON (read to written); nnU-Net's is from loading the NIfTI to
+   the label array (no writing).
+
 Summary: ``overhead_pct`` (ours, no TTA), ``overhead_pct_tta``,
 ``overhead_pct_incl_conversion`` (and ``_tta``), ``overhead_pct_monai``,
 ``overhead_pct_nnunet`` (and ``_tta``),
 ``postprocess_time_ratio_vs_cc3d`` (sum of our medians / sum of cc3d's over
 the cases), ``peak_rss_gb_1059``, ``seconds_261_tta_none``,
-``seconds_261_tta_flip``.
+``seconds_261_tta_flip``, ``seconds_261_tta_all_tiny`` (and ``_avx2``),
+``nnunet_seconds_261_tta_all_tiny`` (and ``_avx2``),
+``case_time_ratio_vs_nnunet`` (the worse kind's ours / nnU-Net).
 """
 
 import argparse
@@ -201,7 +214,12 @@ def sliding_peer(volume_path, lib, tta, repeats):
     return _median_run(fn, repeats, counter)
 
 
-def _nnunet_predictor(torch, net, tta):
+def _nnunet_predictor(torch, net, tta, patch=ROI, spacing=(3.0, 1.5, 1.5),
+                      shape=SHAPE, intensity=None):
+    """The real ``nnUNetPredictor`` around ``net`` with a minimal plans
+    dict: tile ``patch``, target ``spacing`` (mm, z y x), CT normalisation
+    with ``intensity`` (``{"mean", "std", "percentile_00_5",
+    "percentile_99_5"}``) when given."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -209,18 +227,19 @@ def _nnunet_predictor(torch, net, tta):
                   "force_separate_z": None}
     plans = {
         "dataset_name": "Dataset999_Bench", "plans_name": "nnUNetPlans",
-        "original_median_spacing_after_transp": [3.0, 1.5, 1.5],
-        "original_median_shape_after_transp": list(SHAPE),
+        "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": list(shape),
         "image_reader_writer": "SimpleITKIO", "transpose_forward": [0, 1, 2],
         "transpose_backward": [0, 1, 2],
         "experiment_planner_used": "ExperimentPlanner",
         "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {},
+        "foreground_intensity_properties_per_channel": (
+            {"0": intensity} if intensity else {}),
         "configurations": {"3d_fullres": {
             "data_identifier": "bench", "preprocessor_name":
-            "DefaultPreprocessor", "batch_size": 2, "patch_size": list(ROI),
-            "median_image_size_in_voxels": list(SHAPE),
-            "spacing": [3.0, 1.5, 1.5],
+            "DefaultPreprocessor", "batch_size": 2, "patch_size": list(patch),
+            "median_image_size_in_voxels": list(shape),
+            "spacing": list(spacing),
             "normalization_schemes": ["CTNormalization"],
             "use_mask_for_norm": [False],
             "resampling_fn_data": "resample_data_or_seg_to_shape",
@@ -248,6 +267,46 @@ def _nnunet_predictor(torch, net, tta):
                                [net.state_dict()], dataset, "nnUNetTrainer",
                                (0, 1, 2))
     return pred
+
+
+def whole_case_nnunet(ct_path, strides, features, spacing, patch, stats):
+    """nnU-Net's whole case on CPU (peers env): seconds from loading the
+    NIfTI to the label array, ``predict_single_npy_array`` with 8
+    mirrorings around a same-shape ``PlainConvUNet``."""
+    import nibabel as nib
+    import torch
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from torch import nn
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    net = PlainConvUNet(
+        input_channels=1, n_stages=len(features),
+        features_per_stage=list(features), conv_op=nn.Conv3d, kernel_sizes=3,
+        strides=[list(s) for s in strides], n_conv_per_stage=2,
+        num_classes=3, n_conv_per_stage_decoder=2, conv_bias=True,
+        norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5,
+                                                   "affine": True},
+        nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True,
+                                            "negative_slope": 1e-2},
+        deep_supervision=False).eval()
+    intensity = {"mean": stats["mean"], "std": stats["std"],
+                 "percentile_00_5": stats["clip_low"],
+                 "percentile_99_5": stats["clip_high"]}
+    start = time.perf_counter()
+    img = nib.load(ct_path)
+    # The file's array axes are (z, y, x) (KiTS19 layout), as nnU-Net's
+    # SimpleITK reader would give them.
+    data = np.asarray(img.dataobj, dtype=np.float32)[None]
+    props = {"spacing": [float(v) for v in img.header.get_zooms()[:3]]}
+    predictor = _nnunet_predictor(torch, net, True, patch=patch,
+                                  spacing=spacing, shape=data.shape[1:],
+                                  intensity=intensity)
+    seg = predictor.predict_single_npy_array(data, props)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "shape": list(seg.shape),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA")}
 
 
 def _load_labels(labels_dir, case):
@@ -328,6 +387,10 @@ def write_ct(path, shape, spacing):
     return path
 
 
+# The intensity statistics of the untrained benchmark networks (HU).
+TINY_STATS = dict(clip_low=-80.0, clip_high=300.0, mean=100.0, std=75.0)
+
+
 def tiny_coarse_artifact(run_dir, paper_network=False):
     """An untrained U-Net at the coarse config (tiny unless paper size)."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -347,15 +410,14 @@ def tiny_coarse_artifact(run_dir, paper_network=False):
                                          "base_filters": tiny.base_filters,
                                          "max_filters": tiny.max_filters})
     config = override(config, infer={"batch_size": 2})
-    stats = IntensityStats(clip_low=-80.0, clip_high=300.0, mean=100.0,
-                           std=75.0)
+    stats = IntensityStats(**TINY_STATS)
     save_artifact(build_unet(config), config, stats, path)
     return path
 
 
-def run_infer(args):
+def run_infer(args, extra_env=None):
     """``kits-keras infer ARGS`` in its own process: (seconds, peak RSS GB,
-    the per-case report)."""
+    the per-case report); ``extra_env`` is added to its environment."""
     import json
 
     code = "from cli.infer import infer; infer(prog_name='kits-keras infer')"
@@ -363,7 +425,9 @@ def run_infer(args):
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", code, *args],
-                                cwd=common.REPO, env=common.thread_env(2),
+                                cwd=common.REPO,
+                                env={**common.thread_env(2),
+                                     **(extra_env or {})},
                                 stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
@@ -375,6 +439,70 @@ def run_infer(args):
     with open(seg.replace(".nii.gz", ".json")) as fh:
         report = json.load(fh)
     return wall, usage.ru_maxrss / 1024**2, report
+
+
+KINDS = {"native": {}, "avx2": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def tiny_coarse_shape():
+    """``(strides, features, spacing, patch)`` of the tiny network at the
+    coarse config (what :func:`tiny_coarse_artifact` builds)."""
+    from kits_keras.config import get_config
+    from kits_keras.config import model_strides
+    from kits_keras.config import override
+
+    tiny = get_config("tiny").model
+    config = override(get_config("coarse"), model={
+        "num_levels": tiny.num_levels, "base_filters": tiny.base_filters,
+        "max_filters": tiny.max_filters})
+    m = config.model
+    features = [min(m.base_filters * 2**i, m.max_filters)
+                for i in range(m.num_levels)]
+    from kits_keras.config import DATASET_SPACINGS
+
+    return ([list(s) for s in model_strides(config)], features,
+            list(DATASET_SPACINGS[config.data.dataset]),
+            list(config.data.patch_size))
+
+
+def case_cost(args, here, ct_path, run_dir, summary):
+    """Section 5: seconds per case, ``--tta all``, ours and nnU-Net's, on
+    both CPU kinds; fills ``summary``."""
+    strides, features, spacing, patch = tiny_coarse_shape()
+    raw = {"strides": strides, "features": features, "spacing": spacing,
+           "patch": patch}
+    ratios = []
+    for kind, extra in KINDS.items():
+        suffix = "" if kind == "native" else f"_{kind}"
+        out = os.path.join(args.work, f"ct_261_tiny_all_{kind}_pred.nii.gz")
+        wall, rss, report = run_infer(
+            [ct_path, "-o", out, "--model", run_dir, "--tta", "all",
+             "--overwrite"], extra_env=extra)
+        ours = report["timings_s"]["total"]
+        raw[f"ours_{kind}"] = {"wall_s": wall, "peak_rss_gb": rss,
+                               "seconds": ours,
+                               "runtime": report.get("runtime")}
+        summary[f"seconds_261_tta_all_tiny{suffix}"] = round(ours, 2)
+        print(kind, "ours --tta all", round(ours, 1), "s", flush=True)
+        if args.peers_python:
+            res = common.call_in_subprocess(
+                here, "whole_case_nnunet",
+                {"ct_path": ct_path, "strides": strides,
+                 "features": features, "spacing": spacing, "patch": patch,
+                 "stats": TINY_STATS},
+                python=args.peers_python, env=extra)
+            peer = res["result"]["seconds"]
+            raw[f"nnunet_{kind}"] = {**res["result"],
+                                     "peak_rss_mb": res["peak_rss_mb"]}
+            summary[f"nnunet_seconds_261_tta_all_tiny{suffix}"] = round(
+                peer, 2)
+            summary[f"case_time_ratio_vs_nnunet{suffix or '_native'}"] = (
+                round(ours / peer, 3))
+            ratios.append(ours / peer)
+            print(kind, "nnU-Net", round(peer, 1), "s", flush=True)
+    if ratios:
+        summary["case_time_ratio_vs_nnunet"] = round(max(ratios), 3)
+    return raw
 
 
 def main():
@@ -489,6 +617,9 @@ def main():
             print(net, tta, round(wall, 1), "s", flush=True)
     raw["infer_network"] = ("tiny U-Net (4 levels, base 8, max 64) at the "
                             "coarse config, untrained")
+
+    # 5. A whole case with 8 mirrorings on both CPU kinds, ours and nnU-Net.
+    raw["case_cost"] = case_cost(args, here, ct_261, run_dir, summary)
     path = common.write_results("inference", {"raw": raw, "summary": summary},
                                 peers_python=args.peers_python)
     print(path)

@@ -22,6 +22,7 @@ This module imports Keras but never TensorFlow.
 import dataclasses
 import json
 import os
+import re
 import time
 import zipfile
 
@@ -89,7 +90,40 @@ def latest_run(root=None, member=MODEL_FILE, finished=False):
     return max(done)[1]
 
 
-STATE_PATH = os.path.join("checkpoints", "state.json")
+STATE_FILE = "state.json"
+STATE_PATH = os.path.join("checkpoints", STATE_FILE)
+# What RunCheckpoint writes: a plain file name, no folder part.
+_CHECKPOINT_NAME = re.compile(r"^epoch_\d{4,}\.keras$")
+
+
+def read_state(checkpoint_dir):
+    """The ``state.json`` dict of a checkpoint folder, or None.
+
+    Raises:
+        CaseError: unreadable JSON, ``epochs_done`` not a count, or a
+            ``checkpoint`` that is not a plain ``.keras`` file name (a path
+            such as ``../../x.keras`` would load, and later delete, a file
+            outside the run).
+    """
+    path = os.path.join(checkpoint_dir, STATE_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as err:
+        raise io.CaseError(f"{path}: unreadable ({err})") from None
+    if not isinstance(state, dict):
+        raise io.CaseError(f"{path}: not a JSON object")
+    name = state.get("checkpoint")
+    if not (isinstance(name, str) and _CHECKPOINT_NAME.match(name)):
+        raise io.CaseError(
+            f"{path}: checkpoint {name!r} is not a file name inside "
+            f"{checkpoint_dir} (expected epoch_XXXX.keras)")
+    epochs = state.get("epochs_done")
+    if type(epochs) is not int or epochs < 0:
+        raise io.CaseError(f"{path}: epochs_done {epochs!r} is not a count")
+    return state
 
 
 def run_finished(run_dir):
@@ -100,18 +134,16 @@ def run_finished(run_dir):
     (a model saved outside ``fit``) counts as finished. For runs written
     before the mark existed, all configured epochs done counts as finished.
     """
-    path = os.path.join(run_dir, STATE_PATH)
-    if not os.path.isfile(path):
-        return True
     try:
-        with open(path) as f:
-            state = json.load(f)
+        state = read_state(os.path.join(run_dir, "checkpoints"))
+        if state is None:
+            return True
         if "finished" in state:
             return bool(state["finished"])
         with open(os.path.join(run_dir, "config.json")) as f:
             epochs = json.load(f)["train"]["epochs"]
         return int(state["epochs_done"]) >= int(epochs)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (io.CaseError, OSError, ValueError, KeyError, TypeError):
         return False
 
 

@@ -64,11 +64,11 @@ import collections
 import numpy as np
 from scipy import ndimage
 
+from kits_keras import io
 from kits_keras.evaluate import EMPTY_DICE
 from kits_keras.evaluate import dice
 
-KITS23_LABEL_VALUES = (0, 1, 2, 3)
-LABEL_NAMES = {1: "kidney", 2: "tumour", 3: "cyst"}
+KITS23_LABEL_VALUES = io.KITS23_LABEL_VALUES
 
 HEC = collections.namedtuple("HEC", ["name", "labels", "tolerance_mm"])
 
@@ -288,7 +288,8 @@ def kits23_metric():
                  {1: "#2fa4ff", 2: "#3cff5a", 3: "#d24dff"}),
         conventions={
             "hecs": {h.name: list(h.labels) for h in HECS},
-            "labels": {str(k): v for k, v in LABEL_NAMES.items()},
+            "labels": {str(k): v for k, v in
+                       enumerate(io.KITS23_CLASS_NAMES) if k > 0},
             "surface_dice_tolerance_mm": {h.name: h.tolerance_mm
                                           for h in HECS},
             "both_empty": EMPTY_DICE,

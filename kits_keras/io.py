@@ -261,11 +261,20 @@ def read_volume(path, dtype=np.float32, orientation=KITS19_ORIENTATION):
             nib.filebasedimages.ImageFileError,
             nib.spatialimages.HeaderDataError) as err:
         raise CaseError(f"{path}: cannot read NIfTI ({err})") from None
+    return oriented_volume(data, spacing, affine, img.header, orientation,
+                           path, dtype)
+
+
+def oriented_volume(data, spacing, affine, header, orientation, path=None,
+                    dtype=None):
+    """A :class:`Volume` of ``data`` (file axes, ``spacing`` in mm along
+    them) reoriented to ``orientation``: the end of every reader (NIfTI,
+    DICOM series, nibabel image)."""
     ornt = orientation_to(affine, orientation)
-    array = nib.orientations.apply_orientation(data, ornt)
-    array = np.ascontiguousarray(array, dtype=dtype)
+    array = np.ascontiguousarray(
+        nib.orientations.apply_orientation(data, ornt), dtype=dtype)
     spacing = tuple(float(spacing[axis]) for axis, _ in _inverse(ornt))
-    return Volume(array, spacing, affine, img.header, ornt, path)
+    return Volume(array, spacing, affine, header, ornt, path)
 
 
 def read_image(path, orientation=KITS19_ORIENTATION):

@@ -184,17 +184,13 @@ class Segmenter:
 def _from_nibabel(image, orientation):
     """A nibabel image as a reoriented float32 HU :class:`Volume` (what
     :func:`kits_keras.io.read_image` gives for its file)."""
-    import nibabel as nib
-
     affine = np.asarray(image.affine, np.float64)
     data = np.asanyarray(image.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     spacing = nifti_checks.check_geometry("nibabel image", affine, data.shape)
-    ornt = io.orientation_to(affine, orientation)
-    array = np.ascontiguousarray(nib.orientations.apply_orientation(
-        data, ornt), dtype=np.float32)
-    if not np.all(np.isfinite(array)):
+    volume = io.oriented_volume(data, spacing, affine, image.header,
+                                orientation, dtype=np.float32)
+    if not np.all(np.isfinite(volume.array)):
         raise io.CaseError("nibabel image: non-finite intensities")
-    spacing = tuple(float(spacing[axis]) for axis, _ in io._inverse(ornt))
-    return io.Volume(array, spacing, affine, image.header, ornt)
+    return volume

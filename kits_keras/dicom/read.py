@@ -305,8 +305,6 @@ def read_series(series, orientation=io.KITS19_ORIENTATION):
     Raises:
         CaseError: one line naming the file at fault.
     """
-    import nibabel as nib
-
     pydicom = require_pydicom()
     slices, affine = read_headers(series)
     first = slices[0].dataset
@@ -326,13 +324,8 @@ def read_series(series, orientation=io.KITS19_ORIENTATION):
         stack[k] = hu
     # File layout (columns, rows reversed, slices): a view of the stack.
     data = stack.transpose(2, 1, 0)[:, ::-1, :]
-    ornt = io.orientation_to(affine, orientation)
-    array = np.ascontiguousarray(nib.orientations.apply_orientation(
-        data, ornt))
-    del stack, data
-    spacing = tuple(float(spacing[axis]) for axis, _ in io._inverse(ornt))
-    return io.Volume(array, spacing, affine, _header(affine), ornt,
-                     series.folder)
+    return io.oriented_volume(data, spacing, affine, _header(affine),
+                              orientation, series.folder)
 
 
 def read_folder(folder, orientation=io.KITS19_ORIENTATION):

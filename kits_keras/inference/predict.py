@@ -93,6 +93,27 @@ def mirroring_disagreement(probabilities, disagreement,
     return float(np.count_nonzero(foreground & (disagreement > 0.5)) / count)
 
 
+def _quality_control(window, to_labels, infer, removed, voxel_ml):
+    """The ``qc`` dict of a :class:`Prediction`: mirroring disagreement
+    against ``infer.qc_threshold``, tiles, and the mL per class removed
+    outside the body (``removed``: voxels per class index)."""
+    score = mirroring_disagreement(window.probabilities, window.disagreement,
+                                   to_labels)
+    return {
+        "mirroring_disagreement": score,
+        "threshold": infer.qc_threshold,
+        "flagged": bool(score is not None and score > infer.qc_threshold),
+        "tta": infer.tta,
+        "tiles": window.tiles,
+        # Foreground the network put outside the body (air, table), set to
+        # background: mL per class.
+        "removed_outside_body_ml": {
+            name: round(removed.get(index, 0) * voxel_ml, 3)
+            for index, name in enumerate(
+                io.class_names(window.probabilities.shape[-1])) if index > 0},
+    }
+
+
 def predict_case(volume, network, config, stats, progress=None):
     """Segments one CT volume on its own grid.
 
@@ -134,22 +155,8 @@ def predict_case(volume, network, config, stats, progress=None):
     t_res = time.perf_counter()
     removed = remove_outside_body(labels, volume.array, volume.spacing,
                                   config.model.num_classes)
-    score = mirroring_disagreement(window.probabilities, window.disagreement,
-                                   to_labels)
-    ml = volume.voxel_volume_ml
-    qc = {
-        "mirroring_disagreement": score,
-        "threshold": infer.qc_threshold,
-        "flagged": bool(score is not None and score > infer.qc_threshold),
-        "tta": infer.tta,
-        "tiles": window.tiles,
-        # Foreground the network put outside the body (air, table), set to
-        # background: mL per class.
-        "removed_outside_body_ml": {
-            name: round(removed.get(index, 0) * ml, 3)
-            for index, name in enumerate(
-                io.class_names(window.probabilities.shape[-1])) if index > 0},
-    }
+    qc = _quality_control(window, to_labels, infer, removed,
+                          volume.voxel_volume_ml)
     timings = {
         "preprocess": t_pre - start,
         "sliding_window": window.total_seconds,

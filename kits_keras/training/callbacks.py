@@ -9,11 +9,9 @@ the LR schedule, the loggers, the curves and last :class:`RunCheckpoint`.
 """
 
 import csv
-import json
 import logging
 import math
 import os
-import re
 import time
 
 import keras
@@ -21,10 +19,11 @@ import numpy as np
 
 from kits_keras import files
 from kits_keras import io
+from kits_keras.artifact import STATE_FILE
+from kits_keras.artifact import read_state
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
 
 
 class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
@@ -356,40 +355,6 @@ def truncate_history(csv_path, epochs_done):
             csv.writer(f).writerows(rows[:1] + kept)
 
     files.atomic_write(csv_path, write)
-
-
-def read_state(checkpoint_dir):
-    """The ``state.json`` dict of a checkpoint folder, or None.
-
-    Raises:
-        CaseError: unreadable JSON, ``epochs_done`` not a count, or a
-            ``checkpoint`` that is not a plain ``.keras`` file name (a path
-            such as ``../../x.keras`` would load, and later delete, a file
-            outside the run).
-    """
-    path = os.path.join(checkpoint_dir, STATE_FILE)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as err:
-        raise io.CaseError(f"{path}: unreadable ({err})") from None
-    if not isinstance(state, dict):
-        raise io.CaseError(f"{path}: not a JSON object")
-    name = state.get("checkpoint")
-    if not (isinstance(name, str) and _CHECKPOINT_NAME.match(name)):
-        raise io.CaseError(
-            f"{path}: checkpoint {name!r} is not a file name inside "
-            f"{checkpoint_dir} (expected epoch_XXXX.keras)")
-    epochs = state.get("epochs_done")
-    if type(epochs) is not int or epochs < 0:
-        raise io.CaseError(f"{path}: epochs_done {epochs!r} is not a count")
-    return state
-
-
-# What RunCheckpoint writes: a plain file name, no folder part.
-_CHECKPOINT_NAME = re.compile(r"^epoch_\d{4,}\.keras$")
 
 
 def checkpoint_path(checkpoint_dir, state):
