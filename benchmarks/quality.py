@@ -174,10 +174,10 @@ def run(work, steps, seed, fresh=False, variants=1):
     def prepare(path):
         from kits_keras.demo import _split_case_ids
 
-        result = dataset.prepare(
+        dataset.prepare(
             os.path.join(work, "variants", "train_cases"), data_dir=path,
             config=config.data)
-        train_ids, _ = _split_case_ids(result)
+        train_ids, _ = _split_case_ids(config, path)
         from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
 
         _, test_ids = split_case_ids(sorted(os.listdir(
