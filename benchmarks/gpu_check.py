@@ -168,7 +168,7 @@ def _device_memory(jax):
 
 def _inputs(jax, cfg, batch):
     from benchmarks.train_step import make_inputs
-    from kits_keras.config import model_strides
+    from kits_keras.model.strides import model_strides
 
     x, ys = make_inputs(batch, cfg.data.patch_size, model_strides(cfg))
     return x, ys
@@ -422,7 +422,7 @@ def jax_section(sizes, deadline, save):
 
 # ---------------------------------------------------------- torch section
 def torch_section(sizes, deadline, save):
-    from kits_keras.config import model_strides
+    from kits_keras.model.strides import model_strides
     from kits_keras.model.unet import level_filters
 
     cfg = experiment(sizes)

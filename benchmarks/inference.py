@@ -448,7 +448,7 @@ def tiny_coarse_shape():
     """``(strides, features, spacing, patch)`` of the tiny network at the
     coarse config (what :func:`tiny_coarse_artifact` builds)."""
     from kits_keras.config import get_config
-    from kits_keras.config import model_strides
+    from kits_keras.model.strides import model_strides
     from kits_keras.config import override
 
     tiny = get_config("tiny").model

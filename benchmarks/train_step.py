@@ -108,7 +108,7 @@ def timed(fn, warmup, repeats, label):
 def tiny_shape():
     """``(strides, features, patch)`` of the ``tiny`` experiment's U-Net."""
     from kits_keras.config import get_config
-    from kits_keras.config import model_strides
+    from kits_keras.model.strides import model_strides
 
     cfg = get_config("tiny")
     m = cfg.model
@@ -241,7 +241,7 @@ def tensorflow_worker(args):
 
     keras.utils.set_random_seed(0)
     cfg, model = keras_model(args.patch, args.model)
-    from kits_keras.config import model_strides
+    from kits_keras.model.strides import model_strides
 
     x, ys = make_inputs(args.batch, args.patch, model_strides(cfg))
     model.compile(
@@ -295,11 +295,11 @@ def jax_worker(args, batch, patch, warmup, repeats, bfloat16=False):
         rng = np.random.default_rng(0)
         x = rng.standard_normal((batch, *patch, 1), dtype=np.float32)
         y = rng.integers(0, NUM_CLASSES, (batch, *patch)).astype(np.int32)
-        from kits_keras.config import output_strides
+        from kits_keras.model.strides import output_strides
 
         ys = [y[:, ::f[0], ::f[1], ::f[2]] for f in output_strides(cfg)]
     else:
-        from kits_keras.config import model_strides
+        from kits_keras.model.strides import model_strides
 
         cfg, model = keras_model(patch, args.model)
         x, ys = make_inputs(batch, patch, model_strides(cfg))

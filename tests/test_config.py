@@ -23,8 +23,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a field must be read: the library and the CLI, not the experiment
 # files, which only set fields (their ``base.data`` would count as reading
 # the section). config.py is scanned: its dataclasses declare fields without
-# a ``.``, and its helpers' reads are real (``model_strides`` is the one
-# reader of ``model.strides``).
+# a ``.``, and its helpers' reads are real.
 SOURCE_DIRS = ("kits_keras", "cli")
 EXCLUDED = (os.path.join("kits_keras", "configs"),)
 

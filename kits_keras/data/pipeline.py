@@ -22,15 +22,15 @@ stream of batches is identical on every run.
 
 Outputs: ``image`` float32 ``(B, z, y, x, 1)`` and ``labels``, a tuple with one
 int32 ``(B, z/f, y/f, x/f)`` tensor per entry ``f`` of
-``config.output_strides(cfg)`` (full resolution first; every ``f``-th voxel,
+``kits_keras.model.strides.output_strides(cfg)`` (full resolution first; every ``f``-th voxel,
 i.e. nearest neighbour), as multi-scale supervision needs.
 """
 
 import logging
 
 from kits_keras.data import augment
-from kits_keras import config as config_lib
 from kits_keras.backend import import_tensorflow
+from kits_keras.model import strides as strides_lib
 
 tf = import_tensorflow()
 AUTOTUNE = tf.data.AUTOTUNE
@@ -133,7 +133,7 @@ def make_patch_fn(config, seed, augment_config=None, with_kind=False):
     data_config = config.data
     aug_config = augment_config or config.augment
     patch_size = tuple(int(n) for n in data_config.patch_size)
-    strides = config_lib.output_strides(config)
+    strides = strides_lib.output_strides(config)
     per_volume = data_config.patches_per_volume
 
     def fn(volume_index, patch_index, volume):
@@ -274,10 +274,10 @@ def _check_foreground_samples(config, builder):
     """Refuses a dataset that stores another number of foreground
     coordinates per class than ``config.data.foreground_samples`` (the
     setting would otherwise silently do nothing)."""
-    from tfds_kits19.kits19 import kits19_dataset_builder as kb
+    from tfds_kits19 import fingerprint
 
     stored = (builder.info.metadata or {}).get(
-        "foreground_samples", kb.UNRECORDED_FOREGROUND_SAMPLES)
+        "foreground_samples", fingerprint.UNRECORDED_FOREGROUND_SAMPLES)
     wanted = config.data.foreground_samples
     if stored != wanted:
         raise ValueError(

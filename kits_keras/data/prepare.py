@@ -170,6 +170,8 @@ def _build_or_reuse(kb, make_builder, name, manual_dir, foreground_samples,
     same files and code (``built`` False), else a new build; one of other
     files or code is an error unless ``rebuild``. Runs under
     :func:`_exclusive`."""
+    from tfds_kits19 import fingerprint
+
     builder = make_builder()
     source = kb.source_fingerprint(manual_dir, foreground_samples)
     if not os.path.isdir(builder.data_path):
@@ -178,7 +180,7 @@ def _build_or_reuse(kb, make_builder, name, manual_dir, foreground_samples,
     stored = None  # an unfinished folder: no record either
     if builder.is_prepared():
         stored = (builder.info.metadata or {}).get("source")
-    changes = kb.fingerprint_differences(stored, source)
+    changes = fingerprint.fingerprint_differences(stored, source)
     if not changes:
         log.info("%s already prepared in %s from the same files: "
                  "nothing to do", name, builder.data_dir)

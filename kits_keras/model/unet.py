@@ -20,8 +20,8 @@ The model imports and runs without TensorFlow (JAX backend).
 
 import keras
 
-from kits_keras import config as config_lib
 from kits_keras.model import regions as regions_lib
+from kits_keras.model import strides as strides_lib
 from kits_keras.model.layers import HeNormal
 from kits_keras.model.layers import InstanceNormalization
 
@@ -114,14 +114,14 @@ def build_unet(config):
 
     Args:
         config: ExperimentConfig. Uses ``config.model`` and the strides of
-            :func:`kits_keras.config.model_strides`.
+            :func:`kits_keras.model.strides.model_strides`.
 
     Returns:
         keras.Model. Input ``(batch, z, y, x, 1)`` float32 with each spatial
         size divisible by the total stride; outputs a list of probabilities
         ``(batch, z/f, y/f, x/f, C)`` float32, one per decoder level, full
         resolution first, ``f`` as in
-        :func:`kits_keras.config.output_strides`: softmax over
+        :func:`kits_keras.model.strides.output_strides`: softmax over
         ``C = num_classes`` classes, or with ``model.output_mode="regions"``
         one sigmoid per region of ``data.label_set``
         (:mod:`kits_keras.model.regions`).
@@ -133,7 +133,7 @@ def build_unet(config):
         [(None, None, None, 3), (None, None, None, 3)]
     """
     mc = config.model
-    strides = config_lib.model_strides(config)
+    strides = strides_lib.model_strides(config)
     if mc.num_levels < 2:
         raise ValueError(
             f"A U-Net needs at least 2 levels. Received: num_levels="
@@ -182,7 +182,7 @@ def total_stride(config):
     """Product of all strides per axis ``(z, y, x)``: patch sizes must be
     multiples of it."""
     total = [1, 1, 1]
-    for stride in config_lib.model_strides(config):
+    for stride in strides_lib.model_strides(config):
         total = [t * s for t, s in zip(total, stride)]
     return tuple(total)
 
@@ -206,7 +206,7 @@ def count_flops(config, patch_size):
         1.05
     """
     mc = config.model
-    strides = config_lib.model_strides(config)
+    strides = strides_lib.model_strides(config)
     filters = level_filters(mc)
     step = total_stride(config)
     if any(p % s for p, s in zip(patch_size, step)):

@@ -172,12 +172,13 @@ def test_rerun_on_changed_folder(five_cases, tmp_path):
 def test_preprocessing_code_change_needs_rebuild(five_cases, tmp_path,
                                                  monkeypatch):
     from kits_keras.data import prepare as dataset
-    from tfds_kits19.kits19 import kits19_dataset_builder as kb
+    from tfds_kits19 import fingerprint
 
     cases = cases_folder(five_cases, tmp_path / "cases", [0])
     data_dir = str(tmp_path / "tfds")
     dataset.prepare(cases, data_dir, CONFIG, workers=1)
-    monkeypatch.setattr(kb, "code_version", lambda *_: "0123456789abcdef")
+    monkeypatch.setattr(fingerprint, "code_version",
+                        lambda *_: "0123456789abcdef")
     with pytest.raises(ValueError, match=r"out of date .*\(preprocessing code "
                                          r"changed\); pass --rebuild"):
         dataset.prepare(cases, data_dir, CONFIG, workers=1)

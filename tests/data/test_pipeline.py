@@ -7,6 +7,7 @@ import pytest
 
 from kits_keras import config as config_lib
 from kits_keras.data import pipeline as data
+from kits_keras.model.strides import output_strides
 
 tf = data.tf
 
@@ -114,7 +115,7 @@ def test_foreground_share_of_pipeline_patches_matches_config():
 
 def test_pipeline_shapes_dtypes_pyramid_and_padding():
     cfg = make_config()
-    strides = config_lib.output_strides(cfg)
+    strides = output_strides(cfg)
     small = synthetic_volume((5, 12, 14), seed=1)  # smaller than the patch
     vols = [synthetic_volume(seed=0), small]
     ds = data.batch(data.patch_dataset(in_memory_volumes(vols), cfg, seed=0),
@@ -189,7 +190,7 @@ def test_tfds_wrappers_split_cases_and_give_batches(tfds_dir):
     assert test == {"case_00004"}
     assert val[0]["image"].ndim == 3 and val[0]["labels"].dtype == np.uint8
 
-    strides = config_lib.output_strides(cfg)
+    strides = output_strides(cfg)
     ds = data.make_train_dataset(cfg, tfds_dir, seed=1)
     image, labels = next(iter(ds))
     b = cfg.train.batch_size

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kits_keras.config import get_config
-from kits_keras.config import output_strides
+from kits_keras.model.strides import output_strides
 from kits_keras.config import override
 from kits_keras.model.layers import InstanceNormalization
 from kits_keras.model.unet import build_unet

@@ -207,7 +207,7 @@ def train_on_one_case(config, case, run_dir, num_classes=3):
     """
     import numpy as np
 
-    from kits_keras import config as config_lib
+    from kits_keras.model.strides import output_strides
     from kits_keras.backend import import_tensorflow
     from kits_keras.data import intensity
     from kits_keras.data import preprocessing
@@ -226,7 +226,7 @@ def train_on_one_case(config, case, run_dir, num_classes=3):
     x = np.pad(image, pad, constant_values=image.min())[box][..., None]
     y = np.pad(labels, pad)[box].astype("int32")
     ys = tuple(y[::f[0], ::f[1], ::f[2]]
-               for f in config_lib.output_strides(config))
+               for f in output_strides(config))
     data = tf.data.Dataset.from_tensors((x.astype("float32"), ys)).batch(1)
     model = training.compile_model(training.build_model(config, 0), config)
     history = training.train(config, model, lambda epoch: data, data,

@@ -18,7 +18,7 @@ labelled cases have no ``test`` split; so has a folder whose test cases were
 all skipped as bad), with one log line; no usable training case is an error.
 
 ``metadata["source"]`` fingerprints what the dataset was built from (see
-:func:`source_fingerprint`); ``kits_keras.dataset.prepare`` compares it with
+:func:`tfds_kits19.fingerprint.source_fingerprint`); ``kits_keras.data.prepare`` compares it with
 the case folder before reusing a dataset.
 
 ``metadata["foreground_samples"]``: at most this many voxel coordinates of
@@ -38,8 +38,6 @@ rule, source files) and the texts.
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import inspect
 import itertools
 import logging
 import zlib
@@ -50,9 +48,9 @@ from etils import epath
 
 from kits_keras import config as kk_config
 from kits_keras import io
-from kits_keras import nifti_checks
 from kits_keras.data import intensity
 from kits_keras.data import preprocessing
+from tfds_kits19 import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +75,6 @@ _CITATION = """
 
 KITS19_LABELS = kk_config.LABEL_SETS["kits19"]  # 0 background, 1, 2
 TEST_EVERY = 5  # every 5th sorted labelled case (index % 5 == 4) is test
-# Datasets built before ``metadata["foreground_samples"]`` was recorded
-# stored at most this many coordinates per class (then a fixed number).
-UNRECORDED_FOREGROUND_SAMPLES = 10_000
 
 
 @dataclasses.dataclass
@@ -128,95 +123,13 @@ def labelled_case_dirs(manual_dir):
     return dirs
 
 
-def code_version(extra_sources=()):
-    """sha256 (16 hex digits) of the code that turns case files into
-    examples: this module, ``kits_keras.data.preprocessing``,
-    ``kits_keras.data.intensity``, ``kits_keras.io``,
-    ``kits_keras.nifti_checks`` (how the voxels are read) and the files of
-    ``extra_sources`` (a subclassing builder's module).
-
-    Any edit to them (a comment too) changes it, so a dataset is never
-    silently reused after the preprocessing changed; a spurious change
-    costs one ``--rebuild``.
-    """
-    digest = hashlib.sha256()
-    for path in (__file__, inspect.getsourcefile(preprocessing),
-                 inspect.getsourcefile(intensity), inspect.getsourcefile(io),
-                 inspect.getsourcefile(nifti_checks), *extra_sources):
-        digest.update(epath.Path(path).read_bytes())
-    return digest.hexdigest()[:16]
-
-
 def source_fingerprint(manual_dir, foreground_samples, extra_sources=()):
-    """What a dataset built from ``manual_dir`` now would be built from.
-
-    ``extra_sources``: further code files (:func:`code_version`).
-
-    Returns a JSON-able dict: ``folder`` (absolute path, informative only),
-    ``code`` (:func:`code_version`), ``foreground_samples`` (coordinates
-    stored per class and case) and ``cases``: labelled case id ->
-    ``{file name: file_fingerprint(...)}`` of its image and labels.
-    """
-    cases = {}
-    for case_id, case_dir in sorted(labelled_case_dirs(manual_dir).items()):
-        cases[case_id] = {
-            name: file_fingerprint(epath.Path(case_dir) / name)
-            for name in (io.IMAGE_FILE, io.LABELS_FILE)}
-    return {"folder": str(epath.Path(manual_dir).resolve()),
-            "code": code_version(extra_sources),
-            "foreground_samples": int(foreground_samples), "cases": cases}
-
-
-def file_fingerprint(path):
-    """``[size, mtime (s), last 8 bytes (hex)]`` of a file, None if it
-    cannot be read.
-
-    The last 8 bytes of a gzip stream are the CRC-32 and the length of the
-    whole uncompressed content, so a re-saved ``.nii.gz`` with other voxels
-    differs even at the same size within the same second (file systems
-    reached through ``epath`` give whole seconds). Hashing every file
-    instead would read all 28 GB of KiTS19 at each ``prepare``.
-    """
-    path = epath.Path(path)
-    try:
-        stat = path.stat()
-        with path.open("rb") as f:
-            f.seek(max(0, stat.length - 8))
-            tail = f.read(8)
-    except OSError:
-        return None  # e.g. no image: the build reports the case
-    return [int(stat.length), int(stat.mtime), tail.hex()]
-
-
-def fingerprint_differences(stored, current):
-    """Short phrases saying how ``current`` differs from ``stored`` (empty
-    when the dataset may be reused). ``stored`` None: built without one."""
-    if not stored:
-        return ["no record of what it was built from (an older kits-keras "
-                "or an unfinished build)"]
-    old, new = stored.get("cases", {}), current["cases"]
-    phrases = []
-    for verb, ids in (
-            ("added", sorted(set(new) - set(old))),
-            ("removed", sorted(set(old) - set(new))),
-            ("changed", sorted(c for c in set(old) & set(new)
-                               if _as_lists(old[c]) != _as_lists(new[c])))):
-        if ids:
-            shown = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
-            phrases.append(f"{len(ids)} case(s) {verb}: {shown}")
-    if stored.get("code") != current["code"]:
-        phrases.append("preprocessing code changed")
-    old_samples = stored.get("foreground_samples",
-                             UNRECORDED_FOREGROUND_SAMPLES)
-    if old_samples != current["foreground_samples"]:
-        phrases.append(f"foreground_samples {old_samples} -> "
-                       f"{current['foreground_samples']}")
-    return phrases
-
-
-def _as_lists(files):
-    """JSON round trips turn lists into lists, but be safe with tuples."""
-    return {k: list(v) if v is not None else None for k, v in files.items()}
+    """:func:`tfds_kits19.fingerprint.source_fingerprint` of the labelled
+    cases in ``manual_dir``, this module's code and ``extra_sources`` (a
+    subclassing builder's module) included."""
+    return fingerprint.source_fingerprint(
+        manual_dir, labelled_case_dirs(manual_dir), foreground_samples,
+        code_files=(__file__, *extra_sources))
 
 
 def _coords(mask, max_coords, seed):

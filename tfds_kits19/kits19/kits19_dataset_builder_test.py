@@ -4,6 +4,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from kits_keras.config import DataConfig
+from tfds_kits19 import fingerprint
 from tfds_kits19.kits19 import kits19_dataset_builder
 
 
@@ -29,7 +30,7 @@ class Kits19Test(tfds.testing.DatasetBuilderTestCase):
         self.assertEqual(source, kits19_dataset_builder.source_fingerprint(
             self.dummy_data, samples))
         self.assertEqual(len(source["cases"]), 5)
-        self.assertFalse(kits19_dataset_builder.fingerprint_differences(
+        self.assertFalse(fingerprint.fingerprint_differences(
             source, source))
         for ex in tfds.as_numpy(builder.as_dataset(split="train")):
             self.assertEqual(ex["image"].shape, ex["labels"].shape)

@@ -32,9 +32,6 @@ import re
 from kits_keras import config as kk_config
 from tfds_kits19.kits19 import kits19_dataset_builder as kits19
 
-# The kits19 module's helpers, shared (``prepare`` reaches them here).
-fingerprint_differences = kits19.fingerprint_differences
-UNRECORDED_FOREGROUND_SAMPLES = kits19.UNRECORDED_FOREGROUND_SAMPLES
 BuilderConfig = kits19.BuilderConfig
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """
