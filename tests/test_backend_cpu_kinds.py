@@ -76,6 +76,7 @@ def _probe(extra_env):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.large  # a TensorFlow process; the flag logic is tested above
 @pytest.mark.skipif("avx2" not in backend.cpu_flags(),
                     reason="needs an x86 CPU with AVX2")
 def test_tensorflow_runs_onednn_on_the_avx2_emulation_and_says_why():

@@ -165,13 +165,15 @@ def check_real_case(name):
         assert scores[f"{h.name}_surface_dice"] > 0.95, (h.name, scores)
 
 
-@pytest.mark.parametrize("name", [n for n in kits23_cases()
-                                  if n != "case_00442"])
+# The first real case in the fast suite; the others, 5-15 s each, large.
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=[pytest.mark.large] if i else [])
+    for i, n in enumerate(n for n in kits23_cases() if n != "case_00442")])
 def test_real_kits23_self_and_shifted(name):
     check_real_case(name)
 
 
-# ~8 s here (2 cores shared), so not marked large.
+@pytest.mark.large  # real KiTS23 data, the 975-slice case (~6-8 s)
 @pytest.mark.skipif("case_00442" not in kits23_cases(),
                     reason="KiTS23 labels not available")
 def test_real_975_slice_case_memory_is_bounded():

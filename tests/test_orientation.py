@@ -171,6 +171,7 @@ def test_all_48_orientations_same_segmentation(reference, loaded,
             "SPL.nii.gz", "IAL.nii.gz", "IPR.nii.gz"} <= seen
 
 
+@pytest.mark.large  # CLI processes; all 48 orientations in-process above
 def test_cli_infer_ras_lps_las_rpi(reference, model_dir, loaded, tmp_path):
     from cli.infer import infer
 

@@ -144,6 +144,7 @@ def test_failed_export_leaves_nothing(model, config, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.large  # its own export; the dynamic one is tested above
 def test_fixed_size_export(model, config, tmp_path):
     path = export.export_saved_model(
         model, tmp_path, version=2, config=config, stats=STATS,
@@ -160,6 +161,7 @@ def test_fixed_size_export(model, config, tmp_path):
     )
 
 
+@pytest.mark.large  # saved_model_cli in a process
 def test_saved_model_cli_show(exported):
     cli = _console_script("saved_model_cli")
     assert cli, "saved_model_cli (installed with tensorflow) not found"
@@ -179,6 +181,7 @@ def test_saved_model_cli_show(exported):
     assert "shape: (-1, -1, -1, -1, 3)" in outputs
 
 
+@pytest.mark.large  # saved_model_cli in a process
 def test_saved_model_cli_run(exported, model, tmp_path):
     cli = _console_script("saved_model_cli")
     batch = _random_patch((1, 16, 32, 32, 1), seed=2)
@@ -282,6 +285,7 @@ def test_cli_export_run_dir(run_dir, tmp_path):
     assert "already exists" in again.output
 
 
+@pytest.mark.large  # infer processes on both artifacts
 def test_infer_saved_model_matches_model(run_dir, exported, small_ct,
                                          tmp_path):
     from kits_keras import io

@@ -129,6 +129,7 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.mark.large  # several processes
 def test_each_process_reads_its_own_rows_of_every_batch():
     import tensorflow as tf
 
