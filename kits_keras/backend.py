@@ -277,7 +277,7 @@ def describe(backend=None, flags=None, environ=None):
         why = "accelerator present: JAX/XLA"
     elif backend == "tensorflow":
         why = ("CPU-only host with TensorFlow installed: its oneDNN 3-D "
-               "convolutions measured ~5x faster than XLA:CPU's "
+               "convolutions measured 5-8x faster than XLA:CPU's "
                "(benchmarks/results/train_step.json)")
     else:
         why = "chosen explicitly, or a CPU-only host without TensorFlow"
