@@ -8,9 +8,9 @@ several times faster than XLA:CPU's (see ``benchmarks/train_step.py``), so
 TensorFlow itself turns its oneDNN kernels on by default only on CPUs with
 AVX512_VNNI, AVX512_BF16 or AMX. Elsewhere (an AVX2-only EPYC or Xeon) its
 ``Conv3D`` runs as Eigen im2col + many small GEMMs: the ``tiny`` training
-step takes ~10x longer and the paper-size step ~2x longer than with oneDNN
-(``benchmarks/results/train_step.json``, measured on both CPU kinds in one
-run). So ``auto`` also turns oneDNN on (``TF_ENABLE_ONEDNN_OPTS=1``) on every
+step takes ~5x longer and the paper-size step ~3x longer than with oneDNN
+on an AVX2-only EPYC (``benchmarks/results/train_step.json``, both CPU
+kinds in one run). So ``auto`` also turns oneDNN on (``TF_ENABLE_ONEDNN_OPTS=1``) on every
 x86 CPU with AVX2, unless the user set that variable.
 
 All of the package's backend state lives in the environment, and this
