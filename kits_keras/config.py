@@ -45,6 +45,10 @@ LABEL_SETS = {
 # :mod:`kits_keras.model.regions`.
 OUTPUT_MODES = ("softmax", "regions")
 
+# ``train.lr_schedule``: the paper's reduce-on-plateau, or nnU-Net's
+# polynomial decay to zero.
+LR_SCHEDULES = ("plateau", "poly")
+
 # The experiments are the modules of ``kits_keras/configs/``: adding a file
 # there adds an experiment.
 EXPERIMENTS = tuple(sorted(
@@ -240,8 +244,13 @@ class TrainConfig:
 
     Attributes:
         learning_rate: Adam's initial learning rate.
-        lr_factor: multiplier when the training loss stalls.
-        lr_patience: epochs without improvement before the reduction.
+        lr_schedule: "plateau" (the paper: x ``lr_factor`` when the
+            training loss has not improved for ``lr_patience`` epochs) or
+            "poly" (nnU-Net: ``learning_rate * (1 - epoch / epochs) ** 0.9``
+            at the start of each epoch, reaching ~0 at the end).
+        lr_factor: multiplier when the training loss stalls ("plateau").
+        lr_patience: epochs without improvement before the reduction
+            ("plateau").
         epochs: epochs to train.
         steps_per_epoch: iterations per epoch.
         batch_size: global batch, split across devices.
@@ -256,6 +265,7 @@ class TrainConfig:
     """
 
     learning_rate: float = 3e-4
+    lr_schedule: str = "plateau"
     lr_factor: float = 0.2
     lr_patience: int = 30
     epochs: int = 700
@@ -265,6 +275,12 @@ class TrainConfig:
     volume_validation_every: int = 5
     metric_smoothing: int = 10
     seed: int = 0
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"Unknown lr_schedule. Expected one of {LR_SCHEDULES}. "
+                f"Received: lr_schedule={self.lr_schedule!r}")
 
 
 @dataclasses.dataclass(frozen=True)

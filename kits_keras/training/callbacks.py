@@ -55,6 +55,30 @@ class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
             self.cooldown_counter = self._restored["cooldown_counter"]
 
 
+class PolyLearningRate(keras.callbacks.Callback):
+    """nnU-Net's schedule: ``base * (1 - epoch / epochs) ** exponent`` at
+    the start of each epoch. A function of the epoch alone, so a resumed
+    run continues it exactly with no saved state.
+
+    >>> PolyLearningRate(1e-3, 10).rate(5)  # half-way: 0.5 ** 0.9
+    0.0005358867312681466
+    """
+
+    def __init__(self, base, epochs, exponent=0.9):
+        super().__init__()
+        self.base, self.epochs, self.exponent = base, epochs, exponent
+
+    def rate(self, epoch):
+        return self.base * (1.0 - epoch / self.epochs) ** self.exponent
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.optimizer.learning_rate.assign(self.rate(epoch))
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:  # as ReduceLROnPlateau does, for history.csv
+            logs["learning_rate"] = float(self.rate(epoch))
+
+
 def _find(logs, prefix, suffix):
     for key, value in logs.items():
         if key.startswith(prefix) and key.endswith(suffix):

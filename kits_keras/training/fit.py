@@ -8,7 +8,8 @@ folder (start, resume, checkpoints) is
 hosts is :mod:`kits_keras.training.distribute`.
 
 Schedule (paper): Adam 3e-4, x0.2 when the training loss has not improved for
-``lr_patience`` epochs, ``steps_per_epoch`` iterations per epoch. Epoch ``e``
+``lr_patience`` epochs, ``steps_per_epoch`` iterations per epoch; or
+nnU-Net's polynomial decay (``train.lr_schedule="poly"``). Epoch ``e``
 draws its patches from a data stream seeded by ``(seed, e)`` alone, so a
 resumed run sees the same batches as an uninterrupted one.
 
@@ -145,6 +146,15 @@ def make_loss(config):
     return ExpLogLoss.from_loss_config(config.loss)
 
 
+def make_schedule(train):
+    """The learning-rate callback of ``train.lr_schedule``."""
+    if train.lr_schedule == "poly":
+        return cb.PolyLearningRate(train.learning_rate, train.epochs)
+    return cb.ResumableReduceLROnPlateau(
+        monitor="loss", factor=train.lr_factor, patience=train.lr_patience,
+        verbose=1)
+
+
 def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
     """The callbacks of a run, in the order they must run.
 
@@ -162,10 +172,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
                                    volume_validator,
                                    config.train.volume_validation_every,
                                    region_names(config.data.label_set))
-    plateau = cb.ResumableReduceLROnPlateau(
-        monitor="loss", factor=config.train.lr_factor,
-        patience=config.train.lr_patience, verbose=1,
-    )
+    schedule = make_schedule(config.train)
     csv_path = os.path.join(run_dir, "history.csv")
     loggers = [keras.callbacks.CSVLogger(csv_path, append=True)]
     # keras' TensorBoard logger writes through tf.summary, which needs both
@@ -192,11 +199,12 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
 
     checkpoint = cb.RunCheckpoint(
         os.path.join(run_dir, "checkpoints"), save_best,
-        {"plateau": plateau, "summary": summary},
+        {"summary": summary, **({"plateau": schedule} if isinstance(
+            schedule, cb.ResumableReduceLROnPlateau) else {})},
         {"seed": int(seed), "config": config.name},
     )
     eta = cb.Eta(config.train.epochs, config.train.steps_per_epoch)
-    return ([summary, plateau, *loggers, curves, eta, checkpoint],
+    return ([summary, schedule, *loggers, curves, eta, checkpoint],
             checkpoint)
 
 
