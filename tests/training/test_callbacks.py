@@ -35,11 +35,10 @@ def test_fit_builds_the_configured_schedule():
     from kits_keras.training import callbacks as cb
     from kits_keras.training.fit import make_schedule
 
+    paper = config_lib.get_config("paper").train
+    assert isinstance(make_schedule(paper), cb.ResumableReduceLROnPlateau)
     train = config_lib.get_config("tiny").train
-    assert isinstance(make_schedule(train), cb.ResumableReduceLROnPlateau)
-    poly = make_schedule(config_lib.override(
-        config_lib.get_config("tiny"),
-        train={"lr_schedule": "poly"}).train)
+    poly = make_schedule(train)
     assert isinstance(poly, cb.PolyLearningRate)
     assert (poly.base, poly.epochs) == (train.learning_rate, train.epochs)
     with pytest.raises(ValueError, match="lr_schedule"):

@@ -26,8 +26,10 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 SMALL = {"patch_size": (16, 32, 32)}
+# The plateau schedule with patience 1: its counter is state to resume.
 SMALL_TRAIN = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 2,
-               "lr_patience": 1, "metric_smoothing": 2}
+               "lr_schedule": "plateau", "lr_patience": 1,
+               "metric_smoothing": 2}
 
 
 def _env(**extra):
@@ -249,7 +251,8 @@ def overfit(run_dir, epochs=5, steps=20):
 
     config = config_lib.override(config_lib.get_config("tiny"), train={
         "epochs": epochs, "steps_per_epoch": steps, "learning_rate": 3e-3,
-        "lr_patience": 100, "batch_size": 1, "metric_smoothing": 1})
+        "lr_schedule": "plateau", "lr_patience": 100, "batch_size": 1,
+        "metric_smoothing": 1})
     history, x, y = train_on_one_case(
         config, synthetic.make_case(0, size="small"), run_dir)
     return {"backend": keras.backend.backend(), "box": list(x.shape[:3]),

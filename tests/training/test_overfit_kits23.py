@@ -71,7 +71,8 @@ def overfit(run_dir, output_mode, epochs=10, steps=20):
         config_lib.get_config("kits23_tiny"),
         model={"output_mode": output_mode},
         train={"epochs": epochs, "steps_per_epoch": steps,
-               "learning_rate": 3e-3, "lr_patience": 100, "batch_size": 1,
+               "learning_rate": 3e-3, "lr_schedule": "plateau",
+               "lr_patience": 100, "batch_size": 1,
                "metric_smoothing": 1})
     history, _, y = train_on_one_case(
         config, with_cyst(synthetic.make_case(0, size="small")), run_dir,
