@@ -58,3 +58,16 @@ def test_unknown_backend_is_a_clear_error():
 
     with pytest.raises(ValueError, match="Received: backend='torch'"):
         resolve_backend("torch")
+
+
+def test_auto_on_a_host_without_device_nodes_does_not_import_jax():
+    # Importing JAX to ask for devices costs ~1.5 s of every CLI start.
+    from kits_keras.backend import cpu_only_host
+
+    if not cpu_only_host():
+        pytest.skip("this host has GPU/TPU device nodes")
+    code = "import sys; " + RESOLVE + "; print('jax' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(
+        CLEAN, PYTHONPATH=REPO), capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tensorflow", "False"]
