@@ -1,6 +1,7 @@
 """kits19 dataset builder test over the tiny cases in dummy_data/."""
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from kits_keras.config import DataConfig
@@ -8,15 +9,21 @@ from tfds_kits19 import fingerprint
 from tfds_kits19.kits19 import kits19_dataset_builder
 
 
+DEMO = "demo_4.0x3.2mm"
+
+
 class Kits19Test(tfds.testing.DatasetBuilderTestCase):
-    """Builds every config from dummy_data/ (5 cases: 4 train, 1 test)."""
+    """Builds the demo config from dummy_data/ (5 cases: 4 train, 1 test);
+    :class:`Kits19OtherConfigsTest` (large) builds the finer ones, which
+    differ only in the target spacing (~10x the voxels at 0.78 mm)."""
 
     DATASET_CLASS = kits19_dataset_builder.Builder
     SPLITS = {"train": 4, "test": 1}  # case_00004 is index 4 -> test
     SKIP_TF1_GRAPH_MODE = True
+    BUILDER_CONFIG_NAMES_TO_TEST = [DEMO]
 
     def test_metadata(self):
-        builder = self.builder
+        builder = self._make_builder(config=DEMO)
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 manual_dir=self.dummy_data))
@@ -38,6 +45,13 @@ class Kits19Test(tfds.testing.DatasetBuilderTestCase):
             self.assertTrue(np.all(ex["foreground_coords"] < shape))
             self.assertTrue(np.all(ex["labels"][tuple(
                 ex["foreground_coords"].T)] > 0))
+
+
+@pytest.mark.large
+class Kits19OtherConfigsTest(Kits19Test):
+    BUILDER_CONFIG_NAMES_TO_TEST = [
+        c.name for c in kits19_dataset_builder.Builder.BUILDER_CONFIGS
+        if c.name != DEMO]
 
 
 if __name__ == "__main__":
