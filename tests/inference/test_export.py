@@ -91,12 +91,21 @@ def test_metadata_keeps_the_training_orientation(config):
     assert artifact.orientation_of(meta) == ("S", "A", "R")
 
 
-@pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), (1, 16, 24, 40, 1)])
-def test_saved_model_matches_keras(exported, model, shape):
+@pytest.fixture(scope="module")
+def serving(exported):
+    """The export's ``serving_default`` signature, loaded once (~10 s)."""
     tf = import_tensorflow()
-    loaded = tf.saved_model.load(exported[1])
+    return tf.saved_model.load(exported[1]).signatures["serving_default"]
+
+
+# A second, odd shape through the one dynamic signature: large (the Keras
+# reference compiles per shape, ~10 s).
+@pytest.mark.parametrize("shape", [(2, 32, 64, 64, 1), pytest.param(
+    (1, 16, 24, 40, 1), marks=pytest.mark.large)])
+def test_saved_model_matches_keras(serving, model, shape):
+    tf = import_tensorflow()
     batch = _random_patch(shape)
-    out = loaded.signatures["serving_default"](image=tf.constant(batch))
+    out = serving(image=tf.constant(batch))
     probs = out["probabilities"].numpy()
     expected = _keras_probs(model, batch)
     assert probs.shape == shape[:4] + (3,)
@@ -105,13 +114,10 @@ def test_saved_model_matches_keras(exported, model, shape):
     assert_parity(probs, expected)
 
 
-def test_signature_rejects_bad_spatial_size(exported):
+def test_signature_rejects_bad_spatial_size(serving):
     tf = import_tensorflow()
-    loaded = tf.saved_model.load(exported[1])
     with pytest.raises(tf.errors.InvalidArgumentError, match="multiple of"):
-        loaded.signatures["serving_default"](
-            image=tf.zeros((1, 12, 64, 64, 1), tf.float32)
-        )
+        serving(image=tf.zeros((1, 12, 64, 64, 1), tf.float32))
 
 
 def test_refuses_existing_version(exported, model, config):
