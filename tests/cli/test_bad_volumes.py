@@ -238,6 +238,8 @@ def test_infer_refuses(name, model_dir, tmp_path):
     _infer_refuses(name, model_dir, tmp_path)
 
 
+@pytest.mark.large  # an infer process segmenting; postprocess and evaluate
+# refuse the table fast
 def test_infer_batch_reports_every_bad_file_and_segments_the_rest(
         good_cts, model_dir, tmp_path):
     inputs = tmp_path / "in"

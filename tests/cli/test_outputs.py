@@ -99,6 +99,7 @@ def test_infer_output_onto_its_input_refused_even_with_overwrite(
     assert snapshot(tmp_path / "in") == before
 
 
+@pytest.mark.large  # two infer processes segmenting a batch
 def test_infer_existing_sidecars_fail_their_case_others_segmented(
         model_file, tmp_path):
     inputs = tmp_path / "in"
@@ -143,6 +144,7 @@ def test_infer_case_named_summary_collides_with_summary_json(
 # --- infer: temporaries and hidden files ----------------------------------
 
 
+@pytest.mark.large  # an infer process segmenting
 def test_infer_skips_hidden_files_and_sweeps_stale_temporaries(
         model_file, tmp_path):
     inputs, out = tmp_path / "in", tmp_path / "out"
@@ -192,6 +194,7 @@ def _unfinished_run(root, name):
     return run
 
 
+@pytest.mark.large  # two infer processes, one segmenting
 def test_infer_takes_latest_finished_run_and_says_which(model_file,
                                                         tmp_path):
     root = tmp_path / "runs"

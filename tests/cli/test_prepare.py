@@ -61,10 +61,12 @@ def corrupt(path):
         fh.truncate(200)
 
 
-# 5 cases is the fast suite's end-to-end path through the real CLI
-# (prepare, fit, infer); the smaller datasets are the large edge cases.
-@pytest.mark.parametrize("num_cases", [
-    *(pytest.param(n, marks=pytest.mark.large) for n in (1, 2, 3, 4)), 5])
+# prepare, fit and infer through the real CLI, ~90 s at 5 cases on 2
+# cores: large, as is every training run (tests/training). The fast suite
+# prepares and segments in process (tests/data, tests/inference) and
+# checks the training callbacks and the CLI's refusals.
+@pytest.mark.large
+@pytest.mark.parametrize("num_cases", [1, 2, 3, 4, 5])
 def test_any_number_of_cases_builds_and_fits(five_cases, tmp_path,
                                              num_cases):
     cases = cases_folder(five_cases, tmp_path / "cases", range(num_cases))
@@ -103,6 +105,7 @@ def test_any_number_of_cases_builds_and_fits(five_cases, tmp_path,
     assert set(np.unique(seg.array).tolist()) <= {0, 1, 2}
 
 
+@pytest.mark.large  # six prepares of the 5 cases
 def test_rerun_on_changed_folder(five_cases, tmp_path):
     """Same files: reused. Added, removed, re-annotated cases, another
     folder: one line naming --rebuild, the dataset untouched. --rebuild:
@@ -264,6 +267,7 @@ def test_killed_build_is_cleaned_up_by_the_next(five_cases, tmp_path):
     assert snapshot(data_dir) == before
 
 
+@pytest.mark.large  # prepare processes; test_empty_folder_is_one_line is fast
 def test_no_usable_training_case_is_one_line(five_cases, tmp_path):
     """Every training case bad (skipped): exit 1, one line, and no dataset
     or folder left behind; an existing data folder is left as it was."""

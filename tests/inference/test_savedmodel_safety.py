@@ -62,6 +62,7 @@ def ct_file(tmp_path):
     return path
 
 
+@pytest.mark.large  # an infer process; the op check is tested in process
 def test_crafted_read_and_write_export_refused_by_infer(ct_file, tmp_path):
     """Reads a file and writes it elsewhere: refused, nothing runs."""
     secret = tmp_path / "secret.txt"
