@@ -113,8 +113,12 @@ def _median_run(fn, repeats, counter):
 
 
 def sliding_ours(volume_path, tta, repeats):
-    """Ours: sliding_window around a Keras (TensorFlow) tiny net."""
-    os.environ["KERAS_BACKEND"] = "tensorflow"
+    """Ours: sliding_window around a Keras (TensorFlow) tiny net, with
+    TensorFlow set up as ``--backend tensorflow`` sets it (oneDNN on x86
+    CPUs with AVX2, :func:`kits_keras.backend.configure_tensorflow`)."""
+    from kits_keras.backend import select_backend
+
+    select_backend("tensorflow")
     import keras
 
     from kits_keras.inference import sliding_window as sw
@@ -505,22 +509,8 @@ def case_cost(args, here, ct_path, run_dir, summary):
     return raw
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--peers-python", default=common.default_peers_python())
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tta-repeats", type=int, default=1,
-                        help="Repeats of the 8x mirroring runs (each ~8x "
-                        "longer).")
-    parser.add_argument("--work", default=os.path.join(
-        tempfile.gettempdir(), "kits_keras_bench_inference"))
-    parser.add_argument("--paper-network", action="store_true")
-    args = parser.parse_args()
-    os.makedirs(args.work, exist_ok=True)
-    raw, summary = {}, {}
-    here = os.path.abspath(__file__)
-    volume = smooth_volume(os.path.join(args.work, "sw_130x256x256.npy"))
-
+def sliding_section(args, here, volume, raw, summary):
+    """Section 1: tiling-and-aggregation overhead, ours and the peers."""
     # 1. Sliding-window overhead.
     sliding = {}
     for tta in (False, True):
@@ -553,6 +543,9 @@ def main():
             summary[f"overhead_pct_incl_conversion{suffix}"] = round(
                 value["overhead_pct_incl_conversion"], 2)
 
+
+def postprocess_section(args, here, raw, summary):
+    """Section 2: post-processing on the real KiTS19 label volumes."""
     # 2. Post-processing on the real label volumes.
     labels = common.labels_dir()
     cases = [c for c in POST_CASES if os.path.isdir(os.path.join(labels, c))]
@@ -581,10 +574,10 @@ def main():
                 summary[f"postprocess_time_ratio_vs_{lib}"] = round(
                     totals["ours"] / totals[lib], 3)
 
-    # 3. + 4. The infer command: peak RSS at 1059 slices, s/case at 261.
-    run_dir = os.path.join(args.work, "run_tiny_coarse")
-    common.call_in_subprocess(here, "tiny_coarse_artifact",
-                              {"run_dir": run_dir})
+
+def infer_sections(args, here, run_dir, ct_261, raw, summary):
+    """Sections 3 and 4: ``kits-keras infer``'s peak RSS at 1059 slices
+    and seconds per case at 261."""
     ct_1059 = write_ct(os.path.join(args.work, "ct_1059.nii.gz"),
                        (1059, 512, 512), (0.5, 0.78, 0.78))
     out = os.path.join(args.work, "ct_1059_pred.nii.gz")
@@ -594,8 +587,6 @@ def main():
                          "report": report}
     summary["peak_rss_gb_1059"] = round(rss, 2)
     print("1059:", round(wall, 1), "s", round(rss, 2), "GB", flush=True)
-    ct_261 = write_ct(os.path.join(args.work, "ct_261.nii.gz"),
-                      (261, 512, 512), (1.0, 0.94, 0.94))
     runs = {"tiny": run_dir}
     if args.paper_network:
         runs["paper"] = os.path.join(args.work, "run_paper_coarse")
@@ -618,8 +609,68 @@ def main():
     raw["infer_network"] = ("tiny U-Net (4 levels, base 8, max 64) at the "
                             "coarse config, untrained")
 
+
+SECTIONS = (1, 2, 3, 4, 5)
+
+
+def merge_into_previous(raw, summary, sections):
+    """``raw`` and ``summary`` of a partial rerun laid over the committed
+    results (same keys replaced, the others kept), with a ``reruns`` list
+    in ``raw`` saying which sections were rerun and when."""
+    import datetime
+    import json
+
+    path = os.path.join(common.RESULTS_DIR, "inference.json")
+    with open(path) as f:
+        previous = json.load(f)
+    merged_raw = {**previous["raw"], **raw}
+    merged_raw["reruns"] = previous["raw"].get("reruns", []) + [{
+        "sections": sorted(sections),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "first_run_date": previous.get("date")}]
+    return merged_raw, {**previous["summary"], **summary}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--peers-python", default=common.default_peers_python())
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tta-repeats", type=int, default=1,
+                        help="Repeats of the 8x mirroring runs (each ~8x "
+                        "longer).")
+    parser.add_argument("--work", default=os.path.join(
+        tempfile.gettempdir(), "kits_keras_bench_inference"))
+    parser.add_argument("--paper-network", action="store_true")
+    parser.add_argument("--sections", default=",".join(map(str, SECTIONS)),
+                        help="Comma-separated sections to run (see the "
+                        "module docstring). A subset replaces only their "
+                        "figures in the existing results JSON, which "
+                        "records which sections were rerun when.")
+    args = parser.parse_args()
+    sections = {int(x) for x in args.sections.split(",")}
+    os.makedirs(args.work, exist_ok=True)
+    raw, summary = {}, {}
+    here = os.path.abspath(__file__)
+    volume = smooth_volume(os.path.join(args.work, "sw_130x256x256.npy"))
+
+    if 1 in sections:
+        sliding_section(args, here, volume, raw, summary)
+    if 2 in sections:
+        postprocess_section(args, here, raw, summary)
+    run_dir = os.path.join(args.work, "run_tiny_coarse")
+    ct_261 = os.path.join(args.work, "ct_261.nii.gz")
+    if sections & {3, 4, 5}:
+        common.call_in_subprocess(here, "tiny_coarse_artifact",
+                                  {"run_dir": run_dir})
+        write_ct(ct_261, (261, 512, 512), (1.0, 0.94, 0.94))
+    if sections & {3, 4}:
+        infer_sections(args, here, run_dir, ct_261, raw, summary)
     # 5. A whole case with 8 mirrorings on both CPU kinds, ours and nnU-Net.
-    raw["case_cost"] = case_cost(args, here, ct_261, run_dir, summary)
+    if 5 in sections:
+        raw["case_cost"] = case_cost(args, here, ct_261, run_dir, summary)
+    if sections != set(SECTIONS):
+        raw, summary = merge_into_previous(raw, summary, sections)
     path = common.write_results("inference", {"raw": raw, "summary": summary},
                                 peers_python=args.peers_python)
     print(path)

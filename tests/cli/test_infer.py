@@ -99,6 +99,7 @@ def test_no_model_says_how_to_get_one(ct_file, tmp_path):
     assert not os.path.exists(ct_file.replace(".nii.gz", "_seg.nii.gz"))
 
 
+@pytest.mark.large  # an infer process segmenting a batch
 def test_batch_bad_file_reported_others_finish(small_cts, runs_root,
                                                tmp_path):
     inputs = tmp_path / "in"

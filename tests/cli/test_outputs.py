@@ -222,10 +222,9 @@ def test_infer_takes_latest_finished_run_and_says_which(model_file,
     assert not out.exists()
 
 
-# One infer process each; the same one-line path refuses all three.
-@pytest.mark.parametrize("damage", [
-    "no_config", *(pytest.param(d, marks=pytest.mark.large)
-                   for d in ("not_zip", "mismatch"))])
+# The same one-line path refuses all three.
+@pytest.mark.large  # an infer process each; test_artifact refuses in process
+@pytest.mark.parametrize("damage", ["no_config", "not_zip", "mismatch"])
 def test_infer_damaged_model_one_line(damage, model_file, tmp_path):
     from kits_keras.config import get_config
     from kits_keras.config import override
@@ -351,15 +350,15 @@ def test_evaluate_no_prediction_matches(truth, tmp_path):
 # --- fit --resume ---------------------------------------------------------
 
 
-# A fit process each: the path escape is the fast one, the rest large.
+@pytest.mark.large  # a fit process each (~7 s on 2 cores)
 @pytest.mark.parametrize("state, message", [
     ({"epochs_done": 1, "checkpoint": "../../victim/precious.keras"},
      "is not a file name inside"),
-    pytest.param({"epochs_done": 1, "checkpoint": "/tmp/precious.keras"},
-                 "is not a file name inside", marks=pytest.mark.large),
-    pytest.param({"epochs_done": "1", "checkpoint": "epoch_0001.keras"},
-                 "is not a count", marks=pytest.mark.large),
-    pytest.param("{not json", "unreadable", marks=pytest.mark.large),
+    ({"epochs_done": 1, "checkpoint": "/tmp/precious.keras"},
+     "is not a file name inside"),
+    ({"epochs_done": "1", "checkpoint": "epoch_0001.keras"},
+     "is not a count"),
+    ("{not json", "unreadable"),
 ])
 def test_fit_resume_refuses_a_bad_state_json(state, message, tmp_path):
     victim = tmp_path / "victim" / "precious.keras"
