@@ -1,6 +1,7 @@
 """Inference: sliding-window overhead, post-processing, memory, s/case.
 
-Run from the repo root (about 6-8 min on 2 cores)::
+Run from the repo root (about 31 min on a 2-core AVX2-only host, 19 of
+them section 5; ``--sections 1,2`` runs a subset into the committed JSON)::
 
     python benchmarks/inference.py [--peers-python /work/peers-venv/bin/python]
 
