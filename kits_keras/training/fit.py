@@ -199,8 +199,10 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
 
     checkpoint = cb.RunCheckpoint(
         os.path.join(run_dir, "checkpoints"), save_best,
-        {"summary": summary, **({"plateau": schedule} if isinstance(
-            schedule, cb.ResumableReduceLROnPlateau) else {})},
+        # The plateau rule has counters to save; poly is a function of the
+        # epoch alone.
+        {"summary": summary, **({"plateau": schedule} if hasattr(
+            schedule, "get_state") else {})},
         {"seed": int(seed), "config": config.name},
     )
     eta = cb.Eta(config.train.epochs, config.train.steps_per_epoch)
