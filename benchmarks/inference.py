@@ -649,7 +649,13 @@ def main():
                         "figures in the existing results JSON, which "
                         "records which sections were rerun when.")
     args = parser.parse_args()
-    sections = {int(x) for x in args.sections.split(",")}
+    try:
+        sections = {int(x) for x in args.sections.split(",")}
+    except ValueError:
+        sections = set()
+    if not sections or not sections <= set(SECTIONS):
+        parser.error(f"--sections: a comma-separated subset of {SECTIONS}. "
+                     f"Received: {args.sections!r}")
     os.makedirs(args.work, exist_ok=True)
     raw, summary = {}, {}
     here = os.path.abspath(__file__)
