@@ -220,10 +220,10 @@ def run(work, steps, seed, fresh=False, variants=1):
 
 
 def _validation_ids(config, data_dir):
-    from kits_keras.data import pipeline as data
+    from kits_keras.data import prepared
 
-    builder = data.prepared_builder(config, data_dir)
-    return sorted(data.case_split(config, builder)[1])
+    builder = prepared.prepared_builder(config, data_dir)
+    return sorted(prepared.case_split(config, builder)[1])
 
 
 def segment(work, case_ids, run_dir, tta, name, cases_dir=None):

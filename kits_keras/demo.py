@@ -97,7 +97,7 @@ def _truth_folder(cases_dir, case_ids, truth_dir):
 
 def _split_case_ids(config, data_dir):
     """``(train ids, test ids)`` recorded in the prepared dataset."""
-    from kits_keras.data.pipeline import prepared_builder
+    from kits_keras.data.prepared import prepared_builder
 
     meta = prepared_builder(config, data_dir).info.metadata
     return list(meta["train_case_ids"]), sorted(meta["test_case_ids"])

@@ -29,6 +29,9 @@ i.e. nearest neighbour), as multi-scale supervision needs.
 import logging
 
 from kits_keras.data import augment
+from kits_keras.data.prepared import case_split
+from kits_keras.data.prepared import prepared_builder
+from kits_keras.data.prepared import volume_dataset
 from kits_keras.backend import import_tensorflow
 from kits_keras.model import strides as strides_lib
 
@@ -155,8 +158,22 @@ def make_patch_fn(config, seed, augment_config=None, with_kind=False):
     return fn
 
 
+def traced_patch_fn(config, augment_config=None, with_kind=False):
+    """:func:`make_patch_fn` as one ``tf.function``
+    ``fn(seed, volume_index, patch_index, volume)``, traced once.
+
+    A pipeline rebuilt every epoch (a new seed each) calls it instead of
+    tracing the augmentation graph again: ~1 s of every epoch on 2 cores.
+    """
+    def fn(seed, volume_index, patch_index, volume):
+        return make_patch_fn(config, seed, augment_config, with_kind)(
+            volume_index, patch_index, volume)
+
+    return tf.function(fn, reduce_retracing=True)
+
+
 def patch_dataset(volumes, config, seed, training=True, with_kind=False,
-                  shard=None):
+                  shard=None, patch_fn=None):
     """Unbatched ``(image (z, y, x, 1), labels tuple)`` patches.
 
     Args:
@@ -176,6 +193,9 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False,
             computes only its own. The processes' shards, batched and put
             side by side in process order, are the unsharded stream's
             batches.
+        patch_fn: :func:`traced_patch_fn` of ``config`` (and of
+            ``config.augment.disabled()`` when not ``training``) to reuse,
+            or None to trace the patch function here.
     """
     per_volume = config.data.patches_per_volume
     ds = volumes
@@ -194,11 +214,14 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False,
         ds = shard_rows(ds, *shard)
     # Validation patches are plain crops: every transform switched off.
     aug = None if training else config.augment.disabled()
-    ds = ds.map(
-        make_patch_fn(config, seed, aug, with_kind),
-        num_parallel_calls=AUTOTUNE,
-    )
-    return ds
+    if patch_fn is None:
+        cut = make_patch_fn(config, seed, aug, with_kind)
+    else:
+        seed_tensor = tf.constant(seed, tf.int64)
+
+        def cut(volume_index, patch_index, volume):
+            return patch_fn(seed_tensor, volume_index, patch_index, volume)
+    return ds.map(cut, num_parallel_calls=AUTOTUNE)
 
 
 def shard_rows(ds, index, count, global_batch):
@@ -220,125 +243,47 @@ def shard_rows(ds, index, count, global_batch):
     ).map(lambda k, *row: row[0] if len(row) == 1 else row)
 
 
+def validation_bytes(config):
+    """Upper bound of the validation patches' size in memory, bytes:
+    ``validation_cases * patches_per_volume`` float32 images and their
+    int32 label pyramids."""
+    voxels = 1
+    for n in config.data.patch_size:
+        voxels *= int(n)
+    per_patch = 4 * voxels + sum(
+        4 * voxels // (fz * fy * fx)
+        for fz, fy, fx in strides_lib.output_strides(config))
+    return (config.data.validation_cases * config.data.patches_per_volume
+            * per_patch)
+
+
+def in_memory(ds):
+    """The finite batched ``ds`` read once and served from memory.
+
+    Every later pass starts at once and costs no reading or resampling
+    (Keras starts a new pass of the validation set every epoch: 3-6 s of
+    every demo epoch on 2 cores). The batches are the same: only the last
+    one of ``ds`` may be short, and ``batch`` cuts the rows at the same
+    places.
+    """
+    import numpy as np
+
+    batches = list(ds.as_numpy_iterator())
+    if not batches:
+        return ds
+    rows = tf.nest.map_structure(lambda *parts: np.concatenate(parts),
+                                 *batches)
+    size = len(tf.nest.flatten(batches[0])[0])
+    return tf.data.Dataset.from_tensor_slices(rows).batch(size)
+
+
 def batch(ds, batch_size, drop_remainder):
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(
         AUTOTUNE)
 
 
-# --- TFDS wrappers -----------------------------------------------------------
-
-
-def prepared_builder(config, data_dir):
-    """The TFDS builder of ``config.data.dataset`` prepared in ``data_dir``
-    (the one lookup of a prepared dataset): ``kits19/<dataset>`` or
-    ``kits23/<dataset>`` after ``config.data.label_set``.
-
-    Raises:
-        FileNotFoundError: when it was not prepared there.
-        ValueError: when its labels are not ``model.num_classes`` classes,
-            or it stores another ``foreground_samples``.
-    """
-    import tensorflow_datasets as tfds
-
-    import tfds_kits19  # noqa: F401  (registers kits19 and kits23)
-
-    name = f"{config.data.label_set}/{config.data.dataset}"
-    builder = tfds.builder(name, data_dir=data_dir)
-    if not tf.io.gfile.exists(builder.data_dir):
-        raise FileNotFoundError(
-            f"{data_dir}: no prepared {name} dataset there (expected "
-            f"{builder.data_dir}); run `kits-keras prepare` first."
-        )
-    _check_foreground_samples(config, builder)
-    _check_num_classes(config, builder)
-    return builder
-
-
-def _check_num_classes(config, builder):
-    """Refuses a dataset whose labels are not ``model.num_classes``
-    classes: the number of classes comes from the dataset (its
-    ``metadata["label_values"]``; datasets built before it was recorded
-    are KiTS19's 0-2)."""
-    from kits_keras.config import LABEL_SETS
-
-    stored = (builder.info.metadata or {}).get("label_values",
-                                               LABEL_SETS["kits19"])
-    if len(stored) != config.model.num_classes:
-        raise ValueError(
-            f"{builder.data_dir}: labels {list(stored)} are "
-            f"{len(stored)} classes, the config's model.num_classes is "
-            f"{config.model.num_classes}")
-
-
-def _check_foreground_samples(config, builder):
-    """Refuses a dataset that stores another number of foreground
-    coordinates per class than ``config.data.foreground_samples`` (the
-    setting would otherwise silently do nothing)."""
-    from tfds_kits19 import fingerprint
-
-    stored = (builder.info.metadata or {}).get(
-        "foreground_samples", fingerprint.UNRECORDED_FOREGROUND_SAMPLES)
-    wanted = config.data.foreground_samples
-    if stored != wanted:
-        raise ValueError(
-            f"{builder.data_dir}: built with foreground_samples={stored}, "
-            f"the config has {wanted}; run `kits-keras prepare --config "
-            f"{config.name} --rebuild`.")
-
-
-def case_split(config, builder):
-    """(training ids, validation ids): the last ``validation_cases`` sorted
-    training ids are held out for validation.
-
-    With no more training cases than ``validation_cases`` (a small
-    dataset), none are held out: ``(all ids, [])``, and training runs
-    without validation (:func:`make_validation_dataset` says so).
-    """
-    ids = sorted(builder.info.metadata["train_case_ids"])
-    n = config.data.validation_cases
-    if n < 0:
-        raise ValueError(
-            f"validation_cases must be >= 0. Received: validation_cases={n}")
-    if n == 0 or n >= len(ids):
-        return ids, []
-    return ids[:-n], ids[-n:]
-
-
-def volume_dataset(config, data_dir, split, shuffle=False, seed=0):
-    """TFDS examples of ``split``: "train" (without the validation cases),
-    "validation" (the held-out training cases) or "test"."""
-    import tensorflow_datasets as tfds
-
-    splits = ("train", "validation", "test")
-    if split not in splits:
-        raise ValueError(
-            f"Unknown split. Expected one of {splits}. Received: {split!r}"
-        )
-    builder = prepared_builder(config, data_dir)
-    if split == "test" and "test" not in builder.info.splits:
-        raise ValueError(
-            f"{builder.data_dir}: this dataset has no test split (fewer "
-            "than 5 labelled cases, or every test case was skipped as bad)")
-    read_config = tfds.ReadConfig(shuffle_seed=seed,
-                                  interleave_cycle_length=2)
-    ds = builder.as_dataset(
-        split="test" if split == "test" else "train",
-        shuffle_files=shuffle,
-        read_config=read_config,
-    )
-    if split != "test":
-        train_ids, val_ids = case_split(config, builder)
-        ids = train_ids if split == "train" else val_ids
-        if not ids:
-            return ds.take(0)
-        keep = tf.constant(ids)
-        ds = ds.filter(
-            lambda ex: tf.reduce_any(tf.equal(ex["case_id"], keep))
-        )
-    return ds
-
-
-def make_train_dataset(config, data_dir, seed=None, shard=None):
+def make_train_dataset(config, data_dir, seed=None, shard=None,
+                       patch_fn=None):
     """Endless augmented training batches from the prepared TFDS dataset.
 
     Args:
@@ -349,6 +294,7 @@ def make_train_dataset(config, data_dir, seed=None, shard=None):
             unless a seed is given).
         shard: ``(index, count)`` or None: this process's share of every
             batch in multi-process training (:func:`patch_dataset`).
+        patch_fn: :func:`traced_patch_fn` of ``config`` or None.
 
     Returns:
         tf.data.Dataset of ``(image (B, z, y, x, 1) float32, labels tuple of
@@ -363,7 +309,7 @@ def make_train_dataset(config, data_dir, seed=None, shard=None):
         shard = (*shard, size)
         size //= shard[1]
     patches = patch_dataset(volumes, config, seed, training=True,
-                            shard=shard)
+                            shard=shard, patch_fn=patch_fn)
     return batch(patches, size, drop_remainder=True)
 
 
@@ -386,16 +332,3 @@ def make_validation_dataset(config, data_dir):
     patches = patch_dataset(volumes, config, config.train.seed,
                             training=False)
     return batch(patches, config.train.batch_size, drop_remainder=False)
-
-
-def load_volumes(config, data_dir, split):
-    """Whole preprocessed volumes of ``split`` as dicts of numpy arrays.
-
-    ``split``: "train" (minus validation cases), "validation" (may give
-    nothing) or "test" (ValueError if the dataset has none). ``case_id``
-    comes back as ``str``.
-    """
-    ds = volume_dataset(config, data_dir, split)
-    for example in ds.as_numpy_iterator():
-        example["case_id"] = example["case_id"].decode()
-        yield example

@@ -21,9 +21,10 @@ def collect_patches(config, data_dir, num, seed=None):
     images float32 (num, z, y, x); labels int32 (num, z, y, x); kinds int.
     """
     from kits_keras.data import pipeline as data
+    from kits_keras.data import prepared
 
     seed = config.train.seed if seed is None else int(seed)
-    volumes = data.volume_dataset(config, data_dir, "train", shuffle=True,
+    volumes = prepared.volume_dataset(config, data_dir, "train", shuffle=True,
                                    seed=seed)
     patches = data.patch_dataset(volumes, config, seed, training=True,
                                  with_kind=True)

@@ -52,6 +52,11 @@ def set_precision():
     return policy
 
 
+# Validation patches up to this size are kept in memory (tiny: 0.2 MB,
+# paper: 0.6 GB, read from the dataset every epoch instead).
+MAX_IN_MEMORY_VALIDATION_BYTES = 256 * 2**20
+
+
 def build_dataset(config, data_dir, seed, full_batches=False, shard=None):
     """Per-epoch training datasets and the validation dataset.
 
@@ -66,15 +71,18 @@ def build_dataset(config, data_dir, seed, full_batches=False, shard=None):
 
     Returns:
         ``(epoch_dataset, validation)``: ``epoch_dataset(epoch)`` gives the
-        training ``tf.data.Dataset`` of that epoch; ``validation`` is finite,
-        or None when the dataset has too few cases to hold any out.
+        training ``tf.data.Dataset`` of that epoch; ``validation`` is finite
+        (in memory when under ``MAX_IN_MEMORY_VALIDATION_BYTES``), or None
+        when the dataset has too few cases to hold any out.
     """
     from kits_keras.data import pipeline as data
+
+    patch_fn = data.traced_patch_fn(config)  # one trace for every epoch
 
     def epoch_dataset(epoch):
         return data.make_train_dataset(config, data_dir,
                                        seed=epoch_seed(seed, epoch),
-                                       shard=shard)
+                                       shard=shard, patch_fn=patch_fn)
 
     validation = data.make_validation_dataset(config, data_dir)
     if full_batches and validation is not None:
@@ -85,6 +93,9 @@ def build_dataset(config, data_dir, seed, full_batches=False, shard=None):
             rows = slice(shard[0] * n, (shard[0] + 1) * n)
             validation = validation.map(
                 lambda x, ys: (x[rows], tuple(y[rows] for y in ys)))
+    if (validation is not None and data.validation_bytes(config)
+            <= MAX_IN_MEMORY_VALIDATION_BYTES):
+        validation = data.in_memory(validation)
     return epoch_dataset, validation
 
 
@@ -97,7 +108,7 @@ def epoch_batches(epoch_dataset, initial_epoch, epochs, steps):
 
 def intensity_stats(config, data_dir):
     """The training set's IntensityStats dict from the TFDS metadata."""
-    from kits_keras.data.pipeline import prepared_builder
+    from kits_keras.data.prepared import prepared_builder
 
     builder = prepared_builder(config, data_dir)
     return (builder.info.metadata or {}).get("intensity_stats")

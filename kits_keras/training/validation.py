@@ -40,14 +40,23 @@ class VolumeValidator:
         self.volumes = list(volumes)
         self.config = config
         self.last_cases = {}
+        self._network = self._trained = None
 
-    def __call__(self, model, epoch):
+    def _full_resolution(self, model):
+        """The full-resolution twin of ``model``, built once per model:
+        its compiled predict function is then reused every validation
+        (called eagerly, a tile took 0.7 s on JAX:CPU instead of ms)."""
         from kits_keras.model.unet import full_resolution_model
 
-        network = full_resolution_model(model)
+        if self._trained is not model:
+            self._network, self._trained = full_resolution_model(model), model
+        return self._network
+
+    def __call__(self, model, epoch):
+        network = self._full_resolution(model)
 
         def run(batch):
-            return np.asarray(network(batch, training=False),
+            return np.asarray(network.predict_on_batch(batch),
                               dtype=np.float32)
 
         infer = self.config.infer
@@ -93,8 +102,8 @@ def region_scores(predicted, labels, label_set):
 
 def load_validation_volumes(config, data_dir):
     """``[(case_id, image, labels)]`` of the validation split (may be [])."""
-    from kits_keras.data import pipeline as data
+    from kits_keras.data import prepared
 
     return [(ex["case_id"], np.asarray(ex["image"], np.float32),
              np.asarray(ex["labels"], np.uint8))
-            for ex in data.load_volumes(config, data_dir, "validation")]
+            for ex in prepared.load_volumes(config, data_dir, "validation")]

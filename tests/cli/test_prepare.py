@@ -195,7 +195,7 @@ def test_foreground_samples_are_part_of_the_dataset(five_cases, tmp_path):
     a dataset built with another value is out of date for ``prepare`` and
     refused by training's reader."""
     from kits_keras import config as config_lib
-    from kits_keras.data import pipeline as data
+    from kits_keras.data import prepared
     from kits_keras.data import prepare as dataset
 
     cases = cases_folder(five_cases, tmp_path / "cases", [0])
@@ -203,12 +203,12 @@ def test_foreground_samples_are_part_of_the_dataset(five_cases, tmp_path):
     tiny = config_lib.get_config(CONFIG)
     few = config_lib.override(tiny, data={"foreground_samples": 50})
     dataset.prepare(cases, data_dir, few.data, workers=1)
-    (case,) = data.load_volumes(few, data_dir, "train")
+    (case,) = prepared.load_volumes(few, data_dir, "train")
     assert (case["labels"] > 0).sum() > 50
     assert case["foreground_coords"].shape == (50, 3)
     with pytest.raises(ValueError, match="built with foreground_samples=50, "
                                          "the config has 10000"):
-        list(data.load_volumes(tiny, data_dir, "train"))
+        list(prepared.load_volumes(tiny, data_dir, "train"))
     with pytest.raises(ValueError, match=r"out of date .*\(foreground_"
                                          r"samples 50 -> 10000\)"):
         dataset.prepare(cases, data_dir, CONFIG, workers=1)

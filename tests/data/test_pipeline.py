@@ -7,6 +7,7 @@ import pytest
 
 from kits_keras import config as config_lib
 from kits_keras.data import pipeline as data
+from kits_keras.data import prepared
 from kits_keras.model.strides import output_strides
 
 tf = data.tf
@@ -156,6 +157,47 @@ def test_same_seed_same_batches_other_seed_other_batches():
     assert not all(np.array_equal(x, z) for x, z in zip(a, c))
 
 
+def test_traced_patch_fn_cuts_the_same_patches_for_any_seed():
+    cfg = make_config()
+    vols = [synthetic_volume(seed=s) for s in range(2)]
+    traced = data.traced_patch_fn(cfg)
+
+    def first_batch(seed, patch_fn):
+        ds = data.batch(data.patch_dataset(in_memory_volumes(vols), cfg, seed,
+                                           patch_fn=patch_fn),
+                        2, drop_remainder=True)
+        return next(ds.as_numpy_iterator())
+
+    plain, reused = first_batch(3, None), first_batch(3, traced)
+    np.testing.assert_array_equal(plain[0], reused[0])
+    for a, b in zip(plain[1], reused[1]):
+        np.testing.assert_array_equal(a, b)
+    # The seed is an argument of the one trace, not a constant in it.
+    assert not np.array_equal(reused[0], first_batch(4, traced)[0])
+
+
+def test_in_memory_gives_the_same_batches_short_last_one_included():
+    cfg = make_config(patches_per_volume=3)
+    vols = [synthetic_volume(seed=0), synthetic_volume(seed=1)]
+    ds = data.batch(data.patch_dataset(in_memory_volumes(vols), cfg, seed=0,
+                                       training=False),
+                    4, drop_remainder=False)  # 6 patches: 4 + 2
+    streamed = list(ds.as_numpy_iterator())
+    kept = list(data.in_memory(ds).as_numpy_iterator())
+    assert [len(x) for x, _ in kept] == [4, 2]
+    for (x, ys), (x2, ys2) in zip(streamed, kept):
+        np.testing.assert_array_equal(x, x2)
+        for y, y2 in zip(ys, ys2):
+            np.testing.assert_array_equal(y, y2)
+
+
+def test_validation_bytes_counts_images_and_label_pyramids():
+    cfg = make_config(patches_per_volume=2, validation_cases=3)
+    voxels = int(np.prod(PATCH))
+    pyramid = sum(voxels // int(np.prod(f)) for f in output_strides(cfg))
+    assert data.validation_bytes(cfg) == 3 * 2 * 4 * (voxels + pyramid)
+
+
 def test_case_split_holds_out_last_ids():
     class Info:
         metadata = {"train_case_ids": ["case_00003", "case_00001",
@@ -165,11 +207,11 @@ def test_case_split_holds_out_last_ids():
         info = Info()
 
     cfg = make_config(validation_cases=1)
-    train, val = data.case_split(cfg, Builder())
+    train, val = prepared.case_split(cfg, Builder())
     assert train == ["case_00000", "case_00001", "case_00002"]
     assert val == ["case_00003"]
     # No more training cases than validation_cases: none held out.
-    assert data.case_split(make_config(validation_cases=4), Builder()) == (
+    assert prepared.case_split(make_config(validation_cases=4), Builder()) == (
         ["case_00000", "case_00001", "case_00002", "case_00003"], [])
 
 
@@ -182,9 +224,9 @@ def tfds_dir(prepared_five_dir):
 
 def test_tfds_wrappers_split_cases_and_give_batches(tfds_dir):
     cfg = config_lib.get_config("tiny")  # validation_cases=1
-    train = {v["case_id"] for v in data.load_volumes(cfg, tfds_dir, "train")}
-    val = [v for v in data.load_volumes(cfg, tfds_dir, "validation")]
-    test = {v["case_id"] for v in data.load_volumes(cfg, tfds_dir, "test")}
+    train = {v["case_id"] for v in prepared.load_volumes(cfg, tfds_dir, "train")}
+    val = [v for v in prepared.load_volumes(cfg, tfds_dir, "validation")]
+    test = {v["case_id"] for v in prepared.load_volumes(cfg, tfds_dir, "test")}
     assert train == {"case_00000", "case_00001", "case_00002"}
     assert [v["case_id"] for v in val] == ["case_00003"]
     assert test == {"case_00004"}

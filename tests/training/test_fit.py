@@ -121,10 +121,14 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     from kits_keras import artifact
     from kits_keras.training import fit as training
 
-    config = _small_config()
+    # Patch validation only: the sliding window over the validation case
+    # at every run's first and last epoch took half of this test's time on
+    # JAX:CPU, and tests/training/test_validation.py covers it.
+    config = _small_config(volume_validation_every=0)
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     training.fit(config, data_dir, out_dir=whole, verbose=0)
-    training.fit(_small_config(epochs=1), data_dir, out_dir=split, verbose=0)
+    training.fit(_small_config(epochs=1, volume_validation_every=0), data_dir,
+                 out_dir=split, verbose=0)
     assert len(_history(split)) == 1
     with pytest.raises(ValueError, match="already holds a run"):
         training.fit(config, data_dir, out_dir=split, verbose=0)
@@ -155,7 +159,8 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     # The best model may be epoch 1's, saved by the 1-epoch invocation: its
     # config says the epochs it was trained with.
     assert art.metadata["epoch"] in (1, 2)
-    trained_for = _small_config(epochs=art.metadata["epoch"])
+    trained_for = _small_config(epochs=art.metadata["epoch"],
+                                volume_validation_every=0)
     assert art.config in (config, trained_for) and art.stats is not None
 
 
