@@ -30,6 +30,7 @@ import numpy as np
 
 from kits_keras import files
 from kits_keras import io
+from kits_keras.orientation import check_orientation
 from kits_keras.config import ExperimentConfig
 
 MODEL_FILE = "model.keras"
@@ -170,7 +171,7 @@ def save_artifact(model, config, stats, path, extra=None,
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
         "intensity_stats": stats,
-        ORIENTATION_KEY: "".join(io.check_orientation(orientation)),
+        ORIENTATION_KEY: "".join(check_orientation(orientation)),
         **(extra or {}),
     }
 
@@ -301,7 +302,7 @@ def orientation_of(metadata, path=""):
     """
     codes = (metadata or {}).get(ORIENTATION_KEY, io.KITS19_ORIENTATION)
     try:
-        return io.check_orientation(codes)
+        return check_orientation(codes)
     except ValueError as err:
         raise io.CaseError(f"{path}: bad {ORIENTATION_KEY!r} in the model "
                            f"metadata: {err}") from None

@@ -103,9 +103,32 @@ def _split_case_ids(config, data_dir):
     return list(meta["train_case_ids"]), sorted(meta["test_case_ids"])
 
 
+def demo_config(options):
+    """The experiment the demo trains: ``options.config`` (default the
+    dataset's), with the demo's seed, steps, validation cases and all 8
+    mirrorings at inference."""
+    from kits_keras import config as config_lib
+
+    if options.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {tuple(DATASETS)}. "
+                         f"Received: dataset={options.dataset!r}")
+    config = config_lib.get_config(options.config
+                                   or DATASETS[options.dataset])
+    # Three validation cases (not one) so the best checkpoint is chosen on
+    # more than one tumour; all 8 mirrorings at inference (cheap here).
+    train = {"seed": options.seed}
+    if options.steps is not None:
+        per_epoch = min(config.train.steps_per_epoch, int(options.steps))
+        train.update(steps_per_epoch=per_epoch,
+                     epochs=max(1, round(options.steps / per_epoch)))
+    return config_lib.override(
+        config, train=train,
+        data={"validation_cases": 3 if options.num_cases >= 20 else 1},
+        infer={"tta": "all"})
+
+
 def run_demo(options=DemoOptions()):
     """Runs the demo; returns the dict also written to ``OUT/demo.json``."""
-    from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras import evaluate
     from kits_keras.inference import batch
@@ -117,23 +140,8 @@ def run_demo(options=DemoOptions()):
     out = options.out_dir
     paths = {k: os.path.join(out, k) for k in
              ("cases", "tfds", "run", "predictions", "truth", "evaluation")}
-    if options.dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {tuple(DATASETS)}. "
-                         f"Received: dataset={options.dataset!r}")
+    config = demo_config(options)
     kits23 = options.dataset == "kits23"
-    config = config_lib.get_config(options.config
-                                   or DATASETS[options.dataset])
-    # Three validation cases (not one) so the best checkpoint is chosen on
-    # more than one tumour; all 8 mirrorings at inference (cheap here).
-    train = {"seed": options.seed}
-    if options.steps is not None:
-        per_epoch = min(config.train.steps_per_epoch, int(options.steps))
-        train.update(steps_per_epoch=per_epoch,
-                     epochs=max(1, round(options.steps / per_epoch)))
-    config = config_lib.override(
-        config, train=train,
-        data={"validation_cases": 3 if options.num_cases >= 20 else 1},
-        infer={"tta": "all"})
     timings = {}
     _timed(timings, "synthesise", synthetic.write_cases, paths["cases"],
            options.num_cases, seed=options.seed, size="small",

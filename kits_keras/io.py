@@ -31,20 +31,13 @@ import numpy as np
 from kits_keras import files
 from kits_keras import nifti_checks
 from kits_keras.files import CaseError
+from kits_keras.orientation import FILE_LAYOUT
+from kits_keras.orientation import KITS19_ORIENTATION
+from kits_keras.orientation import inverse
+from kits_keras.orientation import nib
+from kits_keras.orientation import orientation_to
+from kits_keras.orientation import to_file_layout
 
-
-class _Nibabel:
-    """``nibabel``, imported on first use: the compute core (models,
-    sliding window, preprocessing arithmetic) runs where nibabel is not
-    installed, such as the GPU host of ``benchmarks/gpu_check.py``."""
-
-    def __getattr__(self, name):
-        import nibabel
-
-        return getattr(nibabel, name)
-
-
-nib = _Nibabel()
 
 IMAGE_FILE = "imaging.nii.gz"
 LABELS_FILE = "segmentation.nii.gz"
@@ -55,11 +48,6 @@ KITS23_LABEL_VALUES = (0, 1, 2, 3)
 KITS23_CLASS_NAMES = CLASS_NAMES + ("cyst",)
 _CASE_DIR = re.compile(r"^case_\d{5}$")
 
-# The voxel orientation of KiTS19's volumes, and so of every array this
-# module returns (nibabel axis codes: where each array axis points).
-KITS19_ORIENTATION = ("I", "P", "L")
-# ``Volume.orientation`` of an array kept in the file's own layout.
-FILE_LAYOUT = ((0, 1), (1, 1), (2, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,56 +166,6 @@ def label_volumes_ml(labels, spacing, num_classes=3):
     return volumes
 
 
-def check_orientation(codes):
-    """``codes`` as a tuple of 3 nibabel axis codes, one per world axis.
-
-    >>> check_orientation("IPL")
-    ('I', 'P', 'L')
-
-    Raises:
-        ValueError: unless ``codes`` names each of L/R, A/P, S/I once.
-    """
-    pairs = ("LR", "PA", "IS")
-    codes = tuple(str(c) for c in codes) if codes is not None else ()
-    used = sorted(i for c in codes for i, p in enumerate(pairs) if c in p)
-    if len(codes) != 3 or used != [0, 1, 2]:
-        raise ValueError(
-            "An orientation is 3 axis codes, one of L/R, one of A/P and one "
-            f"of S/I (e.g. 'IPL'). Received: {codes!r}")
-    return codes
-
-
-def orientation_to(affine, codes=KITS19_ORIENTATION):
-    """The orientation taking a file with ``affine`` to axis ``codes``.
-
-    Flips as well as permutations: each file axis goes to the array axis
-    nearest its world direction, reversed where it points the other way.
-
-    >>> import numpy as np
-    >>> orientation_to(np.diag([0.8, 0.8, 3.0, 1.0]))  # RAS -> IPL
-    ((2, -1), (1, -1), (0, -1))
-
-    Returns:
-        tuple of 3 ``(axis, flip)`` int pairs (:attr:`Volume.orientation`).
-    """
-    start = nib.orientations.io_orientation(np.asarray(affine, np.float64))
-    end = nib.orientations.axcodes2ornt(check_orientation(codes))
-    ornt = nib.orientations.ornt_transform(start, end)
-    return tuple((int(a), int(f)) for a, f in ornt)
-
-
-def _inverse(orientation):
-    inverse = [None] * 3
-    for axis, (target, flip) in enumerate(orientation):
-        inverse[int(target)] = (axis, int(flip))
-    return tuple(inverse)
-
-
-def to_file_layout(array, orientation):
-    """The view of a reoriented ``array`` in its file's voxel layout."""
-    return nib.orientations.apply_orientation(array, _inverse(orientation))
-
-
 def read_volume(path, dtype=np.float32, orientation=KITS19_ORIENTATION):
     """Reads a NIfTI file into a :class:`Volume`, reoriented.
 
@@ -273,7 +211,7 @@ def oriented_volume(data, spacing, affine, header, orientation, path=None,
     ornt = orientation_to(affine, orientation)
     array = np.ascontiguousarray(
         nib.orientations.apply_orientation(data, ornt), dtype=dtype)
-    spacing = tuple(float(spacing[axis]) for axis, _ in _inverse(ornt))
+    spacing = tuple(float(spacing[axis]) for axis, _ in inverse(ornt))
     return Volume(array, spacing, affine, header, ornt, path)
 
 

@@ -22,7 +22,7 @@ Geometry, as dcm2niix and nibabel derive it (DICOM PS3.3 C.7.6.2.1.1;
   one of the standard converted to RAS (x and y negated). A NIfTI written
   on this grid (:func:`kits_keras.io.save_like`) lies on the grid of
   dcm2niix's conversion of the series. The array itself is reoriented like
-  every other volume (:func:`kits_keras.io.orientation_to`).
+  every other volume (:func:`kits_keras.orientation.orientation_to`).
 
 Compressed transfer syntaxes (JPEG 2000, JPEG-LS, JPEG lossless/baseline,
 RLE) are decoded by pydicom's plug-ins (pylibjpeg-openjpeg, pyjpegls,

@@ -25,6 +25,7 @@ import numpy as np
 from kits_keras.dicom import read as dicom
 from kits_keras import files
 from kits_keras import io
+from kits_keras.orientation import to_file_layout
 
 # Storage variants that read back as the same volume.
 SAME_VOLUME = ("head-first", "feet-first", "shuffled-names",
@@ -305,7 +306,7 @@ def _require_highdicom():
 def frames_of(labels, volume):
     """``labels`` (on ``volume.array``'s grid) as ``(slices, rows,
     columns)`` frames in the series' sorted slice order."""
-    file_labels = io.to_file_layout(np.asarray(labels), volume.orientation)
+    file_labels = to_file_layout(np.asarray(labels), volume.orientation)
     return np.ascontiguousarray(file_labels[:, ::-1, :].transpose(2, 1, 0))
 
 

@@ -34,6 +34,7 @@ import time
 from kits_keras import files
 
 from kits_keras import io
+from kits_keras.orientation import check_orientation
 from kits_keras.backend import import_tensorflow
 from kits_keras.inference.saved_model import ASSET_NAME
 from kits_keras.inference.saved_model import FORMAT
@@ -114,7 +115,7 @@ def metadata(config, stats, source="", fixed_size=False,
         "patch_size": list(config.data.patch_size),
         "class_names": list(io.class_names(config.model.num_classes)),
         "label_values": list(range(config.model.num_classes)),
-        ORIENTATION_KEY: "".join(io.check_orientation(orientation)),
+        ORIENTATION_KEY: "".join(check_orientation(orientation)),
         "config": config.to_dict(),
     }
 

@@ -79,10 +79,13 @@ def test_largest_batch_estimate():
 @pytest.mark.large
 def test_smoke_runs_every_section_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
+    # The smoke mode's own 150 s budget fits a quiet 2-core host; a CI
+    # host under load ran out of it and skipped the last part (numerics).
+    # This test checks that every part runs, so it gives them the time.
     proc = subprocess.run(
         [sys.executable, "benchmarks/gpu_check.py", "--smoke", "--out",
-         str(out)], cwd=REPO, env=_env(tmp_path), capture_output=True,
-        text=True, timeout=600)
+         str(out), "--time-limit-s", "900"], cwd=REPO, env=_env(tmp_path),
+        capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(out.read_text())
     sections = record["sections"]
