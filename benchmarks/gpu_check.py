@@ -720,7 +720,7 @@ def parse_args():
                         "file in the temporary folder]")
     p.add_argument("--time-limit-s", type=float, default=None,
                    help="whole run, sections included [default: 420; "
-                        "--smoke: 120]")
+                        "--smoke: 150]")
     p.add_argument("--only", default=None,
                    help="comma list of sections to (re)run, merged into an "
                         f"existing --out: {','.join(SECTIONS)}")

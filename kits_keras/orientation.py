@@ -25,8 +25,9 @@ class _Nibabel:
 nib = _Nibabel()
 
 
-# The voxel orientation of KiTS19's volumes, and so of every array this
-# module returns (nibabel axis codes: where each array axis points).
+# The voxel orientation of KiTS19's volumes, and so of every array
+# kits_keras.io's readers return (nibabel axis codes: where each array axis
+# points).
 KITS19_ORIENTATION = ("I", "P", "L")
 # ``Volume.orientation`` of an array kept in the file's own layout.
 FILE_LAYOUT = ((0, 1), (1, 1), (2, 1))

@@ -24,18 +24,26 @@ need an optional extra which is not installed or the JAX backend when
 another one is in use, and marks the slow ones ``large``.
 """
 
+import atexit
 import importlib.util
 import os
+import shutil
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Before JAX is imported, here or in the processes tests start: one
-# persistent compilation cache for every worker and subprocess of the run
-# (and the next run), so the tiny U-Net's step is compiled once, not by
-# every test that builds it (~20% of the training tests' time on 2 cores).
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(REPO, ".pytest_cache", "jax-compilation"))
+# compilation cache for the workers and subprocesses of this run, so the
+# tiny U-Net's step is compiled once, not by every test that builds it
+# (~20% of the training tests' time on 2 cores). A fresh folder per run,
+# removed at its end: JAX's cache has no lock without filelock, and an
+# entry cut short by a killed process, or compiled for another CPU, must
+# not outlive the run.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="kits-keras-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+    atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 # Before any test module imports Keras: the package's backend default (JAX

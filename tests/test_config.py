@@ -22,8 +22,9 @@ from kits_keras.config import override
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where a field must be read: the library and the CLI, not the experiment
 # files, which only set fields (their ``base.data`` would count as reading
-# the section). config.py is scanned: its dataclasses declare fields without
-# a ``.``, and its helpers' reads are real.
+# the section). config.py and config_sections.py are scanned: their
+# dataclasses declare fields without a ``.``, and their helpers' reads are
+# real.
 SOURCE_DIRS = ("kits_keras", "cli")
 EXCLUDED = (os.path.join("kits_keras", "configs"),)
 

@@ -169,7 +169,10 @@ def traced_patch_fn(config, augment_config=None, with_kind=False):
         return make_patch_fn(config, seed, augment_config, with_kind)(
             volume_index, patch_index, volume)
 
-    return tf.function(fn, reduce_retracing=True)
+    traced = tf.function(fn, reduce_retracing=True)
+    # What it was made for, checked by patch_dataset.
+    traced.made_for = (augment_config, with_kind)
+    return traced
 
 
 def patch_dataset(volumes, config, seed, training=True, with_kind=False,
@@ -216,6 +219,11 @@ def patch_dataset(volumes, config, seed, training=True, with_kind=False,
     aug = None if training else config.augment.disabled()
     if patch_fn is None:
         cut = make_patch_fn(config, seed, aug, with_kind)
+    elif patch_fn.made_for != (aug, with_kind):
+        raise ValueError(
+            "patch_fn was traced for other patches: (augment_config, "
+            f"with_kind) {patch_fn.made_for}, this dataset needs "
+            f"{(aug, with_kind)}")
     else:
         seed_tensor = tf.constant(seed, tf.int64)
 

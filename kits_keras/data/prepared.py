@@ -78,7 +78,7 @@ def case_split(config, builder):
 
     With no more training cases than ``validation_cases`` (a small
     dataset), none are held out: ``(all ids, [])``, and training runs
-    without validation (:func:`make_validation_dataset` says so).
+    without validation (:func:`kits_keras.data.pipeline.make_validation_dataset` says so).
     """
     ids = sorted(builder.info.metadata["train_case_ids"])
     n = config.data.validation_cases

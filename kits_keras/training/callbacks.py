@@ -233,12 +233,22 @@ class LossCurves(keras.callbacks.Callback):
         self.png_path = png_path
         self.every = max(int(every), 1)
 
+    def draw(self, quiet=False):
+        """Draws the figure now; ``quiet``: a failure is logged, not raised
+        (training already failed and that error must come through)."""
+        try:
+            plot_loss_curves(self.csv_path, self.png_path)
+        except Exception as err:  # noqa: BLE001 (only when quiet)
+            if not quiet:
+                raise
+            log.warning("%s: not redrawn (%s)", self.png_path, err)
+
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every == 0:
-            plot_loss_curves(self.csv_path, self.png_path)
+            self.draw()
 
     def on_train_end(self, logs=None):
-        plot_loss_curves(self.csv_path, self.png_path)
+        self.draw()
 
 
 class RunCheckpoint(keras.callbacks.Callback):

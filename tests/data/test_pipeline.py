@@ -174,6 +174,11 @@ def test_traced_patch_fn_cuts_the_same_patches_for_any_seed():
         np.testing.assert_array_equal(a, b)
     # The seed is an argument of the one trace, not a constant in it.
     assert not np.array_equal(reused[0], first_batch(4, traced)[0])
+    assert traced.experimental_get_tracing_count() == 1
+    # A training trace is refused for validation patches (un-augmented).
+    with pytest.raises(ValueError, match="traced for other patches"):
+        data.patch_dataset(in_memory_volumes(vols), cfg, 3, training=False,
+                           patch_fn=traced)
 
 
 def test_in_memory_gives_the_same_batches_short_last_one_included():

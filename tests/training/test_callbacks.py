@@ -44,3 +44,25 @@ def test_fit_builds_the_configured_schedule():
     with pytest.raises(ValueError, match="lr_schedule"):
         config_lib.override(config_lib.get_config("tiny"),
                             train={"lr_schedule": "cosine"})
+
+
+def test_loss_curves_drawn_every_few_epochs_and_at_the_end(tmp_path):
+    import keras
+
+    from kits_keras.training.callbacks import LossCurves
+
+    csv_path, png = str(tmp_path / "history.csv"), tmp_path / "curves.png"
+    curves = LossCurves(csv_path, str(png), every=3)
+    _tiny_fit([keras.callbacks.CSVLogger(csv_path), curves], epochs=2)
+    assert png.exists()  # the end of training, before the 3rd epoch
+    png.unlink()
+    for epoch in (0, 1):
+        curves.on_epoch_end(epoch)
+    assert not png.exists()
+    curves.on_epoch_end(2)
+    assert png.exists()
+    # After a failed run it draws what it can and never masks the error.
+    missing = LossCurves(str(tmp_path / "none.csv"), str(png))
+    missing.draw(quiet=True)
+    with pytest.raises(FileNotFoundError):
+        missing.draw()
