@@ -184,3 +184,24 @@ def peers_watched(cluster):
             f"training stopped because another process stopped answering "
             f"({first[:300]}). Every process has stopped; start them all "
             "again with --resume.") from None
+
+
+def log_sharding(config, distribution, cluster):
+    """Logs how this process's batch is placed on its devices."""
+    shape = (config.train.batch_size // (cluster.num_processes if cluster
+                                         else 1),
+             *config.data.patch_size, 1)
+    log.info("Batch %s sharded as %s", shape,
+             describe_sharding(distribution, shape))
+
+
+def log_final_weights(model, distribution, cluster):
+    """Logs where the trained weights live and, for a cluster, their
+    digest (equal on every process)."""
+    if distribution is not None:
+        devices = model.trainable_weights[0].value.sharding.device_set
+        log.info("Weights replicated on %s", sorted(map(str, devices)))
+    if cluster is not None:
+        log.info("Process %d of %d: final weights digest %s",
+                 cluster.process_id, cluster.num_processes,
+                 weights_digest(model))

@@ -343,7 +343,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, changes=None,
         run_folder.write_runtime(run_dir)
     model = compile_model(build_model(config, config.train.seed), config)
     if distribution is not None:
-        _log_sharding(config, distribution, cluster)
+        distribute.log_sharding(config, distribution, cluster)
     validator = _volume_validator(config, data_dir, validation, distribution)
     with run_folder.process_folder(run_dir, state, writes) as folder, \
             distribute.peers_watched(cluster):
@@ -351,7 +351,7 @@ def fit(config, data_dir, out_dir=None, gpus=1, resume=False, changes=None,
               stats=intensity_stats(config, data_dir),
               seed=config.train.seed, state=state, verbose=verbose,
               time_budget_s=time_budget_s, volume_validator=validator)
-    _log_final_weights(model, distribution, cluster)
+    distribute.log_final_weights(model, distribution, cluster)
     return run_dir
 
 
@@ -366,15 +366,6 @@ def _shard(config, cluster):
              cluster.process_id * n, (cluster.process_id + 1) * n - 1,
              config.train.batch_size)
     return cluster.process_id, cluster.num_processes
-
-
-def _log_sharding(config, distribution, cluster):
-    """Logs how this process's batch is placed on its devices."""
-    shape = (config.train.batch_size // (cluster.num_processes if cluster
-                                         else 1),
-             *config.data.patch_size, 1)
-    log.info("Batch %s sharded as %s", shape,
-             distribute.describe_sharding(distribution, shape))
 
 
 def _volume_validator(config, data_dir, validation, distribution):
@@ -394,15 +385,3 @@ def _volume_validator(config, data_dir, validation, distribution):
     if not volumes:
         return None
     return validation_lib.VolumeValidator(volumes, config)
-
-
-def _log_final_weights(model, distribution, cluster):
-    """Logs where the trained weights live and, for a cluster, their
-    digest (equal on every process)."""
-    if distribution is not None:
-        devices = model.trainable_weights[0].value.sharding.device_set
-        log.info("Weights replicated on %s", sorted(map(str, devices)))
-    if cluster is not None:
-        log.info("Process %d of %d: final weights digest %s",
-                 cluster.process_id, cluster.num_processes,
-                 distribute.weights_digest(model))
