@@ -44,6 +44,37 @@ def test_volume_dice_replaces_patch_dice_on_due_epochs():
         np.mean([(0.5 + 0.1) / 2, (0.6 + 0.1) / 2]))
 
 
+def test_summary_resumed_from_its_state_logs_what_an_unbroken_run_logs():
+    """A run stopped after epoch 3 and resumed from ``get_state`` (a new
+    process: a new callback) logs the same volume Dice and moving averages
+    as one that never stopped, so it picks the same best checkpoint."""
+
+    def validator(model, epoch):
+        return {"kidney_dice": 0.3 + 0.1 * epoch, "tumour_dice": 0.05 * epoch}
+
+    def run(summary, epochs):
+        rows = []
+        for epoch in epochs:
+            logs = {"val_head0_kidney_dice": 0.9,
+                    "val_head0_tumour_dice": 0.1 * epoch}
+            summary.on_epoch_end(epoch, logs)
+            rows.append(logs)
+        return rows
+
+    unbroken = _summary(validator, every=2, epochs=6)
+    whole = run(unbroken, range(6))
+    first = _summary(validator, every=2, epochs=6)
+    rows = run(first, range(3))
+    state = first.get_state()
+    resumed = _summary(validator, every=2, epochs=6)
+    resumed.set_state(state)
+    rows += run(resumed, range(3, 6))
+    assert rows == whole
+    assert resumed.get_state() == unbroken.get_state()
+    assert [r.get("val_dice_ma") is not None for r in whole] == [
+        True, False, True, False, True, True]  # first, every 2nd, last
+
+
 def test_patch_dice_without_validator():
     summary = _summary(None, every=1, epochs=2)
     logs = {"val_head0_kidney_dice": 0.9, "val_head0_tumour_dice": 0.7}
