@@ -265,8 +265,9 @@ def train(config, model, epoch_dataset, validation, run_dir, stats=None,
         initial_epoch = run_folder.restore(model, run_dir, state,
                                            checkpoint)
     cb.truncate_history(os.path.join(run_dir, "history.csv"), initial_epoch)
-    # The validation set is finite with unknown length: Keras finds its end
-    # by running out and warns as if the training stream had.
+    # A validation set streamed from the dataset (over
+    # MAX_IN_MEMORY_VALIDATION_BYTES) is finite with unknown length: Keras
+    # finds its end by running out and warns as if the training stream had.
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Your input ran out of")
