@@ -354,6 +354,10 @@ def main(argv=None):
                         help="Synthetic CTs per training label volume.")
     parser.add_argument("--fresh", action="store_true",
                         help="Rebuild every cached stage.")
+    parser.add_argument("--name", default="quality",
+                        help="Results file: benchmarks/results/NAME.json "
+                        "(another name keeps a variant run beside the "
+                        "default one).")
     parser.add_argument("--no-write", action="store_true",
                         help="Print the result instead of writing "
                         "benchmarks/results/quality.json.")
@@ -384,7 +388,7 @@ def main(argv=None):
     if args.no_write:
         print(json.dumps(result, indent=1, default=str))
     else:
-        print(common.write_results("quality", result))
+        print(common.write_results(args.name, result))
     print(json.dumps(result["summary"], indent=1))
 
 

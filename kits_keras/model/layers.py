@@ -1,14 +1,19 @@
-"""Custom Keras layers of the U-Net (backend-agnostic: ``keras.ops`` only)."""
+"""Custom Keras layers of the U-Net (backend-agnostic: ``keras.ops`` only;
+on TensorFlow the normalisation is compiled with XLA while training,
+:func:`kits_keras.model.fusion.xla_fuser`)."""
 
 import keras
 from keras import ops
+
+from kits_keras.model.fusion import xla_fuser
 
 
 def _spatial_mean(x):
     return ops.mean(x, axis=(1, 2, 3), keepdims=True)
 
 
-def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope):
+def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope,
+                             fuse=None):
     """``leaky_relu(gamma * (x - mean) / sqrt(var + eps) + beta)`` per sample
     and channel, with a hand-written backward pass.
 
@@ -25,39 +30,55 @@ def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope):
         gamma, beta: ``(channels,)`` scale and shift.
         epsilon: added to the variance.
         negative_slope: leaky ReLU slope; ``None`` for no activation.
+        fuse: None, or a function that compiles a function of tensors into
+            one fused kernel (:func:`kits_keras.model.fusion.xla_fuser`);
+            the forward and the
+            backward computation are each compiled with it.
 
     Returns:
         Tensor of the shape and dtype of ``x``.
     """
 
+    def normalise(x, gamma, beta):
+        return _instance_norm_forward(x, gamma, beta, epsilon, negative_slope)
+
+    def differentiate(upstream, x, gamma, beta, mean, rstd):
+        return _instance_norm_grad(upstream, x, gamma, beta, mean, rstd,
+                                   negative_slope)
+
+    if fuse is not None:
+        normalise, differentiate = fuse(normalise), fuse(differentiate)
+
     @ops.custom_gradient
     def forward(x, gamma, beta):
-        x32 = ops.cast(x, "float32")
-        gamma32 = ops.cast(gamma, "float32")
-        mean = _spatial_mean(x32)
-        # Two-pass variance: the one-pass E[x^2] - E[x]^2 cancels badly when
-        # a channel's mean is large against its spread.
-        rstd = ops.rsqrt(_spatial_mean(ops.square(x32 - mean)) + epsilon)
-
-        def affine(x):
-            # The affine transform folded into one multiply-add, applied in
-            # the compute dtype so bfloat16 activations stay bfloat16.
-            scale = rstd * gamma32
-            shift = ops.cast(beta, "float32") - mean * scale
-            return x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
-
-        z = affine(x)
-        y = z if negative_slope is None else ops.leaky_relu(z, negative_slope)
+        y, mean, rstd = normalise(x, gamma, beta)
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
-            return _instance_norm_grad(upstream, x, gamma, beta, mean, rstd,
-                                       negative_slope)
+            return differentiate(upstream, x, gamma, beta, mean, rstd)
 
         return y, grad
 
     return forward(x, gamma, beta)
+
+
+def _instance_norm_forward(x, gamma, beta, epsilon, negative_slope):
+    """``(y, mean, rstd)``: the output and the float32 per-sample,
+    per-channel statistics the backward pass needs."""
+    x32 = ops.cast(x, "float32")
+    gamma32 = ops.cast(gamma, "float32")
+    mean = _spatial_mean(x32)
+    # Two-pass variance: the one-pass E[x^2] - E[x]^2 cancels badly when
+    # a channel's mean is large against its spread.
+    rstd = ops.rsqrt(_spatial_mean(ops.square(x32 - mean)) + epsilon)
+    # The affine transform folded into one multiply-add, applied in the
+    # compute dtype so bfloat16 activations stay bfloat16.
+    scale = rstd * gamma32
+    shift = ops.cast(beta, "float32") - mean * scale
+    z = x * ops.cast(scale, x.dtype) + ops.cast(shift, x.dtype)
+    y = z if negative_slope is None else ops.leaky_relu(z, negative_slope)
+    return y, mean, rstd
 
 
 def _instance_norm_grad(upstream, x, gamma, beta, mean, rstd,
@@ -155,12 +176,13 @@ class InstanceNormalization(keras.layers.Layer):
             autocast=False,
         )
 
-    def call(self, inputs):
+    def call(self, inputs, training=None):
         # Read the variables here, outside the custom gradient, so that
         # their gradients flow through ordinary reads on every backend.
         return instance_norm_leaky_relu(
             inputs, ops.cast(self.gamma, "float32"),
             ops.cast(self.beta, "float32"), self.epsilon, self.negative_slope,
+            fuse=xla_fuser() if training else None,
         )
 
     def compute_output_shape(self, input_shape):

@@ -32,14 +32,19 @@ is ``i = 0``) gets weight ``2^-i``, normalised to sum 1. Unlike nnU-Net, the
 coarsest output keeps its (small) weight: the paper supervises every decoder
 level. With ``model.compile`` use one :class:`ExpLogLoss` per output and
 ``loss_weights=deep_supervision_weights(n)``; custom steps use
-:func:`multi_scale_loss`, which computes the same value.
+:func:`multi_scale_loss`, which computes the same value. On the TensorFlow
+backend the Keras losses run as one XLA program each
+(:mod:`kits_keras.model.fusion`).
 """
+
+import functools
 
 import keras
 from keras import ops
 
 from kits_keras.config import LossConfig
 from kits_keras.model import regions as regions_lib
+from kits_keras.model.fusion import xla_fuser
 
 # Offset inside the powers (see module docstring).
 POWER_EPSILON = 1e-6
@@ -47,6 +52,13 @@ POWER_EPSILON = 1e-6
 PROB_EPSILON = 1e-7
 # ExpLogLoss's keyword defaults: LossConfig holds the numbers.
 _DEFAULTS = LossConfig()
+
+
+def fused(fn):
+    """``fn`` as one XLA program on TensorFlow (:func:`xla_fuser`), else
+    ``fn`` itself."""
+    fuse = xla_fuser()
+    return fn if fuse is None else fuse(fn)
 
 
 def _stable_power(x, gamma):
@@ -218,6 +230,7 @@ class RegionLoss(keras.losses.Loss):
         self.label_set = label_set
         self.loss_config = LossConfig(w_dice=float(w_dice),
                                       w_ce=float(w_ce), smooth=float(smooth))
+        self._fused = None
 
     @classmethod
     def from_loss_config(cls, loss_config, **kwargs):
@@ -226,7 +239,11 @@ class RegionLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         # A scalar, as ExpLogLoss: the batch Dice couples voxels.
-        return region_loss(y_true, y_pred, self.loss_config, self.label_set)
+        if self._fused is None:
+            self._fused = fused(functools.partial(
+                region_loss, loss_config=self.loss_config,
+                label_set=self.label_set))
+        return self._fused(y_true, y_pred)
 
     def get_config(self):
         config = super().get_config()
@@ -266,6 +283,7 @@ class ExpLogLoss(keras.losses.Loss):
             class_weights=tuple(float(w) for w in class_weights),
             smooth=float(smooth),
         )
+        self._fused = None
 
     @classmethod
     def from_loss_config(cls, loss_config, **kwargs):
@@ -280,7 +298,10 @@ class ExpLogLoss(keras.losses.Loss):
     def call(self, y_true, y_pred):
         # A scalar: the loss couples voxels through the batch Dice, so there
         # are no per-sample values for Keras to reduce.
-        return exp_log_loss(y_true, y_pred, self.loss_config)
+        if self._fused is None:
+            self._fused = fused(functools.partial(
+                exp_log_loss, loss_config=self.loss_config))
+        return self._fused(y_true, y_pred)
 
     def get_config(self):
         config = super().get_config()

@@ -166,3 +166,53 @@ def test_multi_scale_loss_equals_weighted_sum():
     assert got == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError):
         multi_scale_loss(ys[:2], ps, cfg)
+
+
+KERAS_LOSSES_ON_TENSORFLOW = """
+import numpy as np
+import tensorflow as tf
+from kits_keras.config import LossConfig
+from kits_keras.model.losses import ExpLogLoss, RegionLoss
+from kits_keras.model.losses import exp_log_loss, region_loss
+
+rng = np.random.default_rng(0)
+cfg = LossConfig(class_weights=(0.5, 1.0, 3.0, 2.0), gamma_ce=0.5)
+labels = rng.integers(0, 4, (2, 6, 8, 8)).astype("int32")
+logits = tf.constant(rng.normal(0, 2, (2, 6, 8, 8, 4)).astype("float32"))
+cases = [(ExpLogLoss.from_loss_config(cfg),
+          lambda y, p: exp_log_loss(y, p, cfg), tf.nn.softmax),
+         (RegionLoss.from_loss_config(cfg),
+          lambda y, p: region_loss(y, p, cfg), tf.sigmoid)]
+for loss, plain, activation in cases:
+    assert loss._fused is None
+    values, grads = [], []
+    for fn in (loss, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            # Softmax over the 4 classes; sigmoids of the 3 regions.
+            probs = activation(logits)
+            value = fn(labels, probs if activation is tf.nn.softmax
+                       else probs[..., :3])
+        values.append(float(value))
+        grads.append(tape.gradient(value, logits).numpy())
+    assert loss._fused is not None  # compiled with XLA
+    assert abs(values[0] - values[1]) < 1e-5 * abs(values[1]), values
+    scale = np.abs(grads[1]).max()
+    assert np.abs(grads[0] - grads[1]).max() < 1e-4 * scale
+print("OK")
+"""
+
+
+@pytest.mark.large  # a TensorFlow process
+def test_keras_losses_on_tensorflow_are_compiled_and_unchanged():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, KERAS_BACKEND="tensorflow",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", KERAS_LOSSES_ON_TENSORFLOW], env=env,
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK" in result.stdout

@@ -121,6 +121,7 @@ import numpy as np
 import keras
 from keras import ops
 from kits_keras.model.layers import instance_norm_leaky_relu
+from kits_keras.model.layers import xla_fuser
 
 rng = np.random.default_rng(0)
 x = rng.normal(2.0, 3.0, (2, 6, 5, 4, 7)).astype("float32")
@@ -137,8 +138,13 @@ def reference(x, gamma, beta):  # the unfused expression, autodiffed
     return ops.leaky_relu(z, 0.01)
 
 
-def fused(x, gamma, beta):
-    return instance_norm_leaky_relu(x, gamma, beta, 1e-5, 0.01)
+# On TensorFlow the layer compiles the forward and backward pass with XLA
+# while training: check that variant too.
+FUSE = xla_fuser()
+
+
+def fused(x, gamma, beta, fuse=None):
+    return instance_norm_leaky_relu(x, gamma, beta, 1e-5, 0.01, fuse=fuse)
 
 
 def value_and_grads(f, graph):
@@ -165,14 +171,17 @@ def value_and_grads(f, graph):
     return step(*[tf.constant(a) for a in (x, gamma, beta)])
 
 
-for graph in (False, True):
-    y_ref, g_ref = value_and_grads(reference, graph)
-    y, g = value_and_grads(fused, graph)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=2e-5)
-    for name, a, b in zip(("x", "gamma", "beta"), g, g_ref):
-        a, b = np.asarray(a), np.asarray(b)
-        scale = np.abs(b).max()
-        assert np.abs(a - b).max() < 1e-4 * scale, (name, graph)
+assert (FUSE is None) == (keras.backend.backend() != "tensorflow")
+for fuse in {None, FUSE}:
+    for graph in (False, True):
+        y_ref, g_ref = value_and_grads(reference, graph)
+        y, g = value_and_grads(lambda *a: fused(*a, fuse=fuse), graph)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref),
+                                   atol=2e-5)
+        for name, a, b in zip(("x", "gamma", "beta"), g, g_ref):
+            a, b = np.asarray(a), np.asarray(b)
+            scale = np.abs(b).max()
+            assert np.abs(a - b).max() < 1e-4 * scale, (name, graph, fuse)
 
 # bfloat16 activations (the GPU policy): statistics and gradient in float32,
 # so the gradient is the float32 one up to bfloat16 rounding of x and y.
@@ -180,7 +189,7 @@ x16 = ops.cast(x, "bfloat16")
 
 
 def fused16(x16, gamma, beta):
-    return ops.cast(fused(x16, gamma, beta), "float32")
+    return ops.cast(fused(x16, gamma, beta, FUSE), "float32")
 
 
 def as_array(t):
@@ -203,6 +212,12 @@ for name, a, b in zip(("x", "gamma", "beta"), g16, g_ref):
     a, b = as_array(a), np.asarray(b)
     assert np.all(np.isfinite(a)), name
     assert np.abs(a - b).max() < 3e-2 * np.abs(b).max(), name
+
+# The layer as Keras calls it: the same output training or not.
+from kits_keras.model.layers import InstanceNormalization
+layer = InstanceNormalization(negative_slope=0.01)
+np.testing.assert_allclose(np.asarray(layer(x, training=True)),
+                           np.asarray(layer(x, training=False)), atol=2e-5)
 print("OK", keras.backend.backend())
 """
 

@@ -192,7 +192,10 @@ def test_data_parallel_cli_shards_batch_over_two_devices(data_dir, tmp_path):
 def test_overfits_one_synthetic_case(tmp_path):
     """Kidney and tumour Dice > 0.9 on the case it trained on.
 
-    The learning rate is 3e-3 (10x the paper's) so that ~100 steps suffice.
+    The learning rate is 3e-3 (10x the paper's) so that 140 steps suffice.
+    After 100 the tumour Dice was 0.914 op by op and 0.897 with the
+    normalisation and loss compiled by XLA (same maths, other rounding);
+    after 140 both were 0.995-0.998.
     """
     proc = subprocess.run(
         [sys.executable, __file__, "overfit", str(tmp_path / "run")],
@@ -241,7 +244,7 @@ def train_on_one_case(config, case, run_dir, num_classes=3):
     return history, x, y
 
 
-def overfit(run_dir, epochs=5, steps=20):
+def overfit(run_dir, epochs=7, steps=20):
     """Trains the tiny U-Net on one synthetic case, validates on the same.
 
     The case (seed 0, "small") is preprocessed as the TFDS builder does and
