@@ -8,9 +8,10 @@ TensorFlow backend trains (``--backend auto``), XLA fuses them into a few.
 Measured on 2 cores (AMX Xeon, tensors of the ``tiny`` step): the
 normalisation's forward + backward on 2 x 32 x 64 x 64 x 8 went from 43 to
 24-26 ms, the exp-log loss + softmax gradient on 2 x 32 x 64 x 64 x 3 from
-48 to 30 ms, and the ``tiny`` training step from 0.56 to 0.47 s (0.91 to
-0.80 s with oneDNN capped at AVX2). JAX compiles the whole step anyway,
-so there is nothing to do on its backend.
+48 to 30 ms, and the ``tiny`` training step, both fused, from 0.65 to
+0.52 s (under load; the normalisation alone: 0.91 to 0.80 s with oneDNN
+capped at AVX2). JAX compiles the whole step anyway, so there is nothing
+to do on its backend.
 """
 
 import keras

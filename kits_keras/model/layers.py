@@ -32,8 +32,8 @@ def instance_norm_leaky_relu(x, gamma, beta, epsilon, negative_slope,
         negative_slope: leaky ReLU slope; ``None`` for no activation.
         fuse: None, or a function that compiles a function of tensors into
             one fused kernel (:func:`kits_keras.model.fusion.xla_fuser`);
-            the forward and the
-            backward computation are each compiled with it.
+            the forward and the backward computation are each compiled
+            with it.
 
     Returns:
         Tensor of the shape and dtype of ``x``.
