@@ -44,7 +44,7 @@ from keras import ops
 
 from kits_keras.config import LossConfig
 from kits_keras.model import regions as regions_lib
-from kits_keras.model.fusion import xla_fuser
+from kits_keras.model.fusion import fused
 
 # Offset inside the powers (see module docstring).
 POWER_EPSILON = 1e-6
@@ -52,13 +52,6 @@ POWER_EPSILON = 1e-6
 PROB_EPSILON = 1e-7
 # ExpLogLoss's keyword defaults: LossConfig holds the numbers.
 _DEFAULTS = LossConfig()
-
-
-def fused(fn):
-    """``fn`` as one XLA program on TensorFlow (:func:`xla_fuser`), else
-    ``fn`` itself."""
-    fuse = xla_fuser()
-    return fn if fuse is None else fuse(fn)
 
 
 def _stable_power(x, gamma):

@@ -121,7 +121,7 @@ import numpy as np
 import keras
 from keras import ops
 from kits_keras.model.layers import instance_norm_leaky_relu
-from kits_keras.model.layers import xla_fuser
+from kits_keras.model.fusion import xla_fuser
 
 rng = np.random.default_rng(0)
 x = rng.normal(2.0, 3.0, (2, 6, 5, 4, 7)).astype("float32")
