@@ -18,7 +18,11 @@ Run (about 30 minutes on 2 cores)::
     v/bin/python benchmarks/quality.py [--work /tmp/kits-quality]
 
 Stages are cached in ``--work`` (cases, dataset, run); ``--fresh`` starts
-over.
+over. ``--set SECTION.FIELD=VALUE`` (repeatable) changes the ``tiny``
+config for a run, e.g. ``--name quality_plateau --set
+train.lr_schedule=plateau``; with a ``--name`` other than ``quality`` the
+run and its predictions get folders of their own (``run_<name>``), so
+runs with different settings share the cases and the dataset.
 
 ``--variants K`` (K > 1) trains on K synthetic CTs per training label
 volume instead of one (another body, contrast phase, organs and noise
@@ -119,7 +123,40 @@ def plan_training_ids(train_ids, val_ids, variants):
         extra.pop()
 
 
-def run(work, steps, seed, fresh=False, variants=1):
+def parse_settings(settings):
+    """``["train.lr_schedule=plateau", ...]`` -> ``{"train":
+    {"lr_schedule": "plateau"}}`` for :func:`kits_keras.config.override`
+    (values are Python literals where they parse as one, else strings).
+
+    >>> parse_settings(["train.lr_patience=10", "loss.class_weights=[1,1,4]",
+    ...                 "train.lr_schedule=plateau"])
+    {'train': {'lr_patience': 10, 'lr_schedule': 'plateau'}, \
+'loss': {'class_weights': [1, 1, 4]}}
+    """
+    import ast
+
+    sections = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not (sep and dot and section and field):
+            raise ValueError(f"--set takes SECTION.FIELD=VALUE. Received: "
+                             f"{item!r}")
+        if section == "data":
+            # The cached dataset was prepared with the default data
+            # section; a different one would silently train on it.
+            raise ValueError("--set data.* would need its own prepared "
+                             "dataset; use another --work")
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            pass
+        sections.setdefault(section, {})[field] = value
+    return sections
+
+
+def run(work, steps, seed, fresh=False, variants=1, settings=None,
+        run_name="run"):
     from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras.synthetic import cases as synthetic
@@ -131,6 +168,7 @@ def run(work, steps, seed, fresh=False, variants=1):
     config = config_lib.override(
         config, train={"seed": seed, "epochs": epochs},
         data={"validation_cases": 2}, infer={"tta": "all"})
+    config = config_lib.override(config, **(settings or {}))
     timings = {}
 
     def labels(path):
@@ -191,20 +229,21 @@ def run(work, steps, seed, fresh=False, variants=1):
 
     for name, fn in (("labels", labels), ("cases", cases),
                      ("variants", variant_cases), ("tfds", prepare),
-                     ("run", train)):
+                     (run_name, train)):
         timings[name] = stage(work, name, fn, fresh)["seconds"]
+    timings["run"] = timings.pop(run_name)
     split = stage(work, "tfds", prepare)["result"]
-    run_dir = os.path.join(work, "run")
+    run_dir = os.path.join(work, run_name)
     test_ids = split["test"]
     summary, timings["infer"] = segment(work, test_ids, run_dir, "all",
-                                        "predictions")
+                                        "predictions_" + run_name)
     cases = [score_case(work, row, qc) for row, qc in zip(
         summary["report"]["cases"], summary["qc"])]
     # Validation cases, as fit saw them (no mirroring), on their own grid:
     # does the Dice fit reported match the one inference gets?
     val_ids = _validation_ids(config, os.path.join(work, "tfds"))
     val, timings["infer_validation"] = segment(
-        work, val_ids, run_dir, "none", "val_predictions",
+        work, val_ids, run_dir, "none", "val_predictions_" + run_name,
         cases_dir=os.path.join(work, "variants", "train_cases"))
     return {
         "config": config.to_dict(),
@@ -358,6 +397,11 @@ def main(argv=None):
                         help="Results file: benchmarks/results/NAME.json "
                         "(another name keeps a variant run beside the "
                         "default one).")
+    parser.add_argument("--set", action="append", default=[],
+                        metavar="SECTION.FIELD=VALUE",
+                        help="Change the tiny config (repeatable), e.g. "
+                        "--set train.lr_schedule=plateau; the run folder "
+                        "and predictions are then named after --name.")
     parser.add_argument("--no-write", action="store_true",
                         help="Print the result instead of writing "
                         "benchmarks/results/quality.json.")
@@ -368,8 +412,11 @@ def main(argv=None):
     from kits_keras.backend import select_backend
 
     backend = select_backend(args.backend)  # before anything imports Keras
+    settings = parse_settings(args.set)
+    run_name = "run" if args.name == "quality" else f"run_{args.name}"
     result = run(args.work, args.steps, args.seed, args.fresh,
-                 args.variants)
+                 args.variants, settings, run_name)
+    result["settings"] = args.set
     cases = result["cases"]
     result["backend"] = backend
     result["summary"] = {

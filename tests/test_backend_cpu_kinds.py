@@ -97,10 +97,14 @@ def test_tensorflow_runs_onednn_on_the_avx2_emulation_and_says_why():
 
 
 def _measured():
-    """``{(file, kind): entry}`` of every committed two-kind run: this
-    host's and the one kept from an AVX-512 host."""
+    """``{(file, kind): entry}`` of every committed two-kind run
+    (``train_step.json`` and the ``train_step_<host>_host.json`` kept from
+    other kinds of CPU)."""
+    import glob
+
     kinds = {}
-    for path in (RESULT, RESULT.replace(".json", "_avx512_host.json")):
+    for path in [RESULT] + sorted(glob.glob(RESULT.replace(
+            ".json", "_*_host.json"))):
         if os.path.exists(path):
             with open(path) as f:
                 data = json.load(f)
