@@ -117,6 +117,13 @@ class AugmentConfig:
         p_noise: probability of adding Gaussian noise.
         noise_variance: range of the noise variance, in units of the
             normalised intensities (z-scores).
+        p_blur: probability of a Gaussian blur.
+        blur_sigma: range of its sigma, in voxels, drawn per axis.
+        p_low_resolution: probability of simulating a coarser scan: the
+            patch is subsampled (nearest) by one zoom factor on every axis
+            and interpolated back (cubic in-plane, linear across slices).
+        low_resolution_zoom: range of that zoom factor (0.5: half the
+            voxels per axis).
 
     The image is resampled trilinearly, the labels by nearest neighbour
     (cubic would need 8x the gathers).
@@ -141,6 +148,14 @@ class AugmentConfig:
     contrast_range: tuple = (0.75, 1.25)
     p_noise: float = 0.1
     noise_variance: tuple = (0.0, 0.1)
+    # nnU-Net's resolution transforms: cases come from 0.5 to 5 mm slices
+    # and sharp to soft kernels, and resampling to one spacing leaves that
+    # difference in the image. nnU-Net draws them with p 0.2 and 0.25 per
+    # patch, then 0.5 per channel: 0.1 and 0.125 for single-channel CT.
+    p_blur: float = 0.1
+    blur_sigma: tuple = (0.5, 1.0)
+    p_low_resolution: float = 0.125
+    low_resolution_zoom: tuple = (0.5, 1.0)
 
     def disabled(self):
         """This config with every ``p_*`` probability at 0: plain crops.

@@ -8,8 +8,8 @@ volume), and the image (trilinear) and labels (nearest) are read FROM THE
 WHOLE VOLUME with gathers. A rotated patch therefore has real anatomy in its
 corners instead of padding, and no intermediate volume is ever resampled
 (the coordinates and gathers: :mod:`kits_keras.data.resample_patch`).
-Gamma correction (statistics retained), brightness, contrast, Gaussian noise
-and mirroring follow on the patch.
+Gamma correction (statistics retained), brightness, contrast, Gaussian noise,
+Gaussian blur, simulated low resolution and mirroring follow on the patch.
 
 Everything is TF graph ops (no ``py_function``, no Python per voxel) so it
 runs in ``tf.data`` threads; randomness comes from stateless ops seeded with a
@@ -22,6 +22,7 @@ coordinates are in voxels of the volume.
 Reference: nnU-Net v1 / batchgenerators ``SpatialTransform``,
 ``GammaTransform``, ``BrightnessMultiplicativeTransform``,
 ``ContrastAugmentationTransform``, ``GaussianNoiseTransform``,
+``GaussianBlurTransform``, ``SimulateLowResolutionTransform``,
 ``MirrorTransform`` (Isensee et al., Nature Methods 2021).
 """
 
@@ -162,6 +163,92 @@ def intensity_transform(image, params, seed):
                    lambda: image)
 
 
+def sample_resolution_params(config, seed):
+    """Draws one patch's blur and low-resolution parameters.
+
+    From a seed folded off ``seed`` (as :func:`sample_intensity_params`),
+    so adding them left every other draw unchanged.
+
+    Args:
+        config: AugmentConfig.
+        seed: int64 tensor (2,).
+
+    Returns:
+        dict: ``blur_sigma`` float32 (3,) voxels along (z, y, x), zeros =
+        none; ``zoom`` float32 scalar, 1 = none.
+    """
+    seeds = split_seed(tf.random.experimental.stateless_fold_in(
+        tf.cast(seed, tf.int64), 3), 3)
+    u = tf.random.stateless_uniform([2], seeds[0])
+    sigma = tf.random.stateless_uniform([3], seeds[1], *config.blur_sigma)
+    zoom = tf.random.stateless_uniform([], seeds[2],
+                                       *config.low_resolution_zoom)
+    return {
+        "blur_sigma": tf.where(u[0] < config.p_blur, sigma,
+                               tf.zeros_like(sigma)),
+        "zoom": tf.where(u[1] < config.p_low_resolution, zoom, 1.0),
+    }
+
+
+BLUR_RADIUS = 3  # voxels: 3 sigma of the widest blur_sigma nnU-Net draws
+
+
+def gaussian_blur(image, sigma):
+    """Separable Gaussian blur of a (z, y, x) patch, reflecting at its
+    faces (scipy's ``gaussian_filter`` default); ``sigma`` (3,) voxels,
+    truncated at :data:`BLUR_RADIUS` voxels.
+
+    >>> import numpy as np
+    >>> x = np.zeros((7, 7, 7), np.float32); x[3, 3, 3] = 1.0
+    >>> y = gaussian_blur(tf.constant(x), tf.constant([1.0, 1.0, 1.0]))
+    >>> round(float(tf.reduce_sum(y)), 4), bool(y[3, 3, 3] < 0.07)
+    (1.0, True)
+    """
+    offsets = tf.range(-BLUR_RADIUS, BLUR_RADIUS + 1, dtype=tf.float32)
+    out = image[None, ..., None]
+    for axis in range(3):
+        s = tf.maximum(sigma[axis], 1e-3)
+        kernel = tf.exp(-0.5 * tf.square(offsets / s))
+        kernel = kernel / tf.reduce_sum(kernel)
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = 2 * BLUR_RADIUS + 1
+        pad = [[0, 0]] * 5
+        pad[axis + 1] = [BLUR_RADIUS, BLUR_RADIUS]
+        out = tf.nn.conv3d(tf.pad(out, pad, mode="SYMMETRIC"),
+                           tf.reshape(kernel, shape), [1] * 5, "VALID")
+    return out[0, ..., 0]
+
+
+def simulate_low_resolution(image, zoom):
+    """nnU-Net's simulated low resolution: nearest subsampling to ``zoom``
+    times the voxels per axis, then interpolation back to the patch shape
+    (bicubic in-plane, then linear along z).
+
+    >>> import numpy as np
+    >>> x = tf.constant(np.arange(4 * 8 * 8, dtype=np.float32).reshape(
+    ...     4, 8, 8))
+    >>> y = simulate_low_resolution(x, tf.constant(0.5))
+    >>> y.shape, bool(tf.reduce_any(y != x))
+    (TensorShape([4, 8, 8]), True)
+    """
+    shape = tf.shape(image)
+    small = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * zoom),
+                               tf.int32), 1)
+    out = image
+    for axis in range(3):
+        # Centre of each coarse voxel, rounded down: nearest neighbour.
+        index = tf.cast((tf.range(small[axis], dtype=tf.float32) + 0.5)
+                        * tf.cast(shape[axis], tf.float32)
+                        / tf.cast(small[axis], tf.float32), tf.int32)
+        out = tf.gather(out, tf.minimum(index, shape[axis] - 1), axis=axis)
+    # (z', y', x') -> (z', y, x): each slice as a 2-D image.
+    out = tf.image.resize(out[..., None], shape[1:], method="bicubic")
+    # (y, z', x) -> (y, z, x): linear across slices.
+    out = tf.image.resize(tf.transpose(out, [1, 0, 2, 3]),
+                          tf.stack([shape[0], shape[2]]), method="bilinear")
+    return tf.transpose(out, [1, 0, 2, 3])[..., 0]
+
+
 def spatial_transform(image, labels, spacing, start, patch_size, params,
                       max_displacement, fill):
     """One resampling of image and labels for rotation, scale and elastic.
@@ -263,6 +350,17 @@ def augment_patch(image, labels, spacing, start, patch_size, config, seed,
     out_image = intensity_transform(
         out_image, intensity,
         tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 2))
+    resolution = sample_resolution_params(config, seed)
+    out_image = tf.cond(
+        tf.reduce_any(resolution["blur_sigma"] > 0.0),
+        lambda: gaussian_blur(out_image, resolution["blur_sigma"]),
+        lambda: out_image,
+    )
+    out_image = tf.cond(
+        resolution["zoom"] != 1.0,
+        lambda: simulate_low_resolution(out_image, resolution["zoom"]),
+        lambda: out_image,
+    )
     out_image = mirror(out_image, params["mirror"])
     out_labels = tf.cast(mirror(out_labels, params["mirror"]), tf.int32)
     return (

@@ -13,7 +13,8 @@ tf = augment.tf
 
 NONE = AugmentConfig(p_rotation=0.0, p_scale=0.0, p_elastic=0.0,
                      p_gamma=0.0, p_mirror=(0.0, 0.0, 0.0),
-                     p_brightness=0.0, p_contrast=0.0, p_noise=0.0)
+                     p_brightness=0.0, p_contrast=0.0, p_noise=0.0,
+                     p_blur=0.0, p_low_resolution=0.0)
 ALL = AugmentConfig(p_rotation=1.0, p_scale=1.0, p_elastic=1.0,
                     p_gamma=1.0, p_mirror=(0.5, 0.5, 0.5))
 SPACING = (3.0, 0.8, 0.8)
@@ -234,8 +235,71 @@ def test_disabled_config_gives_the_plain_crop():
     # config: the patch is exactly the crop.
     image, labels = volume()
     off = AugmentConfig(p_brightness=1.0, p_contrast=1.0, p_noise=1.0,
+                        p_blur=1.0, p_low_resolution=1.0,
                         p_gamma=1.0, p_rotation=1.0).disabled()
     out, out_labels = augment.augment_patch(
         image, labels, SPACING, [1, 2, 3], (8, 16, 16), off, seed(5), 0.0)
     np.testing.assert_array_equal(out.numpy(), image[1:9, 2:18, 3:19])
     np.testing.assert_array_equal(out_labels.numpy(), labels[1:9, 2:18, 3:19])
+
+
+def test_resolution_params_follow_probabilities_and_ranges():
+    config = AugmentConfig(p_blur=0.5, blur_sigma=(0.6, 0.9),
+                           p_low_resolution=1.0,
+                           low_resolution_zoom=(0.5, 0.7))
+    draws = [augment.sample_resolution_params(config, seed(i))
+             for i in range(200)]
+    sigma = np.array([d["blur_sigma"].numpy() for d in draws])
+    zoom = np.array([float(d["zoom"]) for d in draws])
+    blurred = (sigma > 0).all(axis=1)
+    assert ((sigma > 0).any(axis=1) == blurred).all()
+    # p = 0.5: 200 draws give 100 +- 7; 60..140 fails only if p is wrong.
+    assert 60 < blurred.sum() < 140
+    assert np.all((sigma[blurred] >= 0.6) & (sigma[blurred] < 0.9))
+    # A sigma per axis, not one for all three.
+    assert np.all(np.ptp(sigma[blurred], axis=1) > 0)
+    assert np.all((zoom >= 0.5) & (zoom < 0.7))
+
+
+def test_blur_smooths_noise_keeps_the_mean_and_the_labels():
+    image, labels = volume((16, 48, 48))
+    config = dataclasses.replace(NONE, p_blur=1.0, blur_sigma=(1.0, 1.0001))
+
+    def fn(img, lab):
+        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
+                                     (16, 48, 48), config, seed(6), 0.0)
+
+    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    np.testing.assert_allclose(out, mapped, atol=1e-6)
+    np.testing.assert_array_equal(out_labels, labels)
+    # White noise through a sigma-1 Gaussian in 3-D keeps
+    # 1 / (2 sqrt(pi))^3 = 0.0224 of its variance (the std: 0.15).
+    assert 0.12 < float(np.std(out)) < 0.18
+    assert abs(float(out.mean()) - float(image.mean())) < 0.01
+    # A constant patch stays constant: the faces reflect, not pad zeros.
+    flat = augment.gaussian_blur(tf.ones((6, 9, 9)), tf.constant([1.0] * 3))
+    np.testing.assert_allclose(flat.numpy(), 1.0, atol=1e-5)
+
+
+def test_low_resolution_coarsens_the_image_not_the_labels():
+    image, labels = volume((16, 48, 48))
+    config = dataclasses.replace(NONE, p_low_resolution=1.0,
+                                 low_resolution_zoom=(0.5, 0.5001))
+
+    def fn(img, lab):
+        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
+                                     (16, 48, 48), config, seed(7), 0.0)
+
+    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    np.testing.assert_allclose(out, mapped, atol=1e-6)
+    np.testing.assert_array_equal(out_labels, labels)
+    assert out.shape == image.shape
+    # Half the voxels per axis: an eighth of the samples survive, so white
+    # noise keeps far less than its variance after interpolation.
+    assert float(np.std(out)) < 0.7
+    # Neighbouring voxels now correlate (they did not in the noise).
+    corr = np.corrcoef(out[:, :, :-1].ravel(), out[:, :, 1:].ravel())[0, 1]
+    assert corr > 0.5
+    flat = augment.simulate_low_resolution(tf.fill((8, 20, 20), 2.5),
+                                           tf.constant(0.6))
+    np.testing.assert_allclose(flat.numpy(), 2.5, atol=1e-5)
