@@ -255,10 +255,14 @@ class Artifact:
     @property
     def full_resolution(self):
         if "_full" not in self.__dict__:
+            from kits_keras.model.layers import fuse_inference
             from kits_keras.model.unet import full_resolution_model
 
+            # This process predicts with it: its normalisations may be
+            # compiled (an export loads its own copy, op by op).
             object.__setattr__(
-                self, "_full", full_resolution_model(self.model)
+                self, "_full",
+                fuse_inference(full_resolution_model(self.model))
             )
         return self.__dict__["_full"]
 

@@ -327,3 +327,43 @@ def test_runs_without_tensorflow(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK" in result.stdout
+
+
+FUSED_INFERENCE_CHECK = """
+import numpy as np, keras
+from kits_keras.config import get_config
+from kits_keras.model.layers import InstanceNormalization, fuse_inference
+from kits_keras.model.unet import build_unet, full_resolution_model
+
+model = build_unet(get_config("tiny"))
+x = np.random.default_rng(0).normal(size=(2, 16, 32, 32, 1)).astype("float32")
+full = full_resolution_model(model)
+plain = np.asarray(full.predict_on_batch(x))
+norms = [l for l in model.layers if isinstance(l, InstanceNormalization)]
+assert norms and not any(l.fuse_inference for l in norms)
+assert fuse_inference(full) is full
+# The twin shares the model's layers: both now fuse.
+assert all(l.fuse_inference for l in norms)
+# A runtime choice, not saved with the model.
+assert "fuse_inference" not in norms[0].get_config()
+fused = np.asarray(full.predict_on_batch(x))
+np.testing.assert_allclose(fused, plain, atol=1e-5)
+assert not np.array_equal(fused, plain) or keras.backend.backend() != (
+    "tensorflow"), "the fused forward should round differently"
+fuse_inference(full, enabled=False)
+assert not any(l.fuse_inference for l in norms)
+print("OK", keras.backend.backend())
+"""
+
+
+@pytest.mark.large  # a Keras process per backend
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_fused_inference_predicts_what_the_plain_forward_does(backend):
+    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
+               TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, "-c", FUSED_INFERENCE_CHECK], env=env,
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"OK {backend}" in result.stdout
