@@ -11,7 +11,9 @@ same threads and the same input arrays; peak RSS is measured in the child:
   ``torch.optim.Adam`` (runs in ``--peers-python``).
 * ``tensorflow``: ``build_unet`` + ``ExpLogLoss`` per output with
   ``deep_supervision_weights`` via ``model.compile``; ``train_on_batch`` and
-  ``predict_on_batch`` (``jit_compile=False``: TF's oneDNN kernels).
+  ``predict_on_batch`` (``jit_compile=False``: TF's oneDNN kernels; the
+  instance normalisations compiled by XLA in both, as ``fit`` and
+  ``infer`` run them).
 * ``tensorflow-xla``: the same with ``jit_compile=True`` (optional side).
 * ``jax``: ``kits_keras.training.step.make_train_step`` (one jitted XLA
   program) and ``make_forward``; FLOPs from XLA's cost analysis.
@@ -260,6 +262,12 @@ def tensorflow_worker(args):
                    tf.config.threading.get_intra_op_parallelism_threads()),
                inter_op_threads=(
                    tf.config.threading.get_inter_op_parallelism_threads()))
+    # As kits-keras infer runs it (Artifact.full_resolution): the
+    # normalisations compiled by XLA at inference too.
+    from kits_keras.model.layers import fuse_inference
+
+    fuse_inference(model)
+    res["fused_inference"] = True
     res["forward"] = timed(lambda: model.predict_on_batch(x), args.warmup,
                            args.repeats, "forward")
     res["train"] = timed(lambda: model.train_on_batch(x, ys), args.warmup,
