@@ -41,6 +41,19 @@ def seed(i):
     return tf.constant([7, i], tf.int64)
 
 
+def whole_patch_both_ways(config, seed_index, shape=(16, 48, 48)):
+    """(image, labels, augmented image, its labels, the image from
+    Dataset.map) for a patch covering the whole test volume."""
+    image, labels = volume(shape)
+
+    def fn(img, lab):
+        return augment.augment_patch(img, lab, SPACING, [0, 0, 0], shape,
+                                     config, seed(seed_index), 0.0)
+
+    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    return image, labels, out, out_labels, mapped
+
+
 @pytest.mark.parametrize("start", [(2, 5, 4), (-3, 30, -6)])
 def test_identity_returns_exact_crop(start):
     image, labels = volume()
@@ -201,15 +214,9 @@ def test_intensity_params_follow_probabilities_and_ranges():
 
 
 def test_noise_has_the_drawn_variance_and_leaves_labels_alone():
-    image, labels = volume((16, 48, 48))
     config = dataclasses.replace(NONE, p_noise=1.0,
                                  noise_variance=(0.09, 0.09))
-
-    def fn(img, lab):
-        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
-                                     (16, 48, 48), config, seed(3), 0.0)
-
-    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    image, labels, out, out_labels, mapped = whole_patch_both_ways(config, 3)
     np.testing.assert_array_equal(out, mapped)
     np.testing.assert_array_equal(out_labels, labels)
     # Noise of std 0.3 added to the image: the difference's std is 0.3.
@@ -262,14 +269,8 @@ def test_resolution_params_follow_probabilities_and_ranges():
 
 
 def test_blur_smooths_noise_keeps_the_mean_and_the_labels():
-    image, labels = volume((16, 48, 48))
     config = dataclasses.replace(NONE, p_blur=1.0, blur_sigma=(1.0, 1.0001))
-
-    def fn(img, lab):
-        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
-                                     (16, 48, 48), config, seed(6), 0.0)
-
-    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    image, labels, out, out_labels, mapped = whole_patch_both_ways(config, 6)
     np.testing.assert_allclose(out, mapped, atol=1e-6)
     np.testing.assert_array_equal(out_labels, labels)
     # White noise through a sigma-1 Gaussian in 3-D keeps
@@ -282,15 +283,9 @@ def test_blur_smooths_noise_keeps_the_mean_and_the_labels():
 
 
 def test_low_resolution_coarsens_the_image_not_the_labels():
-    image, labels = volume((16, 48, 48))
     config = dataclasses.replace(NONE, p_low_resolution=1.0,
                                  low_resolution_zoom=(0.5, 0.5001))
-
-    def fn(img, lab):
-        return augment.augment_patch(img, lab, SPACING, [0, 0, 0],
-                                     (16, 48, 48), config, seed(7), 0.0)
-
-    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    image, labels, out, out_labels, mapped = whole_patch_both_ways(config, 7)
     np.testing.assert_allclose(out, mapped, atol=1e-6)
     np.testing.assert_array_equal(out_labels, labels)
     assert out.shape == image.shape

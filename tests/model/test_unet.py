@@ -224,12 +224,17 @@ print("OK", keras.backend.backend())
 
 @pytest.mark.large  # a Keras process per backend; the layer is tested below
 @pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_fused_norm_activation_gradient_equals_autodiff(backend):
-    # Run in a child: the backend is fixed per process.
+@pytest.mark.parametrize("check", ["gradient", "inference"])
+def test_fused_norm_activation_equals_the_plain_expression(check, backend):
+    # The hand-written gradient against autodiff; the inference-fused
+    # forward (layers.fuse_inference) against the plain one. Run in a
+    # child: the backend is fixed per process.
+    script = {"gradient": FUSED_GRADIENT_CHECK,
+              "inference": FUSED_INFERENCE_CHECK}[check]
     env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="2")
     result = subprocess.run(
-        [sys.executable, "-c", FUSED_GRADIENT_CHECK], env=env,
+        [sys.executable, "-c", script], env=env,
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -354,16 +359,3 @@ fuse_inference(full, enabled=False)
 assert not any(l.fuse_inference for l in norms)
 print("OK", keras.backend.backend())
 """
-
-
-@pytest.mark.large  # a Keras process per backend
-@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_fused_inference_predicts_what_the_plain_forward_does(backend):
-    env = dict(os.environ, KERAS_BACKEND=backend, JAX_PLATFORMS="cpu",
-               TF_CPP_MIN_LOG_LEVEL="2")
-    result = subprocess.run(
-        [sys.executable, "-c", FUSED_INFERENCE_CHECK], env=env,
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"OK {backend}" in result.stdout
