@@ -241,8 +241,11 @@ def fuse_inference(model, enabled=True):
     For the process that predicts with the model (``kits-keras infer``,
     validation during ``fit``): under ``ONEDNN_MAX_CPU_ISA=AVX2`` on 2
     cores the paper network's forward pass on 2 x 48 x 96 x 96 went from
-    10.0 to 8.6 s (AMX Xeon, under load; one XLA compile per layer and
-    batch shape on the first call). Not for a model about to be exported:
+    10.0 to 8.6 s in one process, alternating (AMX Xeon, under load); in
+    two separate ``benchmarks/train_step.py`` runs alone, 3.2 -> 2.9 s
+    natively and 4.4 -> 4.6 s under the cap, within that host's ~10 %
+    run-to-run noise. One XLA compile per layer and batch shape on the
+    first call. Not for a model about to be exported:
     a SavedModel for TF Serving must not need XLA (:func:`xla_fuser`).
 
     Args:
