@@ -22,9 +22,11 @@ def xla_fuser():
     None on the others.
 
     ``fn`` must take and return tensors; it is traced again for each new
-    input shape. Use it on the training path only: a SavedModel for TF
-    Serving must not need XLA (its CPU server compiles nothing unless told
-    to), so the exported forward pass stays op by op.
+    input shape. Use it while training and in the process that predicts
+    (:func:`kits_keras.model.layers.fuse_inference`), never in a model
+    being exported: a SavedModel for TF Serving must not need XLA (its CPU
+    server compiles nothing unless told to), so the exported forward pass
+    stays op by op.
 
     >>> fuse = xla_fuser()
     >>> fuse is None or callable(fuse)
