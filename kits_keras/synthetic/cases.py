@@ -13,9 +13,10 @@ cortical rims and discs, psoas and paraspinal muscles, aorta and IVC, a
 textured liver with vessels and hypodense lesions, spleen, lung bases,
 bowel loops (fluid, gas, oral contrast), a CT table with a foam pad (or
 none), one or two kidneys with cortex, medullary pyramids and a fat-filled
-sinus, and one or two tumours attached to a kidney (radius 4-55 mm, at
-least 1.5 voxels of the coarsest spacing; heterogeneous, necrotic core when
-large; never more than 40% of the kidney swallowed). 15% of cases have a
+sinus, and one or two tumours attached to a kidney (sized like real KiTS
+tumours: painted radius median ~18 mm, 4-55 mm and at least 1.5 voxels of
+the coarsest spacing; heterogeneous, necrotic core when large; never more
+than 40% of the kidney swallowed). 15% of cases have a
 single kidney. Each case draws a contrast phase (non-contrast, arterial,
 portal venous, nephrographic), which sets every organ's HU and how the
 kidney and tumour enhance: without contrast the kidney is as grey as liver,

@@ -116,8 +116,8 @@ def test_ct_intensities_look_like_contrast_ct(small_cases):
         assert 100 < np.median(kidney) < 230  # enhanced parenchyma
         assert 10 < np.median(tumour) < 140  # necrotic cores are ~10-30
         assert np.median(tumour) < np.median(kidney)
-        # Noise: flat air in the corner still fluctuates.
-        assert 3 < image[:, :3, :3].std() < 30
+        # Noise (SD 8-35 HU): flat air in the corner still fluctuates.
+        assert 3 < image[:, :3, :3].std() < 40
         for name, voxels in (("kidney", kidney), ("tumour", tumour)):
             lo, hi = np.percentile(voxels, (10, 90))
             overlap[name].append(
