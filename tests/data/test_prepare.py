@@ -70,8 +70,10 @@ def test_tfds_load_after_prepare(prepared):
         fg.append(ex["image"][ex["labels"] > 0].astype(np.float64))
     fg = np.concatenate(fg)
     # Standard at the original resolution (test_preprocessing); here after
-    # resampling to 4 x 3.2 mm, which averages noise away.
-    assert abs(fg.mean()) < 0.15 and 0.75 < fg.std() < 1.1
+    # resampling to 4 x 3.2 mm, which averages noise away and mixes the
+    # border voxels with the fat around them (mean -0.14 with these cases
+    # before tumours were sized like real ones, -0.21 after).
+    assert abs(fg.mean()) < 0.3 and 0.75 < fg.std() < 1.1
 
 
 def test_stats_ignore_test_cases_and_split(prepared, manual_dir):
