@@ -124,6 +124,11 @@ class AugmentConfig:
             and interpolated back (cubic in-plane, linear across slices).
         low_resolution_zoom: range of that zoom factor (0.5: half the
             voxels per axis).
+        p_tumour_contrast: probability of moving a patch's tumour
+            intensities towards its kidney's (only in patches with both).
+        tumour_contrast_range: range of the fraction of the kidney-tumour
+            difference of means removed (1: tumour as bright as kidney on
+            average; negative: a more conspicuous tumour).
 
     The image is resampled trilinearly, the labels by nearest neighbour
     (cubic would need 8x the gathers).
@@ -156,6 +161,13 @@ class AugmentConfig:
     blur_sigma: tuple = (0.5, 1.0)
     p_low_resolution: float = 0.125
     low_resolution_zoom: tuple = (0.5, 1.0)
+    # Not nnU-Net's: a label-aware intensity change like TumorCP's
+    # object-level one (Yang et al., MICCAI 2021, on KiTS19), so that a
+    # handful of training cases shows tumours of every contrast to the
+    # kidney, not only the few that were drawn. Off by default (the paper
+    # did not use it); the `tiny` experiments turn it on.
+    p_tumour_contrast: float = 0.0
+    tumour_contrast_range: tuple = (-0.3, 0.8)
 
     def disabled(self):
         """This config with every ``p_*`` probability at 0: plain crops.

@@ -10,6 +10,8 @@ corners instead of padding, and no intermediate volume is ever resampled
 (the coordinates and gathers: :mod:`kits_keras.data.resample_patch`).
 Gamma correction (statistics retained), brightness, contrast, Gaussian noise,
 Gaussian blur, simulated low resolution and mirroring follow on the patch.
+Before them, a label-aware change that is not nnU-Net's can move the
+tumour's intensities towards the kidney's (:func:`tumour_contrast`).
 
 Everything is TF graph ops (no ``py_function``, no Python per voxel) so it
 runs in ``tf.data`` threads; randomness comes from stateless ops seeded with a
@@ -281,6 +283,61 @@ def spatial_transform(image, labels, spacing, start, patch_size, params,
     return out_image, out_labels
 
 
+def sample_tumour_contrast(config, seed):
+    """Draws one patch's tumour contrast change: a float32 scalar, the
+    fraction of the kidney-tumour difference of means to remove (0 =
+    none). From its own folded seed, as :func:`sample_intensity_params`."""
+    seeds = split_seed(tf.random.experimental.stateless_fold_in(
+        tf.cast(seed, tf.int64), 4), 2)
+    u = tf.random.stateless_uniform([], seeds[0])
+    fraction = tf.random.stateless_uniform([], seeds[1],
+                                           *config.tumour_contrast_range)
+    return tf.where(u < config.p_tumour_contrast, fraction, 0.0)
+
+
+def tumour_contrast(image, labels, fraction):
+    """Moves the tumour's intensities towards the kidney's.
+
+    Adds ``fraction * (mean kidney - mean tumour)`` to the tumour, through
+    a soft mask: the tumour mask blurred by a one-voxel Gaussian, doubled
+    and capped at 1, so the whole tumour moves (small ones too) and the
+    change fades over the voxel or two around it instead of making an edge
+    of its own. The tumour keeps its texture. A patch without
+    kidney (label 1) or tumour (label 2) is returned as it is.
+
+    Args:
+        image: float32 (z, y, x) patch.
+        labels: integer (z, y, x) patch.
+        fraction: float32 scalar; 1 makes the means equal, negative values
+            widen the difference.
+
+    Returns:
+        float32 tensor of ``image``'s shape.
+
+    >>> import numpy as np
+    >>> labels = np.zeros((8, 8, 8), "int32")
+    >>> labels[:, :, :4], labels[2:6, 2:6, 5:8] = 1, 2
+    >>> image = np.where(labels == 1, 2.0, np.where(labels == 2, -1.0, 0.0))
+    >>> out = tumour_contrast(tf.constant(image, tf.float32), labels, 0.5)
+    >>> out = out.numpy()
+    >>> round(float(out[3, 3, 6]), 2), round(float(out[0, 0, 0]), 2)
+    (0.5, 2.0)
+    """
+    kidney = tf.cast(tf.equal(labels, 1), tf.float32)
+    tumour = tf.cast(tf.equal(labels, 2), tf.float32)
+    kidney_voxels, tumour_voxels = (tf.reduce_sum(kidney),
+                                    tf.reduce_sum(tumour))
+
+    def shifted():
+        difference = (tf.reduce_sum(image * kidney) / kidney_voxels
+                      - tf.reduce_sum(image * tumour) / tumour_voxels)
+        soft = tf.minimum(2.0 * gaussian_blur(tumour, tf.ones([3])), 1.0)
+        return image + fraction * difference * soft
+
+    return tf.cond((fraction != 0.0) & (kidney_voxels > 0.0)
+                   & (tumour_voxels > 0.0), shifted, lambda: image)
+
+
 def gamma_correction(image, gamma):
     """nnU-Net's gamma: on [0, 1]-rescaled intensities, mean/std retained."""
     mean, std = tf.reduce_mean(image), tf.math.reduce_std(image)
@@ -341,6 +398,8 @@ def augment_patch(image, labels, spacing, start, patch_size, config, seed,
             crop(labels, start, patch_size, tf.zeros([], labels.dtype)),
         ),
     )
+    out_image = tumour_contrast(out_image, out_labels,
+                                sample_tumour_contrast(config, seed))
     out_image = tf.cond(
         params["gamma"] != 1.0,
         lambda: gamma_correction(out_image, params["gamma"]),

@@ -298,3 +298,45 @@ def test_low_resolution_coarsens_the_image_not_the_labels():
     flat = augment.simulate_low_resolution(tf.fill((8, 20, 20), 2.5),
                                            tf.constant(0.6))
     np.testing.assert_allclose(flat.numpy(), 2.5, atol=1e-5)
+
+
+def test_tumour_contrast_moves_the_tumour_towards_the_kidney():
+    config = dataclasses.replace(NONE, p_tumour_contrast=1.0,
+                                 tumour_contrast_range=(0.8, 0.8001))
+    shape = (12, 40, 36)
+    image, labels = volume(shape)
+    image = image + np.where(labels == 1, 1.0, 0.0) - np.where(
+        labels == 2, 2.0, 0.0).astype(np.float32)
+
+    def fn(img, lab):
+        return augment.augment_patch(img, lab, SPACING, [0, 0, 0], shape,
+                                     config, seed(8), 0.0)
+
+    (out, out_labels), (mapped, _) = run_both(fn, image, labels)
+    np.testing.assert_allclose(out, mapped, atol=1e-6)
+    np.testing.assert_array_equal(out_labels, labels)
+    tumour, kidney = labels == 2, labels == 1
+    before = image[kidney].mean() - image[tumour].mean()
+    after = out[kidney].mean() - out[tumour].mean()
+    # 0.8 of the gap closed: all of the tumour moves; the kidney voxels
+    # next to it move a little too (the mask fades outside the tumour).
+    assert 0.2 * before < after < 0.45 * before
+    # Texture kept: the noise inside the tumour is not flattened.
+    assert abs(out[tumour].std() - image[tumour].std()) < 0.3
+    # Far from the tumour nothing moves.
+    np.testing.assert_array_equal(out[:, :, 30:], image[:, :, 30:])
+    # Without a tumour in the patch the image is returned as it is.
+    plain = augment.tumour_contrast(tf.constant(image),
+                                    np.minimum(labels, 1), tf.constant(0.8))
+    np.testing.assert_array_equal(plain.numpy(), image)
+
+
+def test_tumour_contrast_params_follow_probability_and_range():
+    config = AugmentConfig(p_tumour_contrast=0.5,
+                           tumour_contrast_range=(-0.3, 0.8))
+    drawn = np.array([float(augment.sample_tumour_contrast(config, seed(i)))
+                      for i in range(200)])
+    assert 60 < np.sum(drawn != 0.0) < 140
+    assert np.all((drawn >= -0.3) & (drawn < 0.8))
+    assert np.all(augment.sample_tumour_contrast(
+        AugmentConfig(), seed(0)).numpy() == 0.0)
