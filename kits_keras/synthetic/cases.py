@@ -24,15 +24,17 @@ spleen, bowel and muscle, and in the arterial phase a clear-cell tumour is
 as bright as cortex, so position, shape and texture matter, not a HU
 threshold. Correlated noise (8-35 HU) and an in-plane blur (0.5-1.2 mm)
 finish the image. Around real label volumes (``labels_from``), KiTS23's
-cysts are painted as water-density cysts and labelled kidney.
+cysts are painted as water-density cysts and labelled kidney (see Cysts).
 
-KiTS23 classes (``cysts=True``, ``synth --classes kits23``): label 3 is a
-cyst. Generated cases get 0-3 simple cysts (60 % of cases have any): round,
-sharp-edged, 0-20 HU whatever the phase, centred in a kidney's cortex so
-they lie inside it or bulge out of it (:func:`kidney.paint_cysts`); label
-volumes keep their cysts as label 3. The cysts are drawn from their own
-random stream, so a KiTS23 case is its KiTS19 twin (same seed) plus
-cysts, and the KiTS19 default is unchanged.
+Cysts: generated cases, and label volumes without a cyst label (KiTS19's,
+whose kidney label holds the patient's cysts at places we do not know),
+get 0-3 simple cysts (60 % of cases have any): round, sharp-edged, 0-20 HU
+whatever the phase, centred in a kidney's cortex so they lie inside it or
+bulge out of it (:func:`kidney.paint_cysts`). KiTS23 label volumes keep
+their own. They are labelled kidney, as KiTS19 annotated them, or 3 with
+KiTS23's classes (``cysts=True``, ``synth --classes kits23``). The cysts
+are drawn from their own random stream, so a KiTS23 case is its KiTS19
+twin (same seed) with the cysts labelled 3 instead of 1.
 
 Sizes:
     "small": 24-64 slices 3-5 mm apart, 96-160 px wide (AP: the same or
@@ -169,15 +171,15 @@ def make_case(seed, size="small", labels=None, spacing=None,
             ``io.Volume`` (its spacing, affine, header and orientation are
             kept) or a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
             KiTS23's cysts (label 3) are painted as cysts and labelled
-            kidney, as KiTS19 annotated them (unless ``cysts``).
+            kidney, as KiTS19 annotated them (unless ``cysts``); a volume
+            without label 3 gets painted cysts (module docstring).
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
         phase: contrast phase (one of ``anatomy.PHASES``), or
             None to draw one (15 % non-contrast, 25 % arterial, 40 %
             portal venous, 20 % nephrographic).
-        cysts: bool. KiTS23 classes: label 3 is a cyst; generated cases
-            get cysts, ``labels`` keep theirs. Defaults to False (KiTS19:
-            labels 0-2).
+        cysts: bool. KiTS23 classes: label 3 is a cyst. Defaults to
+            False (KiTS19: labels 0-2, cysts labelled kidney).
 
     Returns:
         io.Case with image float32 HU (integer-valued) and labels uint8.
@@ -197,11 +199,16 @@ def make_case(seed, size="small", labels=None, spacing=None,
     anatomy.paint_vessels(image, grid, tissue, rng)
     anatomy.paint_organs(image, grid, body, tissue, rng)
     labels = _paint_labels(image, grid, body, tissue, rng, labels)
-    if cysts and generated:
-        # A stream of their own: the rest of the case is its KiTS19 twin's.
+    if generated or not (labels == CYST_LABEL).any():
+        # Simple cysts are common in the kidneys of KiTS patients, and a
+        # KiTS19 label volume's kidney already includes its patient's, at
+        # places we do not know: paint some. A stream of their own: the
+        # rest of the case does not depend on them.
         paint_cysts(image, labels, grid, body,
-                    np.random.default_rng((seed, CYST_LABEL)))
-    elif not cysts and labels.max() == CYST_LABEL:
+                    np.random.default_rng((seed, CYST_LABEL)),
+                    label=CYST_LABEL)
+    if not cysts:
+        # KiTS19 annotated cysts as kidney.
         labels = np.where(labels == CYST_LABEL, np.uint8(1), labels)
     anatomy.finish(image, grid, rng, noise_hu=rng.uniform(8.0, 35.0),
                    blur_mm=rng.uniform(0.5, 1.2))

@@ -37,14 +37,45 @@ def test_kits23_cases_have_all_four_labels(twins):
     assert 0 < with_cysts < len(SEEDS)
 
 
-def test_cysts_only_add_to_the_kits19_twin(twins):
+def test_the_kits19_twin_labels_the_same_cysts_kidney(twins):
+    cyst_voxels = 0
     for plain, kits23 in twins:
         before, after = plain.labels.array, kits23.labels.array
         cyst = after == 3
-        # Only cysts were added: the rest of the map is the twin's, and a
-        # cyst replaces kidney or background, never tumour.
-        assert np.array_equal(before[~cyst], after[~cyst])
-        assert not (before[cyst] == 2).any()
+        # The same case: same image, the cysts labelled kidney (KiTS19).
+        np.testing.assert_array_equal(plain.image.array, kits23.image.array)
+        np.testing.assert_array_equal(before, np.where(cyst, 1, after))
+        cyst_voxels += cyst.sum()
+        # Cysts are water-like in the image of both twins.
+        if cyst.any():
+            assert np.median(plain.image.array[cyst]) < 40.0
+    assert cyst_voxels > 0
+
+
+def test_kits19_label_volumes_get_cysts_labelled_kidney():
+    # A KiTS19 label volume (no label 3) gets painted cysts: labelled
+    # kidney, or 3 with KiTS23's classes; tumour is untouched.
+    zz, yy, xx = np.ogrid[:30, :80, :80]
+    labels = np.zeros((30, 80, 80), np.uint8)
+    for centre in (25, 55):
+        labels[((zz - 15) / 9.0) ** 2 + ((yy - 40) / 14.0) ** 2
+               + ((xx - centre) / 9.0) ** 2 <= 1] = 1
+    labels[12:16, 36:42, 52:58] = 2
+    with_cysts = 0
+    for seed in SEEDS:
+        plain, kits23 = (synthetic.make_case(seed, labels=labels,
+                                             spacing=(3.0, 1.5, 1.5),
+                                             cysts=cysts)
+                         for cysts in (False, True))
+        cyst = kits23.labels.array == 3
+        np.testing.assert_array_equal(plain.image.array, kits23.image.array)
+        np.testing.assert_array_equal(plain.labels.array,
+                                      np.where(cyst, 1, kits23.labels.array))
+        np.testing.assert_array_equal(plain.labels.array == 2, labels == 2)
+        if cyst.any():
+            with_cysts += 1
+            assert np.median(plain.image.array[cyst]) < 40.0  # water
+    assert 0 < with_cysts < len(SEEDS)
 
 
 def test_every_cyst_touches_a_kidney(twins):
