@@ -305,8 +305,8 @@ def test_tumour_contrast_moves_the_tumour_towards_the_kidney():
                                  tumour_contrast_range=(0.8, 0.8001))
     shape = (12, 40, 36)
     image, labels = volume(shape)
-    image = image + np.where(labels == 1, 1.0, 0.0) - np.where(
-        labels == 2, 2.0, 0.0).astype(np.float32)
+    image = (image + np.where(labels == 1, 1.0, 0.0)
+             - np.where(labels == 2, 2.0, 0.0)).astype(np.float32)
 
     def fn(img, lab):
         return augment.augment_patch(img, lab, SPACING, [0, 0, 0], shape,
