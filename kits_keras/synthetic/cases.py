@@ -30,8 +30,9 @@ Cysts: generated cases, and label volumes without a cyst label (KiTS19's,
 whose kidney label holds the patient's cysts at places we do not know),
 get 0-3 simple cysts (60 % of cases have any): round, sharp-edged, 0-20 HU
 whatever the phase, centred in a kidney's cortex so they lie inside it or
-bulge out of it (:func:`kidney.paint_cysts`). KiTS23 label volumes keep
-their own. They are labelled kidney, as KiTS19 annotated them, or 3 with
+bulge out of it (:func:`kidney.paint_cysts`; a bulging cyst extends the
+kidney label, as an annotator would have drawn it). KiTS23 label volumes
+keep their own. They are labelled kidney, as KiTS19 annotated them, or 3 with
 KiTS23's classes (``cysts=True``, ``synth --classes kits23``). The cysts
 are drawn from their own random stream, so a KiTS23 case is its KiTS19
 twin (same seed) with the cysts labelled 3 instead of 1.
@@ -172,7 +173,8 @@ def make_case(seed, size="small", labels=None, spacing=None,
             kept) or a ``(z, y, x)`` array of {0, 1, 2} with ``spacing``.
             KiTS23's cysts (label 3) are painted as cysts and labelled
             kidney, as KiTS19 annotated them (unless ``cysts``); a volume
-            without label 3 gets painted cysts (module docstring).
+            without label 3 gets painted cysts (module docstring), whose
+            part bulging out of a kidney extends its label.
         spacing: (z, y, x) mm, needed with an array ``labels``.
         case_id: str. Defaults to "case_00000".
         phase: contrast phase (one of ``anatomy.PHASES``), or
