@@ -153,9 +153,10 @@ def test_cli_classes_kits23(tmp_path):
 
 def test_generated_tumours_are_sized_like_real_ones():
     # The 16 real tumour labels: equivalent-sphere radius median 19.6 mm,
-    # 3 of 16 under 10 mm. The generator's tumours (after its redraws for
-    # bone, body and the 40 % kidney cap) should look like that, not like
-    # the former log-uniform 4-55 mm draw (median ~15 mm, 30 % under 10).
+    # 3 of 16 under 10 mm. The generator's painted tumours (after its
+    # redraws for bone, body and the 40 % kidney cap) should look like
+    # that. (The former log-uniform draw passes this on small cases too;
+    # it differed on fine grids, see kidney.TUMOUR_RADIUS_MEDIAN_MM.)
     radii = []
     for seed in range(24):
         case = synthetic.make_case(seed)
