@@ -33,7 +33,13 @@ a label volume that was trained on. The variants get case ids
 ``1000 * v + N`` and the validation cases ``9000 + N``, so that the
 builder's own rule (sorted ids, the last ``validation_cases`` of its
 training split validate) puts the validation cases last; the variants
-that rule assigns to its ``test`` split are simply not used. The number of steps is fixed, so the figures do not depend on the
+that rule assigns to its ``test`` split are simply not used.
+``--extra-tumours N`` adds N tumours to the labels of every variant
+(``synth --extra-tumours``: tumour synthesis, more tumours for the
+network to learn from); the originals, held-out and validation cases keep
+their real labels. A dataset other than the default one gets stages of its
+own in ``--work`` (``variants_v3_t1``, ``tfds_v3_t1``), next to the shared
+cases. The number of steps is fixed, so the figures do not depend on the
 machine's speed.
 """
 
@@ -155,14 +161,31 @@ def parse_settings(settings):
     return sections
 
 
+def dataset_suffix(variants, extra_tumours):
+    """Suffix of the stages that depend on the training set.
+
+    >>> dataset_suffix(1, 0), dataset_suffix(3, 1)
+    ('', '_v3_t1')
+    """
+    if variants == 1 and not extra_tumours:
+        return ""
+    return f"_v{variants}" + (f"_t{extra_tumours}" if extra_tumours else "")
+
+
 def run(work, steps, seed, fresh=False, variants=1, settings=None,
-        run_name="run"):
+        run_name="run", extra_tumours=0):
     from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras.synthetic import cases as synthetic
     from kits_keras.training import fit as training
 
+    if extra_tumours and variants < 2:
+        raise ValueError("--extra-tumours changes the variants' labels: "
+                         "needs --variants 2 or more")
     os.makedirs(work, exist_ok=True)
+    suffix = dataset_suffix(variants, extra_tumours)
+    variants_dir = os.path.join(work, "variants" + suffix)
+    tfds_dir = os.path.join(work, "tfds" + suffix)
     config = config_lib.get_config("tiny")
     epochs = max(1, steps // config.train.steps_per_epoch)
     config = config_lib.override(
@@ -199,7 +222,8 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         if os.listdir(labels):
             # Other seeds than the originals' (case i uses seed + i).
             synthetic.write_cases(os.path.join(path, "cases"),
-                                  labels_from=labels, seed=seed + 1000)
+                                  labels_from=labels, seed=seed + 1000,
+                                  extra_tumours=extra_tumours)
         train_dir = os.path.join(path, "train_cases")
         os.makedirs(train_dir)
         for case_id, (source, v) in sorted(plan.items()):
@@ -213,7 +237,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         from kits_keras.demo import _split_case_ids
 
         dataset.prepare(
-            os.path.join(work, "variants", "train_cases"), data_dir=path,
+            os.path.join(variants_dir, "train_cases"), data_dir=path,
             config=config.data)
         train_ids, _ = _split_case_ids(config, path)
         from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
@@ -223,16 +247,19 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         return {"train": sorted(train_ids), "test": sorted(test_ids)}
 
     def train(path):
-        training.fit(config, os.path.join(work, "tfds"), out_dir=path,
+        training.fit(config, tfds_dir, out_dir=path,
                      verbose=2)
         return path
 
     for name, fn in (("labels", labels), ("cases", cases),
-                     ("variants", variant_cases), ("tfds", prepare),
+                     ("variants" + suffix, variant_cases),
+                     ("tfds" + suffix, prepare),
                      (run_name, train)):
         timings[name] = stage(work, name, fn, fresh)["seconds"]
     timings["run"] = timings.pop(run_name)
-    split = stage(work, "tfds", prepare)["result"]
+    timings["variants"] = timings.pop("variants" + suffix)
+    timings["tfds"] = timings.pop("tfds" + suffix)
+    split = stage(work, "tfds" + suffix, prepare)["result"]
     run_dir = os.path.join(work, run_name)
     test_ids = split["test"]
     summary, timings["infer"] = segment(work, test_ids, run_dir, "all",
@@ -241,14 +268,15 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         summary["report"]["cases"], summary["qc"])]
     # Validation cases, as fit saw them (no mirroring), on their own grid:
     # does the Dice fit reported match the one inference gets?
-    val_ids = _validation_ids(config, os.path.join(work, "tfds"))
+    val_ids = _validation_ids(config, tfds_dir)
     val, timings["infer_validation"] = segment(
         work, val_ids, run_dir, "none", "val_predictions_" + run_name,
-        cases_dir=os.path.join(work, "variants", "train_cases"))
+        cases_dir=os.path.join(variants_dir, "train_cases"))
     return {
         "config": config.to_dict(),
         "variants": variants,
-        "training_cases": stage(work, "variants", None)["result"],
+        "extra_tumours": extra_tumours,
+        "training_cases": stage(work, "variants" + suffix, None)["result"],
         "steps": config.train.epochs * config.train.steps_per_epoch,
         "split": {**split, "validation": val_ids},
         "cases": cases,
@@ -391,6 +419,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", type=int, default=1,
                         help="Synthetic CTs per training label volume.")
+    parser.add_argument("--extra-tumours", type=int, default=0,
+                        help="Tumours added to the labels of each variant "
+                        "(needs --variants 2 or more).")
     parser.add_argument("--fresh", action="store_true",
                         help="Rebuild every cached stage.")
     parser.add_argument("--name", default="quality",
@@ -415,7 +446,7 @@ def main(argv=None):
     settings = parse_settings(args.set)
     run_name = "run" if args.name == "quality" else f"run_{args.name}"
     result = run(args.work, args.steps, args.seed, args.fresh,
-                 args.variants, settings, run_name)
+                 args.variants, settings, run_name, args.extra_tumours)
     result["settings"] = args.set
     cases = result["cases"]
     result["backend"] = backend
@@ -428,6 +459,7 @@ def main(argv=None):
                                         for c in cases),
         "held_out_cases": len(cases),
         "variants_per_training_label": args.variants,
+        "extra_tumours_per_variant": args.extra_tumours,
         "steps": result["steps"],
         "validation_patch_vs_volume_correlation":
             result["validation"]["patch_vs_volume_correlation"],

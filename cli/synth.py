@@ -27,6 +27,11 @@ from cli.common import user_errors
               help="kits19: labels 0-2. kits23: adds 3 = cyst; generated "
                    "cases get 0-3 simple cysts (round, 0-20 HU), "
                    "--labels-from keeps its cysts as 3.")
+@click.option("--extra-tumours", type=click.IntRange(min=0), default=0,
+              show_default=True,
+              help="With --labels-from: tumours added to each label "
+                   "volume's kidneys (more tumours for a small training "
+                   "set; its labels include them).")
 @click.option("--format", "fmt", type=click.Choice(["nifti", "dicom"]),
               default="nifti", show_default=True,
               help="nifti: KiTS19 folders. dicom: each case a folder of "
@@ -50,8 +55,8 @@ from cli.common import user_errors
 @click.option("--overwrite", is_flag=True,
               help="Replace existing case folders in OUT_DIR.")
 @user_errors
-def synth(out_dir, num_cases, seed, size, labels_from, classes, fmt,
-          dicom_variant, preview, overwrite):
+def synth(out_dir, num_cases, seed, size, labels_from, classes,
+          extra_tumours, fmt, dicom_variant, preview, overwrite):
     """Writes synthetic contrast-enhanced CT cases to OUT_DIR.
 
     Each case is a KiTS19 folder: case_XXXXX/imaging.nii.gz (HU) and
@@ -73,9 +78,10 @@ def synth(out_dir, num_cases, seed, size, labels_from, classes, fmt,
     cysts = classes == "kits23"
 
     if fmt == "dicom":
-        if labels_from is not None or preview or cysts:
+        if labels_from is not None or preview or cysts or extra_tumours:
             raise ValueError("--format dicom takes neither --labels-from, "
-                             "--preview nor --classes kits23")
+                             "--extra-tumours, --preview nor --classes "
+                             "kits23")
         from kits_keras.dicom import write as dicom_write
 
         written = dicom_write.write_dicom_cases(
@@ -85,5 +91,6 @@ def synth(out_dir, num_cases, seed, size, labels_from, classes, fmt,
         return
     written = synthetic.write_cases(
         out_dir, num_cases, seed=seed, size=size, labels_from=labels_from,
-        preview=preview, overwrite=overwrite, on_case=report, cysts=cysts)
+        preview=preview, overwrite=overwrite, on_case=report, cysts=cysts,
+        extra_tumours=extra_tumours)
     click.echo(f"wrote {len(written)} case(s) to {out_dir}")

@@ -37,6 +37,14 @@ KiTS23's classes (``cysts=True``, ``synth --classes kits23``). The cysts
 are drawn from their own random stream, so a KiTS23 case is its KiTS19
 twin (same seed) with the cysts labelled 3 instead of 1.
 
+Extra tumours (``extra_tumours=N``, ``synth --extra-tumours N``): around a
+label volume, N more tumours are added to its labels before anything is
+painted (:func:`kidney.add_tumours`: a generated tumour's blob and size,
+centred in a kidney's outer 8 mm) and painted like its real ones, so that a
+training set of few real cases sees more tumours, at other places and of
+other sizes (tumour synthesis). Their own random stream: the rest of the
+case draws the same numbers.
+
 Sizes:
     "small": 24-64 slices 3-5 mm apart, 96-160 px wide (AP: the same or
         0.8x) at 2.2-3.2 mm in plane, i.e. a real abdomen's field of view
@@ -69,6 +77,7 @@ from scipy import ndimage
 
 from kits_keras import io
 from kits_keras.synthetic import anatomy
+from kits_keras.synthetic.kidney import add_tumours
 from kits_keras.synthetic.kidney import paint_kidneys
 from kits_keras.synthetic.kidney import paint_cysts
 from kits_keras.synthetic.kidney import paint_from_labels
@@ -78,6 +87,7 @@ log = logging.getLogger(__name__)
 
 SIZES = ("small", "full")
 MAX_FULL_SLICES = 300
+TUMOUR_LABEL = 2
 CYST_LABEL = 3  # KiTS21/23
 _SLICE_SPACINGS = (0.5, 0.625, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 
@@ -161,7 +171,8 @@ def _frame_from_labels(labels, spacing):
 
 
 def make_case(seed, size="small", labels=None, spacing=None,
-              case_id="case_00000", phase=None, cysts=False):
+              case_id="case_00000", phase=None, cysts=False,
+              extra_tumours=0):
     """Generates one synthetic case.
 
     Args:
@@ -182,10 +193,17 @@ def make_case(seed, size="small", labels=None, spacing=None,
             portal venous, 20 % nephrographic).
         cysts: bool. KiTS23 classes: label 3 is a cyst. Defaults to
             False (KiTS19: labels 0-2, cysts labelled kidney).
+        extra_tumours: int. With ``labels``: tumours to add to the label
+            volume's kidneys (:func:`kidney.add_tumours`; a training set
+            of few real cases sees more tumours), drawn from a stream of
+            their own. Defaults to 0.
 
     Returns:
         io.Case with image float32 HU (integer-valued) and labels uint8.
     """
+    if extra_tumours and labels is None:
+        raise ValueError("extra_tumours adds tumours to given labels; "
+                         "generated cases draw their own")
     rng = np.random.default_rng(seed)
     volume = labels if isinstance(labels, io.Volume) else None
     generated = labels is None
@@ -200,6 +218,11 @@ def make_case(seed, size="small", labels=None, spacing=None,
     anatomy.paint_ribs(image, grid, body, tissue, rng)
     anatomy.paint_vessels(image, grid, tissue, rng)
     anatomy.paint_organs(image, grid, body, tissue, rng)
+    if extra_tumours:
+        labels = labels.astype(np.uint8)  # a copy: the caller's stays
+        add_tumours(image, labels, grid, body,
+                    np.random.default_rng((seed, TUMOUR_LABEL)),
+                    extra_tumours)
     labels = _paint_labels(image, grid, body, tissue, rng, labels)
     if generated or not (labels == CYST_LABEL).any():
         # Simple cysts are common in the kidneys of KiTS patients, and a
@@ -307,7 +330,7 @@ def _case_ids(labels_from, num_cases):
 
 def write_cases(out_dir, num_cases=None, seed=0, size="small",
                 labels_from=None, preview=False, overwrite=False,
-                on_case=None, cysts=False):
+                on_case=None, cysts=False, extra_tumours=0):
     """Writes synthetic ``case_XXXXX/`` folders under ``out_dir``.
 
     All cases are first written to a hidden staging folder inside
@@ -330,6 +353,8 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
         cysts: bool. KiTS23 classes (label 3 = cyst; see
             :func:`make_case`). Defaults to False: KiTS19's 0-2, a label
             volume's cysts labelled kidney.
+        extra_tumours: int. With ``labels_from``: tumours added to each
+            label volume (:func:`make_case`). Defaults to 0.
 
     Returns:
         list of str: the case folders written.
@@ -338,6 +363,8 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
         raise ValueError(f"size must be one of {SIZES}. Received: size={size}")
     if labels_from is None and num_cases is None:
         num_cases = 3
+    if extra_tumours and labels_from is None:
+        raise ValueError("extra_tumours needs labels_from")
     if num_cases is not None and num_cases < 1:
         raise ValueError(f"num_cases must be >= 1. Received: {num_cases}")
     pairs = _case_ids(labels_from, num_cases)
@@ -353,7 +380,7 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
     try:
         written = [
             _stage_case(staging, out_dir, seed + index, size, case_id,
-                        label_path, preview, on_case, cysts)
+                        label_path, preview, on_case, cysts, extra_tumours)
             for index, (case_id, label_path) in enumerate(pairs)]
         for tmp_dir, final in written:
             if os.path.exists(final):
@@ -365,11 +392,12 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
 
 
 def _stage_case(staging, out_dir, seed, size, case_id, label_path, preview,
-                on_case, cysts=False):
+                on_case, cysts=False, extra_tumours=0):
     """Writes one case under ``staging``; returns ``(staged folder, final
     folder)``. Only the files are kept: full cases are large."""
     labels = None if label_path is None else read_label_volume(label_path)
-    case = make_case(seed, size, labels, case_id=case_id, cysts=cysts)
+    case = make_case(seed, size, labels, case_id=case_id, cysts=cysts,
+                     extra_tumours=extra_tumours)
     case_dir = os.path.join(staging, case_id)
     _save_case(case_dir, case, preview)
     final = os.path.join(out_dir, case_id)

@@ -297,14 +297,7 @@ def paint_cysts(image, labels, grid, body, rng, min_radius=None,
     kidney = labels == 1
     if not kidney.any():
         return 0
-    # Cortex: kidney voxels within 8 mm of anything that is not foreground
-    # (the distance map only on the foreground's box: full cases are big).
-    box = ndimage.find_objects((labels > 0).astype(np.uint8))[0]
-    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
-    depth = ndimage.distance_transform_edt(labels[box] > 0,
-                                           sampling=grid.spacing)
-    centres = np.argwhere(kidney[box] & (depth <= 8.0)) + [
-        b.start for b in box]
+    centres = _cortex_voxels(labels, grid)
     if min_radius is None:
         min_radius = max(1.5 * max(grid.spacing), 4.0)
     inside = cavity_test(grid, body)
@@ -325,6 +318,81 @@ def paint_cysts(image, labels, grid, body, rng, min_radius=None,
         if painted >= count:
             break
     return painted
+
+
+def _cortex_voxels(labels, grid, depth_mm=8.0):
+    """``(n, 3)`` indices of the kidney voxels (label 1) within
+    ``depth_mm`` of anything that is not foreground: where cysts and added
+    tumours are centred. The distance map is computed only on the
+    foreground's box (full cases are big)."""
+    box = ndimage.find_objects((labels > 0).astype(np.uint8))[0]
+    box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+    depth = ndimage.distance_transform_edt(labels[box] > 0,
+                                           sampling=grid.spacing)
+    return np.argwhere((labels[box] == 1) & (depth <= depth_mm)) + [
+        b.start for b in box]
+
+
+def add_tumours(image, labels, grid, body, rng, count=1, min_radius=None):
+    """Labels ``count`` more tumours (2) on the kidneys of a label volume.
+
+    Tumour synthesis for training on few real cases (as TumorCP pastes
+    real tumours elsewhere, Yang et al. MICCAI 2021, and Hu et al., CVPR
+    2023, paint synthetic ones): each is a generated tumour's blob, sized
+    by :func:`sample_tumour_radius`, centred in a kidney's outer 8 mm, so
+    that it lies inside the kidney or bulges out of it. Only labels are
+    changed: :func:`paint_from_labels` then paints these tumours like the
+    real ones. Bone (``image``, already painted), tumours, cysts and what
+    lies outside the abdominal cavity are never labelled; a tumour that
+    would take more than 40 % of the kidney is redrawn.
+
+    Args:
+        image: float32 ``(z, y, x)`` HU with bone painted (read only).
+        labels: uint8 ``(z, y, x)``, 1 kidney; modified in place.
+        grid: :class:`Grid` of both.
+        body: the body of :func:`anatomy.sample_body`.
+        rng: ``np.random.Generator``.
+        count: int. Tumours to add.
+        min_radius: mm. Defaults to 1.5 coarsest voxels, at least 4 mm.
+
+    Returns:
+        int: the number of tumours added (fewer than ``count`` only when
+        the kidneys are too small to take one).
+    """
+    if count < 1 or not (labels == 1).any():
+        return 0
+    centres = _cortex_voxels(labels, grid)
+    if min_radius is None:
+        min_radius = max(1.5 * max(grid.spacing), 4.0)
+    inside = cavity_test(grid, body)
+    kidney_voxels = int((labels == 1).sum())
+    added = 0
+    for _ in range(10 * count):
+        centre = centres[rng.integers(len(centres))]
+        radius = sample_tumour_radius(rng, min_radius)
+        blob = Blob(tuple(float(v) for v in grid.to_frame(centre)),
+                    tuple(radius * rng.uniform(0.85, 1.15, 3)),
+                    rotation(rng), random_bumps(rng, 3, 0.14, 2.0))
+        field = blob_field(grid, blob)
+        if field is None:
+            continue
+        box, d, _ = field
+        mask = (d < 1.0) & (labels[box] < 2) & (image[box] < BONE_HU) & (
+            inside(box))
+        # The piece that holds the centre (on the kidney): bone or the
+        # cavity's wall can cut the blob.
+        pieces, _ = ndimage.label(mask)
+        piece = pieces[tuple(int(c) - b.start for c, b in zip(centre, box))]
+        if piece == 0:
+            continue
+        mask = pieces == piece
+        if (labels[box][mask] == 1).sum() > 0.4 * kidney_voxels:
+            continue
+        labels[box][mask] = 2
+        added += 1
+        if added >= count:
+            break
+    return added
 
 
 def _cyst_mask(grid, centre, radius, image, labels, inside):

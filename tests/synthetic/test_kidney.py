@@ -165,3 +165,53 @@ def test_generated_tumours_are_sized_like_real_ones():
         radii.append(np.cbrt(3 * tumour_ml * 1000 / (4 * np.pi)))
     assert 13.0 < np.median(radii) < 30.0, radii
     assert np.mean(np.asarray(radii) < 10.0) <= 0.25, radii
+
+
+def _two_kidneys(tumour=True):
+    """Two ellipsoidal kidneys (and a small tumour) on a (30, 80, 80) grid;
+    at 3 mm they are kidney-sized and lie in the abdominal cavity."""
+    zz, yy, xx = np.ogrid[:30, :80, :80]
+    labels = np.zeros((30, 80, 80), np.uint8)
+    for centre in (25, 55):
+        labels[((zz - 15) / 9.0) ** 2 + ((yy - 40) / 14.0) ** 2
+               + ((xx - centre) / 9.0) ** 2 <= 1] = 1
+    if tumour:
+        labels[12:16, 36:42, 52:58] = 2
+    return labels
+
+
+def test_extra_tumours_are_labelled_and_painted_on_a_kidney():
+    labels = _two_kidneys()
+    spacing = (3.0, 3.0, 3.0)
+    added_ml = []
+    for seed in SEEDS:
+        plain = synthetic.make_case(seed, labels=labels, spacing=spacing,
+                                    cysts=True)
+        more = synthetic.make_case(seed, labels=labels, spacing=spacing,
+                                   cysts=True, extra_tumours=1)
+        before, after = plain.labels.array, more.labels.array
+        np.testing.assert_array_equal(labels, _two_kidneys())  # caller's
+        # The real tumour stays; nothing foreground is lost.
+        assert (after[labels == 2] == 2).all()
+        added = (after == 2) & (labels != 2)
+        assert added.any(), seed
+        # One blob, touching the real kidney.
+        pieces, n = ndimage.label(added)
+        assert n >= 1
+        assert (ndimage.binary_dilation(added) & (labels == 1)).any()
+        # Painted like a tumour: darker than the kidney's cortex in
+        # contrast phases, not water and not fat.
+        image = more.image.array
+        assert -50.0 < np.median(image[added]) < 200.0
+        added_ml.append(float(added.sum() * more.image.voxel_volume_ml))
+        assert before.max() <= 3
+    assert len(set(np.round(added_ml, 3))) > 1  # sizes vary
+
+
+def test_extra_tumours_need_labels(tmp_path):
+    with pytest.raises(ValueError, match="extra_tumours"):
+        synthetic.make_case(0, extra_tumours=1)
+    result = CliRunner().invoke(
+        main, ["synth", str(tmp_path / "out"), "--extra-tumours", "1"])
+    assert result.exit_code != 0 and "extra_tumours" in result.output
+    assert not (tmp_path / "out").exists()
