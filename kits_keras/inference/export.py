@@ -88,6 +88,7 @@ def metadata(config, stats, source="", fixed_size=False,
     """
     import kits_keras
     from kits_keras.artifact import ORIENTATION_KEY
+    from kits_keras.model.regions import num_outputs
     from kits_keras.model.unet import total_stride
 
     stats_dict = stats.to_dict() if hasattr(stats, "to_dict") else dict(stats)
@@ -105,7 +106,11 @@ def metadata(config, stats, source="", fixed_size=False,
             "input_shape": list(input_shape(config, fixed_size)),
             "input_dtype": "float32",
             "output": OUTPUT_NAME,
-            "output_shape": [None, None, None, None, config.model.num_classes],
+            # Classes (softmax), or one sigmoid per region
+            # (model.output_mode "regions", outermost first).
+            "output_shape": [None, None, None, None,
+                             num_outputs(config.model, config.data.label_set)],
+            "output_mode": config.model.output_mode,
             "output_dtype": "float32",
             "spatial_multiple": list(total_stride(config)),
             "fixed_size": bool(fixed_size),

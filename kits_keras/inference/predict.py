@@ -93,10 +93,13 @@ def mirroring_disagreement(probabilities, disagreement,
     return float(np.count_nonzero(foreground & (disagreement > 0.5)) / count)
 
 
-def _quality_control(window, to_labels, infer, removed, voxel_ml):
+def _quality_control(window, to_labels, infer, removed, voxel_ml,
+                     num_classes):
     """The ``qc`` dict of a :class:`Prediction`: mirroring disagreement
     against ``infer.qc_threshold``, tiles, and the mL per class removed
-    outside the body (``removed``: voxels per class index)."""
+    outside the body (``removed``: voxels per label; ``num_classes`` is
+    the model's label count, not its output channels: a region model
+    has one channel fewer)."""
     score = mirroring_disagreement(window.probabilities, window.disagreement,
                                    to_labels)
     return {
@@ -110,7 +113,7 @@ def _quality_control(window, to_labels, infer, removed, voxel_ml):
         "removed_outside_body_ml": {
             name: round(removed.get(index, 0) * voxel_ml, 3)
             for index, name in enumerate(
-                io.class_names(window.probabilities.shape[-1])) if index > 0},
+                io.class_names(num_classes)) if index > 0},
     }
 
 
@@ -156,7 +159,7 @@ def predict_case(volume, network, config, stats, progress=None):
     removed = remove_outside_body(labels, volume.array, volume.spacing,
                                   config.model.num_classes)
     qc = _quality_control(window, to_labels, infer, removed,
-                          volume.voxel_volume_ml)
+                          volume.voxel_volume_ml, config.model.num_classes)
     timings = {
         "preprocess": t_pre - start,
         "sliding_window": window.total_seconds,

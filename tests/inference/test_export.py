@@ -85,6 +85,19 @@ def test_layout_and_metadata(exported, config):
     assert config_lib.ExperimentConfig.from_dict(meta["config"]) == config
 
 
+def test_metadata_output_channels_follow_output_mode(config):
+    meta = export.metadata(config, STATS)
+    assert meta["signature"]["output_shape"][-1] == 3
+    assert meta["signature"]["output_mode"] == "softmax"
+    # A region model of KiTS19: two sigmoids (kidney + tumour, tumour)
+    # for three labels.
+    regions = config_lib.override(config, model={"output_mode": "regions"})
+    meta = export.metadata(regions, STATS)
+    assert meta["signature"]["output_shape"][-1] == 2
+    assert meta["signature"]["output_mode"] == "regions"
+    assert meta["class_names"] == ["background", "kidney", "tumour"]
+
+
 def test_metadata_keeps_the_training_orientation(config):
     meta = export.metadata(config, STATS, orientation=("S", "A", "R"))
     assert meta["orientation"] == "SAR"

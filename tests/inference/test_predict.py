@@ -271,3 +271,35 @@ def test_predict_case_region_mode_writes_kits23_labels():
         ndimage.binary_dilation(truth > 0, iterations=1) == 0)
     np.testing.assert_array_equal(pred.labels[inner], truth[inner])
     assert pred.qc["mirroring_disagreement"] == 0.0
+    # One mL figure per label, cyst included (three channels, four labels).
+    assert set(pred.qc["removed_outside_body_ml"]) == {"kidney", "tumour",
+                                                       "cyst"}
+
+
+def test_predict_case_region_mode_kits19():
+    # Two regions (kidney + tumour, tumour) for KiTS19's three labels:
+    # the QC names the labels, not the channels.
+    from kits_keras.config import get_config
+    from kits_keras.config import override
+    from kits_keras.data.intensity import IntensityStats
+    from kits_keras.synthetic.cases import kits19_affine
+
+    spacing = (4.0, 3.2, 3.2)
+    image = np.zeros((20, 40, 40), np.float32)
+    image[4:16, 5:15, 5:35] = 100.0  # kidney
+    image[4:16, 20:30, 5:15] = 200.0  # tumour
+    truth = np.rint(image / 100).astype(np.uint8)
+    volume = io.Volume(image, spacing, kits19_affine(spacing))
+    config = override(get_config("tiny"), model={"output_mode": "regions"},
+                      infer={"tta": "none"})
+    stats = IntensityStats(clip_low=-1000.0, clip_high=1000.0, mean=0.0,
+                           std=100.0)
+
+    def network(batch):
+        return region_network(batch)[..., :2]
+
+    pred = predict.predict_case(volume, network, config, stats)
+    inner = ndimage.binary_erosion(truth > 0, iterations=1) | (
+        ndimage.binary_dilation(truth > 0, iterations=1) == 0)
+    np.testing.assert_array_equal(pred.labels[inner], truth[inner])
+    assert set(pred.qc["removed_outside_body_ml"]) == {"kidney", "tumour"}
