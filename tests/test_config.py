@@ -189,7 +189,8 @@ def test_infer_post_processes_with_the_runs_config():
         kidney = (batch[..., 0] > 0.25).astype(np.float32)
         return np.stack([1 - kidney, kidney, np.zeros_like(kidney)], -1)
 
-    config = override(get_config("tiny"), infer={"tta": "none"})
+    config = override(get_config("tiny"), infer={"tta": "none"},
+                      model={"output_mode": "softmax"})  # class network
     labels = segment_volume(volume, network, config, stats)[0]
     assert int((labels == 1).sum()) == 4000
     kept = override(config, postprocess={"min_fraction": 0.001})

@@ -128,9 +128,11 @@ def build_unet(config):
 
     Example:
         >>> from kits_keras.config import get_config
-        >>> model = build_unet(get_config("tiny"))
+        >>> model = build_unet(get_config("paper"))
         >>> [tuple(o.shape[1:]) for o in model.outputs][:2]
         [(None, None, None, 3), (None, None, None, 3)]
+        >>> [o.shape[-1] for o in build_unet(get_config("tiny")).outputs]
+        [2, 2, 2]
     """
     mc = config.model
     strides = strides_lib.model_strides(config)

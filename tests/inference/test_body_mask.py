@@ -83,7 +83,9 @@ def test_predictor_never_puts_foreground_outside_body():
     from kits_keras.data.intensity import IntensityStats
 
     case = synthetic.make_case(1)
-    config = override(get_config("tiny"), infer={"tta": "none"})
+    # The fake network gives class probabilities: a softmax model.
+    config = override(get_config("tiny"), infer={"tta": "none"},
+                      model={"output_mode": "softmax"})
     stats = IntensityStats(clip_low=-100.0, clip_high=300.0, mean=100.0,
                            std=80.0)
     pred = predict.predict_case(case.image, _tumour_everywhere_network,

@@ -220,7 +220,8 @@ def test_predict_case_output_on_input_grid(shape, spacing):
               + (xx[None, None, :] / 40) ** 2) < 1
     image[inside] = 300.0
     volume = io.Volume(image, spacing, kits19_affine(spacing))
-    config = override(get_config("tiny"), infer={"tta": "flip"})
+    config = override(get_config("tiny"), infer={"tta": "flip"},
+                      model={"output_mode": "softmax"})  # class network
     stats = IntensityStats(clip_low=-200.0, clip_high=400.0, mean=100.0,
                            std=100.0)
     pred = predict.predict_case(volume, threshold_network, config, stats)
