@@ -117,8 +117,11 @@ class Sizes:
 
 MODES = {
     "gpu": Sizes(),
+    # The paper's softmax head, as the GPU run measures (tiny's own is a
+    # region head).
     "smoke": Sizes(config="tiny", model=(("base_filters", 4),
-                                         ("max_filters", 8)),
+                                         ("max_filters", 8),
+                                         ("output_mode", "softmax")),
                    patch=(16, 32, 32), batch=2, warmup=1, steps=2,
                    case_shape=(24, 40, 40), case_spacing=(2.0, 1.6, 1.6),
                    memory_limit_gb=0.1, max_batch_cap=2, time_limit_s=150.0,
@@ -191,7 +194,9 @@ def _train(sizes, res):
     x_np, ys_np = _inputs(jax, cfg, sizes.batch)
     x, ys = jax.device_put(x_np), [jax.device_put(y) for y in ys_np]
     step, state = make_train_step(model, cfg.loss,
-                                  keras.optimizers.Adam(3e-4))
+                                  keras.optimizers.Adam(3e-4),
+                                  output_mode=cfg.model.output_mode,
+                                  label_set=cfg.data.label_set)
     start = time.perf_counter()
     compiled = step.lower(state, x, ys).compile()
     out = dict(compile_s=time.perf_counter() - start, batch=sizes.batch,
@@ -356,7 +361,9 @@ def _numerics(sizes, cfg, initial, batch, res):
         model = build_unet(cfg)
         model.set_weights(initial)
         state = init_state(model, keras.optimizers.Adam(3e-4))
-        fn = make_loss_and_grad_norm(model, cfg.loss)
+        fn = make_loss_and_grad_norm(model, cfg.loss,
+                                     output_mode=cfg.model.output_mode,
+                                     label_set=cfg.data.label_set)
         loss, norm = jax.block_until_ready(fn(state, x, ys))
         values[policy] = (float(loss), float(norm))
     (l32, n32), (l16, n16) = values["float32"], values["mixed_bfloat16"]
@@ -540,7 +547,9 @@ def max_batch_section(sizes, deadline, save):
     keras.utils.set_random_seed(0)
     model = build_unet(cfg)
     step, state = make_train_step(model, cfg.loss,
-                                  keras.optimizers.Adam(3e-4))
+                                  keras.optimizers.Adam(3e-4),
+                                  output_mode=cfg.model.output_mode,
+                                  label_set=cfg.data.label_set)
     host_state = jax.device_get(state)  # each try starts from a fresh copy
     _, limit = _device_memory(jax)
     source = "device bytes_limit"

@@ -223,7 +223,10 @@ def keras_model(patch, model="paper"):
     from kits_keras.model.unet import build_unet
 
     if model == "tiny":
-        cfg = override(get_config("tiny"), model={"strides": tiny_shape()[0]})
+        # The peer's head: a softmax over KiTS19's three classes (tiny's
+        # own is one sigmoid per region; the step costs the same).
+        cfg = override(get_config("tiny"), model={
+            "strides": tiny_shape()[0], "output_mode": "softmax"})
     else:
         cfg = override(get_config("paper"), model={"strides": PEER_STRIDES},
                        data={"patch_size": tuple(patch)})

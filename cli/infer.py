@@ -62,7 +62,8 @@ class _Progress:
 @backend_option()
 @click.option("--save-probabilities", is_flag=True,
               help="Also write <name>_probabilities.npz (float16, network "
-              "resolution).")
+              "resolution; 'channels' names the classes, or the regions "
+              "of a region model).")
 @click.option("--no-postprocess", is_flag=True,
               help="Skip the connected-component clean-up.")
 @click.option("--preview", is_flag=True,

@@ -55,7 +55,7 @@ def infer_case(job, network, config, stats, options=InferOptions(),
     volumes = io.label_volumes_ml(labels, volume.spacing,
                                   config.model.num_classes)
     written.update(_write_extras(job, labels, volumes, pred, volume, options,
-                                 model))
+                                 model, config))
     report = {
         "case_id": job.case_id,
         "input": job.image_path,
@@ -99,12 +99,14 @@ def _write_segmentation(job, labels, volume, options):
     return written
 
 
-def _write_extras(job, labels, volumes, pred, volume, options, model):
+def _write_extras(job, labels, volumes, pred, volume, options, model,
+                  config):
     """Writes the optional outputs of ``options`` (probabilities, PNG
     preview, HTML report); returns ``{kind: path}``."""
     written = {}
     if options.save_probabilities:
-        written["probabilities"] = _save_probabilities(job, pred, volume)
+        written["probabilities"] = _save_probabilities(job, pred, volume,
+                                                       config)
     if options.preview:
         from kits_keras import viz
 
@@ -124,8 +126,12 @@ def _write_extras(job, labels, volumes, pred, volume, options, model):
     return written
 
 
-def _save_probabilities(job, pred, volume):
+def _save_probabilities(job, pred, volume, config):
+    from kits_keras.model.regions import channel_names
+
     path = sidecar(job.output_path, "_probabilities.npz")
+    # Classes (softmax) or regions (sigmoids): the names say which.
+    channels = np.asarray(channel_names(config.model, config.data.label_set))
 
     def write(tmp):
         with open(tmp, "wb") as f:
@@ -133,7 +139,8 @@ def _save_probabilities(job, pred, volume):
                 f, probabilities=pred.probabilities.astype(np.float16),
                 spacing=np.asarray(pred.network_spacing),
                 original_shape=np.asarray(volume.array.shape),
-                original_spacing=np.asarray(volume.spacing))
+                original_spacing=np.asarray(volume.spacing),
+                channels=channels)
 
     return files.atomic_write(path, write)
 

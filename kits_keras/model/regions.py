@@ -72,6 +72,23 @@ def num_outputs(model_config, label_set):
     return model_config.num_classes
 
 
+def channel_names(model_config, label_set):
+    """Names of the network's output channels: the classes (softmax) or
+    the regions, outermost first.
+
+    >>> from kits_keras.config import get_config
+    >>> channel_names(get_config("tiny").model, "kits19")
+    ('kidney', 'tumour')
+    >>> channel_names(get_config("paper").model, "kits19")
+    ('background', 'kidney', 'tumour')
+    """
+    if model_config.output_mode == "regions":
+        return tuple(name for name, _ in regions(label_set))
+    from kits_keras import io
+
+    return tuple(io.class_names(model_config.num_classes))
+
+
 def regions_to_labels(maps, label_set, xp=np):
     """Labels from region probabilities (see the module docstring).
 

@@ -16,7 +16,8 @@ Example:
     >>> cfg = get_config("tiny")
     >>> model = build_unet(cfg)
     >>> step, state = make_train_step(model, cfg.loss,
-    ...                               keras.optimizers.Adam(3e-4))
+    ...                               keras.optimizers.Adam(3e-4),
+    ...                               output_mode=cfg.model.output_mode)
     >>> x = np.zeros((1, 8, 16, 16, 1), "float32")
     >>> ys = [np.zeros((1, 8 // f, 16 // f, 16 // f), "int32")
     ...       for f in (1, 2, 4)]

@@ -86,7 +86,9 @@ def test_default_output_beside_input_and_latest_run(ct_file, runs_root,
     report = json.loads(open(ct_file.replace(".nii.gz", "_seg.json")).read())
     assert report["qc"]["mirroring_disagreement"] is not None
     probs = np.load(ct_file.replace(".nii.gz", "_seg_probabilities.npz"))
-    assert probs["probabilities"].shape[-1] == 3
+    # tiny: one sigmoid per region, named.
+    assert probs["probabilities"].shape[-1] == 2
+    assert probs["channels"].tolist() == ["kidney", "tumour"]
 
 
 def test_no_model_says_how_to_get_one(ct_file, tmp_path):

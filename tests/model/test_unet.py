@@ -321,7 +321,8 @@ def test_runs_without_tensorflow(tmp_path):
         tv = [v.value for v in model.trainable_variables]
         def loss(tv):
             outs, _ = model.stateless_call(tv, [], x, training=True)
-            return multi_scale_loss(ys, outs, cfg.loss)
+            return multi_scale_loss(ys, outs, cfg.loss,
+                                    cfg.model.output_mode)
         value, grads = jax.value_and_grad(loss)(tv)
         assert np.isfinite(float(value))
         assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)

@@ -21,8 +21,10 @@ SCRIPT = textwrap.dedent("""
     from kits_keras.training.step import make_train_step
 
     keras.utils.set_random_seed(0)
+    # The paper's head and loss: softmax + exp-log.
     cfg = override(get_config("tiny"), model={"base_filters": 4,
-                                              "max_filters": 8})
+                                              "max_filters": 8,
+                                              "output_mode": "softmax"})
     model = build_unet(cfg)
     rng = np.random.default_rng(0)
     y = np.zeros((2, 8, 16, 16), "int32")

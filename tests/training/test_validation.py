@@ -108,6 +108,10 @@ def test_volume_validator_scores_whole_volumes():
         image, lambda b: np.asarray(net(b, training=False)),
         config.data.patch_size, overlap=config.infer.overlap,
         batch_size=config.infer.batch_size).probabilities
-    expected = evaluate.kits_scores(probs.argmax(-1), labels)
+    from kits_keras.model.regions import to_labels
+
+    expected = evaluate.kits_scores(
+        to_labels(probs, config.model.output_mode, config.data.label_set),
+        labels)
     assert scores["kidney_dice"] == expected["kidney_dice"]
     assert scores["tumour_dice"] == expected["tumour_dice"]
