@@ -224,7 +224,7 @@ def keras_model(patch, model="paper"):
 
     if model == "tiny":
         # The peer's head: a softmax over KiTS19's three classes (tiny's
-        # own is one sigmoid per region; the step costs the same).
+        # own is one sigmoid per region, two channels).
         cfg = override(get_config("tiny"), model={
             "strides": tiny_shape()[0], "output_mode": "softmax"})
     else:
