@@ -375,8 +375,10 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
             raise io.CaseError(
                 f"{target}: already exists (--overwrite / overwrite=True "
                 "replaces it)")
+    created = not os.path.exists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".synth-", dir=out_dir)
+    done = False
     try:
         written = [
             _stage_case(staging, out_dir, seed + index, size, case_id,
@@ -386,9 +388,13 @@ def write_cases(out_dir, num_cases=None, seed=0, size="small",
             if os.path.exists(final):
                 shutil.rmtree(final)
             os.replace(tmp_dir, final)
+        done = True
         return [final for _, final in written]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not done:
+            # Nothing of a failed run stays behind, not even the folder.
+            shutil.rmtree(out_dir, ignore_errors=True)
 
 
 def _stage_case(staging, out_dir, seed, size, case_id, label_path, preview,

@@ -296,3 +296,29 @@ def test_label_volume_values_checked(tmp_path):
     io.save_nifti(path, np.full((4, 4, 4), 4, np.uint8), np.eye(4))
     with pytest.raises(io.CaseError, match="bad.nii.gz"):
         synthetic.read_label_volume(path)
+
+
+def test_bad_label_volume_leaves_nothing(tmp_path):
+    # One good label volume, then a broken one: no case is written, and
+    # the output folder the run created is gone again.
+    labels = tmp_path / "labels"
+    good = labels / "case_00000"
+    good.mkdir(parents=True)
+    volume = np.zeros((8, 16, 16), np.uint8)
+    volume[2:6, 4:12, 4:12] = 1
+    io.save_nifti(str(good / io.LABELS_FILE), volume, np.eye(4))
+    (labels / "case_00001").mkdir()
+    (labels / "case_00001" / io.LABELS_FILE).write_bytes(b"")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["synth", str(out), "--labels-from",
+                                       str(labels)])
+    assert result.exit_code == 1
+    assert "case_00001" in result.output and "NIfTI" in result.output
+    assert not out.exists()
+    # An existing folder is kept, untouched.
+    out.mkdir()
+    (out / "mine.txt").write_text("x")
+    result = CliRunner().invoke(main, ["synth", str(out), "--labels-from",
+                                       str(labels)])
+    assert result.exit_code == 1
+    assert sorted(os.listdir(out)) == ["mine.txt"]
