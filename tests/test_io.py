@@ -187,8 +187,9 @@ def test_cli_bad_label_file_one_line_exit_1_no_output(
     assert lines[-1].startswith(f"Error: {bad}: "), result.output
     assert len([ln for ln in lines if ln.startswith("Error")]) == 1
     assert "Traceback" not in result.output
-    # The good first case was synthesised, but nothing reached OUT_DIR.
-    assert os.listdir(out) == []
+    # The good first case was synthesised, but nothing reached OUT_DIR,
+    # not even the folder the run had created.
+    assert not out.exists()
 
 
 def test_cli_missing_labels_folder(tmp_path):
