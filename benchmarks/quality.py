@@ -79,22 +79,30 @@ def gather_labels(out_dir):
     return sorted(ids)
 
 
-def stage(work, name, fn, fresh=False):
-    """Runs ``fn(path)`` unless ``work/name`` holds a finished result."""
+def stage(work, name, fn, fresh=False, key=None):
+    """Runs ``fn(path)`` unless ``work/name`` holds a finished result made
+    with the same ``key`` (JSON data: what the result depends on beyond
+    ``name``, e.g. the training config; None: the name says it all)."""
     path = os.path.join(work, name)
     done = path + ".done"
+    key = json.loads(json.dumps(key))
     if os.path.exists(done) and not fresh:
-        print(f"[quality] {name}: cached", flush=True)
         with open(done) as f:
-            return json.load(f)
+            cached = json.load(f)
+        if cached.get("key") == key:
+            print(f"[quality] {name}: cached", flush=True)
+            return cached
+        print(f"[quality] {name}: cached with other settings, redone",
+              flush=True)
     shutil.rmtree(path, ignore_errors=True)
     start = time.perf_counter()
     result = fn(path)
     seconds = round(time.perf_counter() - start, 1)
     print(f"[quality] {name}: {seconds} s", flush=True)
+    record = {"result": result, "seconds": seconds, "key": key}
     with open(done, "w") as f:
-        json.dump({"result": result, "seconds": seconds}, f)
-    return {"result": result, "seconds": seconds}
+        json.dump(record, f)
+    return record
 
 
 def plan_training_ids(train_ids, val_ids, variants):
@@ -255,11 +263,13 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
                      verbose=2)
         return path
 
-    for name, fn in (("labels", labels), ("cases", cases),
-                     ("variants" + suffix, variant_cases),
-                     ("tfds" + suffix, prepare),
-                     (run_name, train)):
-        timings[name] = stage(work, name, fn, fresh)["seconds"]
+    # A cached run is reused only if trained with today's config (the
+    # tiny config changes between commits; the run folder's name does not).
+    for name, fn, key in (("labels", labels, None), ("cases", cases, None),
+                          ("variants" + suffix, variant_cases, None),
+                          ("tfds" + suffix, prepare, None),
+                          (run_name, train, config.to_dict())):
+        timings[name] = stage(work, name, fn, fresh, key)["seconds"]
     timings["run"] = timings.pop(run_name)
     timings["variants"] = timings.pop("variants" + suffix)
     timings["tfds"] = timings.pop("tfds" + suffix)

@@ -275,6 +275,11 @@ class TrainConfig:
         metric_smoothing: moving-average window (epochs) of the validation
             metric used to choose the best checkpoint.
         seed: seed for weights, sampling and augmentation.
+        ema_momentum: 0 (the paper) or the momentum in [0, 1) of an
+            exponential moving average of the weights, updated every step
+            (0.995: a mean over the last ~200 steps); validation and the
+            saved model then use the average, training continues from the
+            raw weights (:mod:`kits_keras.training.averaging`).
     """
 
     learning_rate: float = 3e-4
@@ -288,8 +293,13 @@ class TrainConfig:
     volume_validation_every: int = 5
     metric_smoothing: int = 10
     seed: int = 0
+    ema_momentum: float = 0.0
 
     def __post_init__(self):
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(
+                "ema_momentum must be in [0, 1) (0: no averaging). "
+                f"Received: ema_momentum={self.ema_momentum!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"Unknown lr_schedule. Expected one of {LR_SCHEDULES}. "

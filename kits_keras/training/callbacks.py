@@ -21,6 +21,7 @@ from kits_keras import files
 from kits_keras import io
 from kits_keras.artifact import STATE_FILE
 from kits_keras.artifact import read_state
+from kits_keras.training import averaging
 from kits_keras.training.loss_curves import plot_loss_curves
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,8 @@ class ValidationSummary(keras.callbacks.Callback):
                     logs[f"val_patch_{region}_dice"] = value
             if not self._volume_due(epoch):
                 return
-            scores = self.volume_validator(self.model, epoch)
+            with averaging.averaged(self.model):
+                scores = self.volume_validator(self.model, epoch)
             dice = {r: scores[f"{r}_dice"] for r in self.regions}
         if any(v is None for v in dice.values()):
             return

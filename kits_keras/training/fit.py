@@ -29,6 +29,7 @@ import numpy as np
 
 from kits_keras import artifact
 from kits_keras import backend as backend_lib
+from kits_keras.training import averaging
 from kits_keras.training import callbacks as cb
 from kits_keras.training import distribute
 from kits_keras.training import run_folder
@@ -126,6 +127,9 @@ def build_model(config, seed):
 def compile_model(model, config):
     """Adam, the multi-scale loss, region Dice on the full-res output.
 
+    With ``train.ema_momentum`` > 0 Adam also keeps a moving average of the
+    weights (:mod:`kits_keras.training.averaging`).
+
     The loss is the exp-log loss (``model.output_mode="softmax"``) or Dice
     + BCE per region ("regions"); the loss of output ``i`` is weighted by
     ``deep_supervision_weights`` (halving per level, normalised).
@@ -138,8 +142,11 @@ def compile_model(model, config):
     label_set = config.data.label_set
     mode = config.model.output_mode
     metrics = [RegionDice(r, label_set, mode) for r in region_names(label_set)]
+    ema = config.train.ema_momentum
     model.compile(
-        optimizer=keras.optimizers.Adam(config.train.learning_rate),
+        optimizer=keras.optimizers.Adam(
+            config.train.learning_rate, use_ema=ema > 0,
+            ema_momentum=ema or 0.99),
         loss=[make_loss(config) for _ in range(n)],
         loss_weights=deep_supervision_weights(n),
         metrics=[metrics] + [[] for _ in range(n - 1)],
@@ -201,7 +208,7 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
         # An uncompiled twin keeps the optimizer state out of the artifact.
         if not export:
             export.append(build_unet(config))
-        export[0].set_weights(model.get_weights())
+        export[0].set_weights(averaging.averaged_weights(model))
         extra = {k: float(v) for k, v in logs.items() if k.startswith("val")}
         artifact.save_artifact(
             export[0], config, stats,
@@ -218,8 +225,8 @@ def make_callbacks(run_dir, config, stats, seed, volume_validator=None):
         {"seed": int(seed), "config": config.name},
     )
     eta = cb.Eta(config.train.epochs, config.train.steps_per_epoch)
-    return ([summary, schedule, *loggers, curves, eta, checkpoint],
-            checkpoint)
+    return ([averaging.ValidateAveraged(), summary, schedule, *loggers,
+             curves, eta, checkpoint], checkpoint)
 
 
 def train(config, model, epoch_dataset, validation, run_dir, stats=None,
