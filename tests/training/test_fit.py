@@ -123,11 +123,13 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
 
     # Patch validation only: the sliding window over the validation case
     # at every run's first and last epoch took half of this test's time on
-    # JAX:CPU, and tests/training/test_validation.py covers it.
-    config = _small_config(volume_validation_every=0)
+    # JAX:CPU, and tests/training/test_validation.py covers it. With the
+    # weights' moving average: more optimizer state to carry over.
+    config = _small_config(volume_validation_every=0, ema_momentum=0.9)
     whole, split = str(tmp_path / "whole"), str(tmp_path / "split")
     training.fit(config, data_dir, out_dir=whole, verbose=0)
-    training.fit(_small_config(epochs=1, volume_validation_every=0), data_dir,
+    training.fit(_small_config(epochs=1, volume_validation_every=0,
+                               ema_momentum=0.9), data_dir,
                  out_dir=split, verbose=0)
     assert len(_history(split)) == 1
     with pytest.raises(ValueError, match="already holds a run"):
@@ -160,8 +162,35 @@ def test_resume_equals_uninterrupted_run(data_dir, tmp_path):
     # config says the epochs it was trained with.
     assert art.metadata["epoch"] in (1, 2)
     trained_for = _small_config(epochs=art.metadata["epoch"],
-                                volume_validation_every=0)
+                                volume_validation_every=0, ema_momentum=0.9)
     assert art.config in (config, trained_for) and art.stats is not None
+
+
+@pytest.mark.large  # one in-process fit
+def test_the_saved_model_holds_the_averaged_weights(data_dir, tmp_path):
+    """With ``train.ema_momentum`` the artifact is the optimizer's moving
+    average at the saved epoch, not the raw weights training goes on
+    from."""
+    from kits_keras import artifact
+    from kits_keras.training import averaging
+    from kits_keras.training import callbacks
+    from kits_keras.training import fit as training
+
+    config = _small_config(epochs=1, volume_validation_every=0,
+                           ema_momentum=0.5)
+    run = str(tmp_path / "run")
+    training.fit(config, data_dir, out_dir=run, verbose=0)
+    state = callbacks.read_state(os.path.join(run, "checkpoints"))
+    model = training.compile_model(training.build_model(config, 0), config)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(os.path.join(run, "checkpoints", state["checkpoint"]))
+    expected = averaging.averaged_weights(model)
+    saved = artifact.load_artifact(run).model.get_weights()
+    raw = model.get_weights()
+    assert len(saved) == len(expected) == len(raw)
+    for a, b in zip(saved, expected):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(saved, raw))
 
 
 @pytest.mark.large  # a fit process on two virtual JAX devices
