@@ -168,11 +168,23 @@ def mirror_axes(tta):
 
 
 def pad_to_patch(image, patch_size):
-    """Pads ``image`` to at least ``patch_size``, centred, with its minimum.
+    """Pads ``image`` to at least ``patch_size``, centred, by mirroring it
+    (``np.pad(mode="symmetric")``, repeated for pads longer than the image).
 
-    Training pads patches that leave the volume with the volume's minimum
-    (air after clipping and normalisation); 0 would be the mean foreground
-    intensity, kidney-like to the network.
+    Only a volume shorter than the patch along an axis is padded (a thin
+    slab: 20 slices of 2 mm are 10 at the tiny config's 4 mm, against 32 in
+    a patch). Training hardly sees that: the shortest KiTS19 scan (29
+    slices of 5 mm) is 36 slices for tiny's 32 and 45 for the paper's 48,
+    where the training pipeline pads its 3 with the minimum (air), the one
+    place the two differ. A constant (the volume's minimum: air and fat after
+    the foreground clip) put a slab of anatomy between two blocks of
+    nothing, and the network called the air tumour: a 13-slice slab of a
+    held-out synthetic case that the same model segments well at full
+    length got 318 mL of tumour and no kidney (kidney + tumour Dice 0.0;
+    437 mL more removed in air by the body mask); mirrored, 164 mL of
+    kidney against 184 mL true, Dice 0.953, as the full-volume prediction
+    on those slices (0.956), nothing in air. The mirrored copies'
+    predictions are cropped away.
 
     Returns the padded array and the slices that crop it back.
     """
@@ -184,8 +196,7 @@ def pad_to_patch(image, patch_size):
         crop.append(slice(before, before + size))
     if not any(p for pair in pads for p in pair):
         return image, tuple(crop)
-    return np.pad(image, pads, mode="constant",
-                  constant_values=image.min()), tuple(crop)
+    return np.pad(image, pads, mode="symmetric"), tuple(crop)
 
 
 def _tiles_from_steps(steps, patch_size):

@@ -82,17 +82,32 @@ def test_volume_smaller_than_patch_is_padded():
     assert np.all(result.probabilities.argmax(-1) == 1)
 
 
-def test_padding_is_the_volume_minimum_as_in_training():
-    # Training pads patches with the volume's minimum (air); 0 would be
-    # the mean foreground intensity after normalisation.
+def test_a_volume_shorter_than_the_patch_is_mirrored_not_walled_in():
+    # A constant pad (air) around a thin slab made the tiny model call the
+    # air tumour (sliding_window.pad_to_patch); mirrored, the slab's
+    # anatomy continues into the pad as it does in a longer scan.
     image = np.linspace(-2.0, 3.0, 4 * 9 * 10, dtype=np.float32).reshape(
         4, 9, 10)
     padded, crop = sw.pad_to_patch(image, (8, 16, 16))
     assert padded.shape == (8, 16, 16)
     np.testing.assert_array_equal(padded[crop], image)
-    outside = np.ones(padded.shape, bool)
-    outside[crop] = False
-    assert np.all(padded[outside] == image.min())
+    z0, y0 = crop[0].start, crop[1].start
+    assert (z0, y0) == (2, 3)
+    # The slices next to the slab repeat its first and last ones, then
+    # the next ones in: a mirror, with no value the volume does not hold.
+    np.testing.assert_array_equal(padded[z0 - 1], padded[z0])
+    np.testing.assert_array_equal(padded[z0 - 2], padded[z0 + 1])
+    z1 = crop[0].stop
+    np.testing.assert_array_equal(padded[z1], padded[z1 - 1])
+    np.testing.assert_array_equal(padded[:, y0 - 1], padded[:, y0])
+    assert set(np.unique(padded)) <= set(np.unique(image))
+    # 1 slice padded to 8: the slice, repeated.
+    padded, crop = sw.pad_to_patch(image[:1], (8, 16, 16))
+    np.testing.assert_array_equal(padded[:, crop[1], crop[2]],
+                                  np.repeat(image[:1], 8, axis=0))
+    # Long enough: untouched (no copy).
+    big = np.zeros((8, 16, 16), np.float32)
+    assert sw.pad_to_patch(big, (8, 16, 16))[0] is big
 
 
 def test_conv_network_matches_full_volume_call_away_from_borders():
