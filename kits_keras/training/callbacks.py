@@ -4,7 +4,9 @@ Each stateful callback has ``get_state()`` / ``set_state(state)`` returning
 or taking a JSON-serialisable dict; :class:`RunCheckpoint` stores them in
 ``checkpoints/state.json`` next to the weights-and-optimizer checkpoint.
 Callback order matters (they share one ``logs`` dict per epoch):
-``ValidationSummary`` first (adds ``val_dice`` and its moving average), then
+:class:`kits_keras.training.averaging.ValidateAveraged` (patch validation
+on the averaged weights, if any), ``ValidationSummary`` (adds ``val_dice``
+and its moving average), then
 the LR schedule, the loggers, the curves and last :class:`RunCheckpoint`.
 """
 

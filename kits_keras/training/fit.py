@@ -145,8 +145,7 @@ def compile_model(model, config):
     ema = config.train.ema_momentum
     model.compile(
         optimizer=keras.optimizers.Adam(
-            config.train.learning_rate, use_ema=ema > 0,
-            ema_momentum=ema or 0.99),
+            config.train.learning_rate, use_ema=ema > 0, ema_momentum=ema),
         loss=[make_loss(config) for _ in range(n)],
         loss_weights=deep_supervision_weights(n),
         metrics=[metrics] + [[] for _ in range(n - 1)],
