@@ -44,8 +44,9 @@ that rule assigns to its ``test`` split are simply not used.
 network to learn from); the originals, held-out and validation cases keep
 their real labels. A dataset other than the default one gets stages of its
 own in ``--work`` (``variants_v3_t2``, ``tfds_v3_t2``), next to the shared
-cases; a cached training is reused only if its config is today's. The number of steps is fixed, so the figures do not depend on the
-machine's speed.
+cases; a cached training is reused only if its config is today's. The
+number of steps is fixed, so the figures do not depend on the machine's
+speed.
 """
 
 import argparse
