@@ -9,10 +9,9 @@ average, and Keras leaves the average in the model when ``fit`` ends.
 Why: with a batch of 2, the ``tiny`` network's full-volume validation Dice
 moved by up to 0.12 between checks 125 steps apart even at the end of the
 poly schedule (``benchmarks/results/quality_regions_extra_tumours.json``'s
-history), so the
-weights that happen to be current at a check decide the model. The mean
-of the last few hundred steps' weights is the usual cure (Polyak
-averaging).
+history), so the weights that happen to be current at a check decide the
+model. The mean of the last few hundred steps' weights is the usual cure
+(Polyak averaging); measured on ``tiny`` it did not help (``tiny.py``).
 """
 
 import contextlib
