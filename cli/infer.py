@@ -35,10 +35,15 @@ class _Progress:
               "+ .json per case, summary.json). Default: <name>_seg.nii.gz "
               "beside each input.")
 @click.option("--model", type=click.Path(exists=True, path_type=str),
+              multiple=True,
               help="Run folder, .keras file or `kits-keras export` "
               "folder (as --saved-model). Default: the latest "
               "finished run under $KITS_KERAS_RUNS or ./runs (not one "
-              "still training or interrupted).")
+              "still training or interrupted). Repeat it to predict with "
+              "an ensemble: the models' probabilities are averaged per "
+              "tile (as nnU-Net averages its folds); they must share "
+              "patch size, spacing, intensity statistics, orientation and "
+              "labels, and the first one's inference settings are used.")
 @click.option("--saved-model", type=click.Path(exists=True, file_okay=False,
                                                path_type=str),
               help="Run a `kits-keras export` folder (model base path or "
@@ -116,7 +121,8 @@ def infer(inputs, output, model, saved_model, overlap, tta, batch_size,
     from kits_keras.inference.jobs import InferOptions
 
     summary = run_inference(
-        list(inputs), output=output, model=model, saved_model=saved_model,
+        list(inputs), output=output, model=list(model) or None,
+        saved_model=saved_model,
         infer_overrides={"overlap": overlap, "tta": tta,
                          "batch_size": batch_size},
         options=InferOptions(postprocess=not no_postprocess,

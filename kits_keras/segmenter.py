@@ -120,8 +120,10 @@ class Segmenter:
         ``saved_model``).
 
         Args:
-            model: str or None. None: the latest finished run under
-                ``$KITS_KERAS_RUNS`` or ``./runs``.
+            model: str, list of str, or None. None: the latest finished
+                run under ``$KITS_KERAS_RUNS`` or ``./runs``. Several: their
+                ensemble, probabilities averaged
+                (:class:`kits_keras.inference.ensemble.Ensemble`).
             saved_model: str or None. An export to run instead.
             postprocess: bool. Connected-component clean-up. Defaults to
                 True.

@@ -42,8 +42,12 @@ def infer_case(job, network, config, stats, options=InferOptions(),
     orientation, ``Artifact.orientation``) and the segmentation written
     back on the file's own grid (for a DICOM series: the grid of its
     dcm2niix conversion, and/or a DICOM SEG referencing it). ``model``
-    (the model's path) is named in the HTML report.
+    (the model's path, or a list of an ensemble's) is named in the JSON
+    and HTML reports.
     """
+    models = [model] if isinstance(model, str) else list(model)
+    model = " + ".join(models)
+    models = [m for m in models if m]
     start = time.perf_counter()
     volume = read_input(job, orientation)
     t_read = time.perf_counter() - start
@@ -66,6 +70,8 @@ def infer_case(job, network, config, stats, options=InferOptions(),
         "postprocess": {"applied": options.postprocess,
                         "voxels_removed": removed},
         "qc": pred.qc,
+        # The model file(s) that made it: several for an ensemble.
+        "models": models,
         "timings_s": {**pred.timings, "read": t_read, "postprocess": t_post},
         # What ran the network, and why (backend, oneDNN, CPU kind).
         "runtime": backend.describe(),
@@ -159,18 +165,21 @@ def load_model(model=None, saved_model=None):
     """The one way to load a model for inference.
 
     Args:
-        model: str or None. A run folder or ``.keras`` file
+        model: str, list of str, or None. A run folder or ``.keras`` file
             (:func:`kits_keras.artifact.load_artifact`), a ``kits-keras
             export`` folder (as ``saved_model``), or None for the latest
-            finished run.
+            finished run. Several (a list of two or more): an
+            :class:`kits_keras.inference.ensemble.Ensemble` of them, their
+            probabilities averaged.
         saved_model: str or None. A ``kits-keras export`` folder (model
             base path or version folder), run through
             :func:`kits_keras.inference.saved_model.load_saved_model`
             (TensorFlow, CPU) instead of ``model``.
 
     Returns:
-        :class:`kits_keras.artifact.Artifact` or
-        :class:`kits_keras.inference.saved_model.SavedModelArtifact`: both give
+        :class:`kits_keras.artifact.Artifact`,
+        :class:`kits_keras.inference.saved_model.SavedModelArtifact` or
+        :class:`kits_keras.inference.ensemble.Ensemble`: all give
         ``network``, ``config``, ``stats``, ``path`` and ``metadata``.
 
     Raises:
@@ -179,6 +188,15 @@ def load_model(model=None, saved_model=None):
     from kits_keras import artifact
     from kits_keras.inference import saved_model as exported
 
+    if isinstance(model, (list, tuple)):
+        if saved_model is not None:
+            raise ValueError("an ensemble takes its exports as models, "
+                             "not as saved_model")
+        if len(model) > 1:
+            from kits_keras.inference.ensemble import Ensemble
+
+            return Ensemble([load_model(m) for m in model])
+        model = model[0] if model else None
     if saved_model is None and model is not None and exported.is_export(
             model):
         model, saved_model = None, model
@@ -218,7 +236,9 @@ def run_inference(inputs, output=None, model=None, infer_overrides=None,
         inputs: list of paths (NIfTI files, case folders, folders of them).
         output: str or None. A ``.nii.gz`` file (one input), a folder, or
             None for ``<stem>_seg.nii.gz`` beside each input.
-        model: str or None. Run folder or ``.keras`` file; None = latest run.
+        model: str, list of str, or None. Run folder or ``.keras`` file;
+            several: their ensemble (:func:`load_model`); None = latest
+            run.
         saved_model: str or None. A ``kits-keras export`` folder (model base
             path or version folder) to run instead of ``model``, through
             :func:`kits_keras.inference.saved_model.load_saved_model` (TensorFlow,
@@ -303,7 +323,7 @@ def _infer_all(jobs, art, infer_overrides, options, progress, failures):
         try:
             reports.append(infer_case(job, art.network, config, art.stats,
                                       options, progress, orientation,
-                                      str(art.path)))
+                                      getattr(art, "paths", str(art.path))))
         except (io.CaseError, ValueError, OSError, MemoryError) as err:
             # One case's failure, even out of memory, is one line naming
             # its file; the batch goes on.
