@@ -45,6 +45,40 @@ def test_third_kidney_sized_blob_removed():
     assert np.array_equal(out, two_kidneys())
 
 
+def test_of_three_kidney_sized_components_the_most_kidney_is_kept():
+    # Both kidneys found, and a larger organ called tumour with a little
+    # kidney (as on case_00442's phantom): by size alone the right kidney
+    # would go.
+    seg = two_kidneys()
+    organ = (slice(28, 40), slice(35, 60), slice(2, 40))   # 11,400 voxels
+    seg[organ] = 2
+    seg[28:30, 35:60, 2:10] = 1                            # 400 of kidney
+    out = pp.postprocess(seg)
+    assert np.array_equal(out, two_kidneys())
+    # Not kidney-sized (below 0.3 of the largest kidney-bearing
+    # component), the third is simply the smallest, as before.
+    small = two_kidneys()
+    small[30:38, 40:58, 30:45] = 1
+    small[5:25, 10:30, 50:68] = 0
+    small[5:10, 10:20, 50:60] = 1                          # 500 voxels
+    out = pp.postprocess(small)
+    assert out[30:38, 40:58, 30:45].all()
+    assert out[5:10, 10:20, 50:60].max() == 0
+
+
+def test_a_kidney_that_is_mostly_tumour_is_kept_beside_a_healthy_one():
+    # KiTS19 case_00030's pattern: 1.5 L component, 3 % of it kidney.
+    seg = np.zeros((40, 60, 100), dtype=np.uint8)
+    seg[2:38, 2:40, 2:50] = 2                    # 65,664 voxels of tumour
+    seg[2:38, 2:6, 2:17] = 1                     # 2,160 of them kidney
+    seg[10:25, 10:30, 70:90] = 1                 # healthy kidney, 6,000
+    seg[30:33, 50:53, 80:83] = 1                 # a fragment: removed
+    out = pp.postprocess(seg, voxel_ml=0.02)
+    expected = seg.copy()
+    expected[30:33, 50:53, 80:83] = 0
+    assert np.array_equal(out, expected)
+
+
 def test_detached_tumour_removed_touching_tumour_kept():
     seg = two_kidneys()
     seg[30:36, 45:55, 70:78] = 2    # tumour touching no kidney
