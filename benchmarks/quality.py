@@ -47,6 +47,14 @@ own in ``--work`` (``variants_v3_t2``, ``tfds_v3_t2``), next to the shared
 cases; a cached training is reused only if its config is today's. The
 number of steps is fixed, so the figures do not depend on the machine's
 speed.
+
+``--ensemble K`` trains K models (seeds ``--seed`` .. ``--seed + K - 1``,
+folders ``run_NAME_seedS``, each cached on its own) and segments the
+held-out cases with their ensemble (``kits-keras infer --model A --model
+B``: probabilities averaged per tile); the validation tracking is given
+per member (``members``). The synthetic CTs do not depend on ``--seed``
+(:data:`DATA_SEED`): every seed trains on the same CTs and is scored on
+the same held-out ones.
 """
 
 import argparse
@@ -186,8 +194,27 @@ def dataset_suffix(variants, extra_tumours):
     return f"_v{variants}" + (f"_t{extra_tumours}" if extra_tumours else "")
 
 
+#: Seed of the synthetic CTs (cases and variants). Fixed: ``--seed``
+#: changes the training only, so runs with other seeds are scored on the
+#: same held-out CTs and trained on the same ones.
+DATA_SEED = 0
+
+
+def member_runs(run_name, seed, ensemble):
+    """``[(seed, run folder name)]`` of the models a result is made of.
+
+    >>> member_runs("run_q", 0, 1)
+    [(0, 'run_q')]
+    >>> member_runs("run_q", 0, 2)
+    [(0, 'run_q_seed0'), (1, 'run_q_seed1')]
+    """
+    if ensemble == 1:
+        return [(seed, run_name)]
+    return [(s, f"{run_name}_seed{s}") for s in range(seed, seed + ensemble)]
+
+
 def run(work, steps, seed, fresh=False, variants=1, settings=None,
-        run_name="run", extra_tumours=0):
+        run_name="run", extra_tumours=0, ensemble=1):
     from kits_keras import config as config_lib
     from kits_keras.data import prepare as dataset
     from kits_keras.synthetic import cases as synthetic
@@ -206,6 +233,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         config, train={"seed": seed, "epochs": epochs},
         data={"validation_cases": 2}, infer={"tta": "all"})
     config = config_lib.override(config, **(settings or {}))
+    members = member_runs(run_name, seed, ensemble)
     timings = {}
 
     def labels(path):
@@ -213,7 +241,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
 
     def cases(path):
         synthetic.write_cases(path, labels_from=os.path.join(work, "labels"),
-                              seed=seed)
+                              seed=DATA_SEED)
         return sorted(os.listdir(path))
 
     def variant_cases(path):
@@ -236,7 +264,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         if os.listdir(labels):
             # Other seeds than the originals' (case i uses seed + i).
             synthetic.write_cases(os.path.join(path, "cases"),
-                                  labels_from=labels, seed=seed + 1000,
+                                  labels_from=labels, seed=DATA_SEED + 1000,
                                   extra_tumours=extra_tumours)
         train_dir = os.path.join(path, "train_cases")
         os.makedirs(train_dir)
@@ -260,34 +288,48 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
             os.path.join(work, "labels"))))
         return {"train": sorted(train_ids), "test": sorted(test_ids)}
 
-    def train(path):
-        training.fit(config, tfds_dir, out_dir=path,
-                     verbose=2)
-        return path
+    def trainer(member_seed):
+        def train(path):
+            training.fit(config_lib.override(config,
+                                             train={"seed": member_seed}),
+                         tfds_dir, out_dir=path, verbose=2)
+            return path
+        return train
 
     # A cached run is reused only if trained with today's config (the
     # tiny config changes between commits; the run folder's name does not).
     for name, fn, key in (("labels", labels, None), ("cases", cases, None),
                           ("variants" + suffix, variant_cases, None),
-                          ("tfds" + suffix, prepare, None),
-                          (run_name, train, config.to_dict())):
+                          ("tfds" + suffix, prepare, None)):
         timings[name] = stage(work, name, fn, fresh, key)["seconds"]
-    timings["run"] = timings.pop(run_name)
+    for member_seed, name in members:
+        key = config_lib.override(config, train={"seed": member_seed})
+        timings[name] = stage(work, name, trainer(member_seed), fresh,
+                              key.to_dict())["seconds"]
+    timings["run"] = sum(timings.pop(name) for _, name in members)
     timings["variants"] = timings.pop("variants" + suffix)
     timings["tfds"] = timings.pop("tfds" + suffix)
     split = stage(work, "tfds" + suffix, prepare)["result"]
-    run_dir = os.path.join(work, run_name)
+    run_dirs = [os.path.join(work, name) for _, name in members]
     test_ids = split["test"]
-    summary, timings["infer"] = segment(work, test_ids, run_dir, "all",
+    # An ensemble's members are averaged per tile (`infer --model A
+    # --model B`); its predictions folder is named after the first.
+    summary, timings["infer"] = segment(work, test_ids, run_dirs, "all",
                                         "predictions_" + run_name)
     cases = [score_case(work, row, qc) for row, qc in zip(
         summary["report"]["cases"], summary["qc"])]
     # Validation cases, as fit saw them (no mirroring), on their own grid:
-    # does the Dice fit reported match the one inference gets?
+    # does the Dice fit reported match the one inference gets? Per member.
     val_ids = _validation_ids(config, tfds_dir)
-    val, timings["infer_validation"] = segment(
-        work, val_ids, run_dir, "none", "val_predictions_" + run_name,
-        cases_dir=os.path.join(variants_dir, "train_cases"))
+    validation = []
+    timings["infer_validation"] = 0.0
+    for (member_seed, name), run_dir in zip(members, run_dirs):
+        val, seconds = segment(
+            work, val_ids, run_dir, "none", "val_predictions_" + name,
+            cases_dir=os.path.join(variants_dir, "train_cases"))
+        timings["infer_validation"] += seconds
+        validation.append({"seed": member_seed, "run": name,
+                           **validation_tracking(run_dir, val["report"])})
     return {
         "config": config.to_dict(),
         "variants": variants,
@@ -297,7 +339,8 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         "split": {**split, "validation": val_ids},
         "cases": cases,
         "mean": summary["report"]["mean"],
-        "validation": validation_tracking(run_dir, val["report"]),
+        "validation": validation[0],
+        "members": validation,
         "seconds": timings,
     }
 
@@ -311,7 +354,8 @@ def _validation_ids(config, data_dir):
 
 def segment(work, case_ids, run_dir, tta, name, cases_dir=None):
     """``kits-keras infer`` + ``evaluate`` of ``case_ids`` (folders in
-    ``cases_dir``, default ``work/cases``); returns ``({"report", "qc"},
+    ``cases_dir``, default ``work/cases``) with the model of ``run_dir``
+    (a list of several: their ensemble); returns ``({"report", "qc"},
     seconds)``."""
     from kits_keras import evaluate
     from kits_keras.inference import batch
@@ -432,7 +476,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="/tmp/kits-quality")
     parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Training seed (the synthetic CTs are the "
+                        "same for every seed).")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="Train this many models (seeds SEED, SEED+1, "
+                        "...; folders run_NAME_seedS) and segment with "
+                        "their ensemble (`infer --model A --model B`).")
     # Four CTs per training label volume, the last three each with one
     # tumour added (34 training CTs): kidney 0.896 / tumour 0.652 (seed 1:
     # 0.737 / 0.439, an organ called kidney and tumour in one case) against
@@ -468,7 +518,8 @@ def main(argv=None):
     settings = parse_settings(args.set)
     run_name = "run" if args.name == "quality" else f"run_{args.name}"
     result = run(args.work, args.steps, args.seed, args.fresh,
-                 args.variants, settings, run_name, args.extra_tumours)
+                 args.variants, settings, run_name, args.extra_tumours,
+                 args.ensemble)
     result["settings"] = args.set
     cases = result["cases"]
     result["backend"] = backend
@@ -482,6 +533,7 @@ def main(argv=None):
         "held_out_cases": len(cases),
         "variants_per_training_label": args.variants,
         "extra_tumours_per_variant": args.extra_tumours,
+        "ensemble_members": args.ensemble,
         "steps": result["steps"],
         "validation_patch_vs_volume_correlation":
             result["validation"]["patch_vs_volume_correlation"],
