@@ -159,3 +159,16 @@ def save_untrained_tiny_run(run_dir, seed=0):
     save_artifact(build_unet(config), config, stats,
                   os.path.join(str(run_dir), "model.keras"))
     return str(run_dir)
+
+
+def save_cropped_ct(cases_dir, case_id, folder, name="ct.nii.gz"):
+    """Saves the first 24 slices and 96 x 96 voxels of a synthetic case's
+    CT (a few tiles of the ``tiny`` network: tests of behaviour, not of
+    segmentation, stay fast) as ``folder/name``; returns its path."""
+    from kits_keras import io
+
+    ct = io.read_image(os.path.join(cases_dir, case_id, io.IMAGE_FILE))
+    path = str(os.path.join(folder, name))
+    io.save_nifti(path, ct.array[:24, 16:112, 16:112], ct.affine, ct.header,
+                  ct.orientation)
+    return path

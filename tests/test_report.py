@@ -13,6 +13,7 @@ from tests.browser import block_means
 from tests.browser import chromium_binary
 from tests.browser import load_pages
 from click.testing import CliRunner
+from tests.conftest import save_cropped_ct
 from tests.conftest import save_untrained_tiny_run
 from PIL import Image
 
@@ -182,12 +183,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_ct(synthetic_cases_dir, tmp_path_factory):
     """Synthetic case 0 cropped to a few network tiles (speed)."""
-    ct = io.read_image(os.path.join(synthetic_cases_dir, "case_00000",
-                                    io.IMAGE_FILE))
-    path = str(tmp_path_factory.mktemp("ct") / "ct.nii.gz")
-    io.save_nifti(path, ct.array[:24, 16:112, 16:112], ct.affine, ct.header,
-                  ct.orientation)
-    return path
+    return save_cropped_ct(synthetic_cases_dir, "case_00000",
+                           tmp_path_factory.mktemp("ct"))
 
 
 def _infer(args):

@@ -8,6 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from tests.conftest import save_cropped_ct
 from tests.conftest import save_untrained_tiny_run
 from click.testing import CliRunner
 
@@ -21,12 +22,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ct_file(synthetic_cases_dir, tmp_path_factory):
-    ct = io.read_image(os.path.join(synthetic_cases_dir, "case_00001",
-                                    io.IMAGE_FILE))
-    path = str(tmp_path_factory.mktemp("ct") / "ct.nii.gz")
-    io.save_nifti(path, ct.array[:24, 16:112, 16:112], ct.affine, ct.header,
-                  ct.orientation)
-    return path
+    return save_cropped_ct(synthetic_cases_dir, "case_00001",
+                           tmp_path_factory.mktemp("ct"))
 
 
 def _cli(args):

@@ -12,6 +12,7 @@ from kits_keras import io
 from kits_keras.inference import batch
 from kits_keras.inference import predict
 from kits_keras.inference.ensemble import Ensemble
+from tests.conftest import save_cropped_ct
 from tests.conftest import save_untrained_tiny_run
 
 
@@ -27,12 +28,8 @@ def two_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_ct(synthetic_cases_dir, tmp_path_factory):
     """A synthetic CT cropped to a few tiles of the tiny network."""
-    ct = io.read_image(os.path.join(synthetic_cases_dir, "case_00000",
-                                    io.IMAGE_FILE))
-    path = str(tmp_path_factory.mktemp("ensemble_ct") / "ct.nii.gz")
-    io.save_nifti(path, ct.array[:24, 16:112, 16:112], ct.affine, ct.header,
-                  ct.orientation)
-    return path
+    return save_cropped_ct(synthetic_cases_dir, "case_00000",
+                           tmp_path_factory.mktemp("ensemble_ct"))
 
 
 def test_the_ensemble_predicts_the_mean_of_its_members(two_runs, small_ct):
