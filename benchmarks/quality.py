@@ -517,6 +517,9 @@ def main(argv=None):
                         help="Keras backend, as `kits-keras fit --backend` "
                         "(auto: TensorFlow on CPU-only hosts).")
     args = parser.parse_args(argv)
+    if args.ensemble < 1:
+        parser.error(f"--ensemble must be at least 1. Received: "
+                     f"{args.ensemble}")
     from kits_keras.backend import select_backend
 
     backend = select_backend(args.backend)  # before anything imports Keras
