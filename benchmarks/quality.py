@@ -289,11 +289,9 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
             os.path.join(work, "labels"))))
         return {"train": sorted(train_ids), "test": sorted(test_ids)}
 
-    def trainer(member_seed):
+    def trainer(member_config):
         def train(path):
-            training.fit(config_lib.override(config,
-                                             train={"seed": member_seed}),
-                         tfds_dir, out_dir=path, verbose=2)
+            training.fit(member_config, tfds_dir, out_dir=path, verbose=2)
             return path
         return train
 
@@ -304,9 +302,11 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
                           ("tfds" + suffix, prepare, None)):
         timings[name] = stage(work, name, fn, fresh, key)["seconds"]
     for member_seed, name in members:
-        key = config_lib.override(config, train={"seed": member_seed})
-        timings[name] = stage(work, name, trainer(member_seed), fresh,
-                              key.to_dict())["seconds"]
+        # The cache key is the very config the member trains with.
+        member_config = config_lib.override(config,
+                                            train={"seed": member_seed})
+        timings[name] = stage(work, name, trainer(member_config), fresh,
+                              member_config.to_dict())["seconds"]
     timings["run"] = sum(timings.pop(name) for _, name in members)
     timings["variants"] = timings.pop("variants" + suffix)
     timings["tfds"] = timings.pop("tfds" + suffix)
