@@ -264,37 +264,12 @@ def paint_from_labels(image, labels, grid, tissue, rng, cysts=None):
 
 CYST_HU = (0.0, 20.0)  # simple cyst: water density, no enhancement
 
-# Cyst size. The cysts that decide a kidney's Dice are the large ones: of
-# the 8 real KiTS23 label volumes in ../shared/data, 6 have cysts, and
-# their largest pieces are 2.5-55 mL (two of 6 over 35 mL: case_00403 55
-# + 9 mL, case_00442 38 mL). A radius drawn log-uniform from 4 to 30 mm
-# put six in seven under 20 mm (34 mL), and what the cavity, bone and the
-# kidney cap left of them was small (13 generated cases of KiTS19's
-# case_00003: 0.4, 0.8, 0.9, 11, 21.5 and 65 mL): a model trained so
-# called two thirds of case_00403's cysts background or tumour (finding 6
-# in the README's Quality section). Uniform in radius, half the draws are
-# over 17 mm (20 mL).
-CYST_RADIUS_MAX_MM = 30.0
-
-
-def sample_cyst_radius(rng, min_radius):
-    """Radius (mm) of a simple cyst: uniform in ``[min_radius, 30]``.
-
-    >>> rng = np.random.default_rng(0)
-    >>> radii = np.array([sample_cyst_radius(rng, 4.0) for _ in range(2000)])
-    >>> bool(radii.min() >= 4.0), bool(radii.max() <= 30.0)
-    (True, True)
-    >>> bool(0.35 < (radii >= 20.0).mean() < 0.42)  # 34 mL and more
-    True
-    """
-    return float(rng.uniform(min_radius, CYST_RADIUS_MAX_MM))
-
 
 def paint_cysts(image, labels, grid, body, rng, min_radius=None,
                 probability=0.6, label=3):
     """Paints 0-3 simple renal cysts; labels them ``label`` (KiTS23: 3).
 
-    A cyst is a sphere (radius :func:`sample_cyst_radius`) centred
+    A cyst is a sphere (radius ``min_radius``-30 mm, log-uniform) centred
     in the outer 8 mm of a kidney (the cortex), so it sits inside the
     kidney or bulges out of it and always touches it: round, sharp-edged,
     water-like (a uniform 0-20 HU with 2 HU of texture), the same in every
@@ -330,7 +305,7 @@ def paint_cysts(image, labels, grid, body, rng, min_radius=None,
     painted = 0
     for _ in range(10 * count):
         centre = centres[rng.integers(len(centres))]
-        radius = sample_cyst_radius(rng, min_radius)
+        radius = float(np.exp(rng.uniform(np.log(min_radius), np.log(30.0))))
         mask, box = _cyst_mask(grid, centre, radius, image, labels, inside)
         if mask is None or (labels[box][mask] == 1).sum() > (
                 0.3 * kidney_voxels):
