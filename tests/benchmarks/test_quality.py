@@ -31,3 +31,23 @@ def test_variants_keep_held_out_and_validation_labels_out_of_training():
         # Most of the wanted variants are there (the builder's test split
         # takes every fifth id; a variant or two may be dropped).
         assert len(plan) >= 11 * variants + 2 - 2
+
+
+def test_test_cts_never_share_an_id_with_training_or_validation():
+    train, test = split_case_ids(LABELS)
+    trained = set(quality.plan_training_ids(train[:-2], train[-2:], 4))
+    for cts in (1, 2, 3):
+        plan = quality.plan_test_cts(test, cts)
+        assert len(plan) == 3 * cts
+        assert not set(plan) & trained
+        assert {plan[c][0] for c in plan} == set(test)
+        assert sorted(v for _, v in plan.values()) == sorted(
+            list(range(cts)) * 3)
+
+
+def test_test_cts_below_one_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        quality.main(["--test-cts", "0", "--no-write"])
+    assert "--test-cts must be at least 1" in capsys.readouterr().err
