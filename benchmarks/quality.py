@@ -160,6 +160,32 @@ def plan_training_ids(train_ids, val_ids, variants):
         extra.pop()
 
 
+def write_plan(work, path, plan, folder, seed, extra_tumours=0):
+    """Writes the CTs of ``plan`` (``{case id: (source, variant)}``) that
+    are not originals (variant > 0: ``path/cases``, case ``i`` in sorted
+    order with seed ``seed + i``) and links every case of the plan,
+    originals from ``work/cases``, into ``path/folder``; returns the plan
+    as JSON data."""
+    from kits_keras.synthetic import cases as synthetic
+
+    labels = os.path.join(path, "labels")
+    os.makedirs(labels)
+    for case_id, (source, v) in sorted(plan.items()):
+        if v:
+            os.symlink(os.path.realpath(os.path.join(work, "labels", source)),
+                       os.path.join(labels, case_id))
+    if os.listdir(labels):
+        synthetic.write_cases(os.path.join(path, "cases"), labels_from=labels,
+                              seed=seed, extra_tumours=extra_tumours)
+    every = os.path.join(path, folder)
+    os.makedirs(every)
+    for case_id, (source, v) in sorted(plan.items()):
+        target = (os.path.join(path, "cases", case_id) if v else
+                  os.path.join(work, "cases", source))
+        os.symlink(os.path.abspath(target), os.path.join(every, case_id))
+    return {c: list(v) for c, v in plan.items()}
+
+
 def plan_test_cts(test_ids, cts):
     """``{test CT id: (source case id, variant)}`` for ``--test-cts``:
     variant 0 is the original CT (``cases/``), variant ``v`` of held-out
@@ -284,26 +310,9 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         n_val = config.data.validation_cases
         plan = plan_training_ids(train_ids[:-n_val], train_ids[-n_val:],
                                  variants)
-        labels = os.path.join(path, "labels")
-        os.makedirs(labels)
-        for case_id, (source, v) in sorted(plan.items()):
-            if v:
-                os.symlink(os.path.realpath(os.path.join(work, "labels",
-                                                         source)),
-                           os.path.join(labels, case_id))
-        if os.listdir(labels):
-            # Other seeds than the originals' (case i uses seed + i).
-            synthetic.write_cases(os.path.join(path, "cases"),
-                                  labels_from=labels, seed=DATA_SEED + 1000,
-                                  extra_tumours=extra_tumours)
-        train_dir = os.path.join(path, "train_cases")
-        os.makedirs(train_dir)
-        for case_id, (source, v) in sorted(plan.items()):
-            folder = (os.path.join(path, "cases", case_id) if v else
-                      os.path.join(work, "cases", source))
-            os.symlink(os.path.abspath(folder),
-                       os.path.join(train_dir, case_id))
-        return {c: list(v) for c, v in plan.items()}
+        # Other seeds than the originals' (case i uses seed + i).
+        return write_plan(work, path, plan, "train_cases",
+                          seed=DATA_SEED + 1000, extra_tumours=extra_tumours)
 
     def prepare(path):
         from kits_keras.demo import _split_case_ids
@@ -321,24 +330,8 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
     def test_cases(path):
         """The held-out label volumes' extra CTs (variants 1..K-1, seeds of
         their own) and ``all/``: a folder of every test CT."""
-        plan = plan_test_cts(test_ids, test_cts)
-        labels = os.path.join(path, "labels")
-        os.makedirs(labels)
-        for case_id, (source, v) in sorted(plan.items()):
-            if v:
-                os.symlink(os.path.realpath(os.path.join(work, "labels",
-                                                         source)),
-                           os.path.join(labels, case_id))
-        if os.listdir(labels):
-            synthetic.write_cases(os.path.join(path, "cases"),
-                                  labels_from=labels, seed=DATA_SEED + 2000)
-        every = os.path.join(path, "all")
-        os.makedirs(every)
-        for case_id, (source, v) in sorted(plan.items()):
-            folder = (os.path.join(path, "cases", case_id) if v else
-                      os.path.join(work, "cases", source))
-            os.symlink(os.path.abspath(folder), os.path.join(every, case_id))
-        return {c: list(v) for c, v in plan.items()}
+        return write_plan(work, path, plan_test_cts(test_ids, test_cts),
+                          "all", seed=DATA_SEED + 2000)
 
     def trainer(member_config):
         def train(path):
