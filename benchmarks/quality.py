@@ -538,9 +538,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="Training seed (the synthetic CTs are the "
                         "same for every seed).")
-    # Two seeds averaged: four seeds alone gave kidney 0.870-0.906 and
-    # tumour 0.445-0.652, two pairs of them 0.917 / 0.564 and 0.884 /
-    # 0.642 (README, Quality, finding 12).
+    # Two seeds averaged: on the three original held-out CTs, four seeds
+    # alone gave kidney 0.870-0.906 and tumour 0.445-0.652, two pairs of
+    # them 0.917 / 0.564 and 0.884 / 0.642 (README, Quality, finding 12);
+    # on nine CTs seeds 0 and 1 averaged 0.919 / 0.406, seed 0 alone
+    # 0.918 / 0.495 (finding 14).
     parser.add_argument("--ensemble", type=int, default=2,
                         help="Train this many models (seeds SEED, SEED+1, "
                         "...; folders run_NAME_seedS; 1: one model in "
