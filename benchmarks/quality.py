@@ -124,6 +124,11 @@ def stage(work, name, fn, fresh=False, key=None):
     return record
 
 
+def case_number(case_id):
+    """``N`` of ``case_N`` (``"case_00403"`` -> 403)."""
+    return int(case_id.split("_")[1])
+
+
 def plan_training_ids(train_ids, val_ids, variants):
     """``{training case id: (source case id, variant)}`` for
     ``--variants``: variant 0 is the original CT, variant ``v`` of case
@@ -144,17 +149,14 @@ def plan_training_ids(train_ids, val_ids, variants):
     """
     from tfds_kits19.kits19.kits19_dataset_builder import split_case_ids
 
-    def number(case_id):
-        return int(case_id.split("_")[1])
-
-    extra = [(f"case_{1000 * v + number(c):05d}", (c, v))
+    extra = [(f"case_{1000 * v + case_number(c):05d}", (c, v))
              for v in range(1, variants) for c in train_ids]
     base = {c: (c, 0) for c in train_ids}
-    base.update({f"case_{9000 + number(c):05d}": (c, 0) for c in val_ids})
+    base.update({f"case_{9000 + case_number(c):05d}": (c, 0) for c in val_ids})
     while True:
         plan = {**base, **dict(extra)}
         train, _ = split_case_ids(sorted(plan))
-        wanted = sorted(f"case_{9000 + number(c):05d}" for c in val_ids)
+        wanted = sorted(f"case_{9000 + case_number(c):05d}" for c in val_ids)
         if sorted(train)[-len(val_ids):] == wanted or not extra:
             return plan
         extra.pop()
@@ -198,11 +200,8 @@ def plan_test_cts(test_ids, cts):
     >>> plan["case_10403"]
     ('case_00403', 1)
     """
-    def number(case_id):
-        return int(case_id.split("_")[1])
-
     plan = {c: (c, 0) for c in test_ids}
-    plan.update({f"case_{10000 * v + number(c):05d}": (c, v)
+    plan.update({f"case_{10000 * v + case_number(c):05d}": (c, v)
                  for v in range(1, cts) for c in test_ids})
     return plan
 
@@ -365,7 +364,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
     summary, timings["infer"] = segment(
         work, sorted(test_plan), run_dirs, "all", "predictions_" + run_name,
         cases_dir=test_dir)
-    cases = [score_case(test_dir, row, qc, source=test_plan[row["case_id"]])
+    cases = [score_case(test_dir, row, qc, test_plan[row["case_id"]])
              for row, qc in zip(summary["report"]["cases"], summary["qc"])]
     # Validation cases, as fit saw them (no mirroring), on their own grid:
     # does the Dice fit reported match the one inference gets? Per member.
@@ -386,7 +385,7 @@ def run(work, steps, seed, fresh=False, variants=1, settings=None,
         "training_cases": stage(work, "variants" + suffix, None)["result"],
         "steps": config.train.epochs * config.train.steps_per_epoch,
         "split": {**split, "validation": val_ids,
-                  "test_cts": {c: list(v) for c, v in test_plan.items()}},
+                  "test_cts": test_plan},
         "cases": cases,
         "mean": summary["report"]["mean"],
         "validation": validation[0],
@@ -432,7 +431,7 @@ def segment(work, case_ids, run_dir, tta, name, cases_dir=None):
             "qc": [qc[r["case_id"]] for r in report["cases"]]}, seconds
 
 
-def score_case(cases_dir, row, qc, margin_mm=20.0, source=None):
+def score_case(cases_dir, row, qc, source, margin_mm=20.0):
     """Dice, true and predicted mL, and what lies where it must not:
     predicted foreground in air (< -500 HU) and predicted tumour farther
     than ``margin_mm`` from any true kidney or tumour voxel; the median HU
@@ -468,8 +467,8 @@ def score_case(cases_dir, row, qc, margin_mm=20.0, source=None):
 
     return {
         "case_id": row["case_id"],
-        **({"label_volume": source[0], "ct_variant": source[1]}
-           if source else {}),
+        "label_volume": source[0],
+        "ct_variant": source[1],
         "kidney_dice": round(row["kidney_dice"], 4),
         "tumour_dice": round(row["tumour_dice"], 4),
         "true_ml": {"kidney": round(true_ml["kidney_ml"], 1),
