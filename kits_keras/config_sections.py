@@ -40,6 +40,10 @@ OUTPUT_MODES = ("softmax", "regions")
 # polynomial decay to zero.
 LR_SCHEDULES = ("plateau", "poly")
 
+# ``train.optimizer``: the paper's Adam, or nnU-Net's SGD with Nesterov
+# momentum.
+OPTIMIZERS = ("adam", "sgd")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -256,7 +260,15 @@ class TrainConfig:
     """Optimisation schedule.
 
     Attributes:
-        learning_rate: Adam's initial learning rate.
+        optimizer: "adam" (the paper) or "sgd" (nnU-Net: Nesterov
+            momentum ``momentum``).
+        learning_rate: the optimizer's initial learning rate.
+        momentum: SGD's momentum (nnU-Net: 0.99); unused by Adam.
+        weight_decay: decoupled weight decay per step, as a share of the
+            learning rate times the weight (Keras' ``weight_decay``;
+            nnU-Net: 3e-5); 0: none.
+        clip_norm: 0 (the paper) or the bound on the global norm of the
+            gradient of each step (nnU-Net: 12).
         lr_schedule: "plateau" (the paper: x ``lr_factor`` when the
             training loss has not improved for ``lr_patience`` epochs) or
             "poly" (nnU-Net: ``learning_rate * (1 - epoch / epochs) ** 0.9``
@@ -282,7 +294,11 @@ class TrainConfig:
             raw weights (:mod:`kits_keras.training.averaging`).
     """
 
+    optimizer: str = "adam"
     learning_rate: float = 3e-4
+    momentum: float = 0.99
+    weight_decay: float = 0.0
+    clip_norm: float = 0.0
     lr_schedule: str = "plateau"
     lr_factor: float = 0.2
     lr_patience: int = 30
@@ -300,6 +316,10 @@ class TrainConfig:
             raise ValueError(
                 "ema_momentum must be in [0, 1) (0: no averaging). "
                 f"Received: ema_momentum={self.ema_momentum!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"Unknown optimizer. Expected one of {OPTIMIZERS}. "
+                f"Received: optimizer={self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"Unknown lr_schedule. Expected one of {LR_SCHEDULES}. "

@@ -125,9 +125,10 @@ def build_model(config, seed):
 
 
 def compile_model(model, config):
-    """Adam, the multi-scale loss, region Dice on the full-res output.
+    """The optimizer, the multi-scale loss, region Dice on the full-res
+    output.
 
-    With ``train.ema_momentum`` > 0 Adam also keeps a moving average of the
+    With ``train.ema_momentum`` > 0 the optimizer also keeps a moving average of the
     weights (:mod:`kits_keras.training.averaging`).
 
     The loss is the exp-log loss (``model.output_mode="softmax"``) or Dice
@@ -142,15 +143,32 @@ def compile_model(model, config):
     label_set = config.data.label_set
     mode = config.model.output_mode
     metrics = [RegionDice(r, label_set, mode) for r in region_names(label_set)]
-    ema = config.train.ema_momentum
     model.compile(
-        optimizer=keras.optimizers.Adam(
-            config.train.learning_rate, use_ema=ema > 0, ema_momentum=ema),
+        optimizer=make_optimizer(config.train),
         loss=[make_loss(config) for _ in range(n)],
         loss_weights=deep_supervision_weights(n),
         metrics=[metrics] + [[] for _ in range(n - 1)],
     )
     return model
+
+
+def make_optimizer(train):
+    """The optimizer of ``train`` (a :class:`TrainConfig`).
+
+    >>> from kits_keras.config import TrainConfig
+    >>> sgd = make_optimizer(TrainConfig(optimizer="sgd", clip_norm=12.0))
+    >>> type(sgd).__name__, sgd.nesterov, sgd.global_clipnorm
+    ('SGD', True, 12.0)
+    """
+    ema = train.ema_momentum
+    common = dict(
+        learning_rate=train.learning_rate, use_ema=ema > 0, ema_momentum=ema,
+        weight_decay=train.weight_decay or None,
+        global_clipnorm=train.clip_norm or None)
+    if train.optimizer == "sgd":
+        return keras.optimizers.SGD(
+            momentum=train.momentum, nesterov=True, **common)
+    return keras.optimizers.Adam(**common)
 
 
 def make_loss(config):
