@@ -173,6 +173,16 @@ class AugmentConfig:
     p_tumour_contrast: float = 0.0
     tumour_contrast_range: tuple = (-0.3, 0.8)
 
+    @property
+    def mirrored_axes(self):
+        """The axes of ``(z, y, x)`` that training mirrors (``p_mirror`` >
+        0), which test-time mirroring may flip too.
+
+        >>> AugmentConfig(p_mirror=(0.0, 0.0, 0.5)).mirrored_axes
+        (2,)
+        """
+        return tuple(a for a, p in enumerate(self.p_mirror) if p > 0)
+
     def disabled(self):
         """This config with every ``p_*`` probability at 0: plain crops.
 

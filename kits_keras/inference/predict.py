@@ -50,6 +50,7 @@ class Prediction:
         network_spacing: spacing (mm, ``(z, y, x)``) of ``probabilities``.
         qc: dict. ``mirroring_disagreement`` (share, or None without
             mirroring), ``flagged`` (bool), ``threshold``, ``tta``,
+            ``mirrorings`` (the axes flipped in each pass), ``tiles``,
             ``removed_outside_body_ml`` (kidney and tumour mL the network
             put outside the body, set to background).
         timings: dict of seconds: ``preprocess``, ``sliding_window``,
@@ -107,6 +108,8 @@ def _quality_control(window, to_labels, infer, removed, voxel_ml,
         "threshold": infer.qc_threshold,
         "flagged": bool(score is not None and score > infer.qc_threshold),
         "tta": infer.tta,
+        # The axes flipped per pass: only those mirrored in training.
+        "mirrorings": [list(axes) for axes in window.mirrorings],
         "tiles": window.tiles,
         # Foreground the network put outside the body (air, table), set to
         # background: mL per class.
@@ -150,6 +153,7 @@ def predict_case(volume, network, config, stats, progress=None):
         tta=infer.tta, batch_size=infer.batch_size,
         sigma_scale=infer.gaussian_sigma_scale, progress=progress,
         to_labels=to_labels,
+        trained_mirror_axes=config.augment.mirrored_axes,
     )
     del image
     t_win = time.perf_counter()

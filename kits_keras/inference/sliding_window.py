@@ -41,6 +41,7 @@ class WindowResult:
             the covering tiles in which the mirrored predictions did not all
             give the same label; None without mirroring.
         tiles: number of tiles.
+        mirrorings: the axes flipped in each pass (:func:`mirror_axes`).
         network_calls: number of calls of the network.
         network_seconds: wall time spent inside the network.
         total_seconds: wall time of the whole call.
@@ -49,6 +50,7 @@ class WindowResult:
     probabilities: np.ndarray
     disagreement: object
     tiles: int
+    mirrorings: list
     network_calls: int
     network_seconds: float
     total_seconds: float
@@ -152,17 +154,25 @@ def gaussian_importance_map(patch_size, sigma_scale=0.125):
                             float(sigma_scale))
 
 
-def mirror_axes(tta):
+def mirror_axes(tta, trained=(0, 1, 2)):
     """The spatial axes (of a ``(z, y, x)`` volume) flipped in each TTA pass.
 
     ``"all"``: the 8 subsets of (z, y, x); ``"flip"``: the 4 in-plane
-    subsets of (y, x); ``"none"``: only the identity.
+    subsets of (y, x); ``"none"``: only the identity. Only axes in
+    ``trained`` (those the network saw mirrored in training,
+    :meth:`kits_keras.config.AugmentConfig.mirrored_axes`) are flipped, as
+    nnU-Net restricts its test-time mirroring: a network that never saw a
+    volume upside down would be averaged with its guesses on one.
+
+    >>> mirror_axes("all", trained=(2,))
+    [(), (2,)]
     """
     if tta not in TTA_MODES:
         raise ValueError(
             f"Unknown tta. Expected one of {TTA_MODES}. Received: tta={tta!r}"
         )
     axes = {"all": (0, 1, 2), "flip": (1, 2), "none": ()}[tta]
+    axes = tuple(a for a in axes if a in trained)
     return [c for n in range(len(axes) + 1)
             for c in itertools.combinations(axes, n)]
 
@@ -224,7 +234,7 @@ class _TimedNetwork:
 
 def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
                    batch_size=2, sigma_scale=0.125, progress=None,
-                   to_labels=None):
+                   to_labels=None, trained_mirror_axes=(0, 1, 2)):
     """Predicts class probabilities over a whole volume tile by tile.
 
     Args:
@@ -242,6 +252,8 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
             per-channel maps, for the mirroring disagreement (region
             outputs: :func:`kits_keras.model.regions.maps_to_labels_fn`).
             Defaults to the argmax.
+        trained_mirror_axes: the axes ``tta`` may flip
+            (:func:`mirror_axes`). Defaults to all three.
 
     Returns:
         :class:`WindowResult`. Its probabilities sum to 1 over classes
@@ -255,7 +267,7 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1. Received: {batch_size}")
     patch_size = tuple(int(p) for p in patch_size)
-    flips = mirror_axes(tta)
+    flips = mirror_axes(tta, trained_mirror_axes)
     timed = _TimedNetwork(network)
     padded, crop = pad_to_patch(image, patch_size)
     steps = compute_steps(padded.shape, patch_size, overlap)
@@ -280,6 +292,7 @@ def sliding_window(image, network, patch_size, overlap=0.5, tta="none",
         probabilities=probabilities,
         disagreement=disagree,
         tiles=len(tiles),
+        mirrorings=flips,
         network_calls=timed.calls,
         network_seconds=timed.seconds,
         total_seconds=time.perf_counter() - start,

@@ -62,6 +62,42 @@ def test_mirror_axes_counts():
     assert sw.mirror_axes("none") == [()]
     with pytest.raises(ValueError, match="tta"):
         sw.mirror_axes("some")
+    # Only the axes the network was trained to see mirrored.
+    assert sw.mirror_axes("all", trained=(2,)) == [(), (2,)]
+    assert sw.mirror_axes("flip", trained=(0, 2)) == [(), (2,)]
+    assert sw.mirror_axes("all", trained=()) == [()]
+
+
+def test_predict_case_mirrors_only_the_axes_mirrored_in_training():
+    from kits_keras.config import get_config
+    from kits_keras.config import override
+    from kits_keras.data.intensity import IntensityStats
+    from kits_keras.synthetic.cases import kits19_affine
+
+    calls = []
+
+    def counting_network(batch):
+        calls.append(len(batch))
+        return threshold_network(batch)
+
+    spacing = (4.0, 3.2, 3.2)
+    image = np.full((32, 64, 64), -100.0, np.float32)
+    image[10:20, 20:40, 20:40] = 300.0
+    volume = io.Volume(image, spacing, kits19_affine(spacing))
+    stats = IntensityStats(clip_low=-200.0, clip_high=400.0, mean=100.0,
+                           std=100.0)
+    qcs, tiles_seen = [], []
+    for p_mirror in [(0.5, 0.5, 0.5), (0.0, 0.0, 0.5)]:
+        calls.clear()
+        config = override(get_config("tiny"), infer={"tta": "all"},
+                          augment={"p_mirror": p_mirror},
+                          model={"output_mode": "softmax"})
+        pred = predict.predict_case(volume, counting_network, config, stats)
+        qcs.append(pred.qc)
+        tiles_seen.append(sum(calls))
+    assert len(qcs[0]["mirrorings"]) == 8
+    assert qcs[1]["mirrorings"] == [[], [2]]
+    assert tiles_seen[0] == 4 * tiles_seen[1]
 
 
 @pytest.mark.parametrize("tta", ["none", "all"])
