@@ -58,7 +58,8 @@ class _Progress:
               "model's config, 0.5).")
 @click.option("--tta", type=click.Choice(["all", "flip", "none"]),
               help="Mirroring: all 8 axis combinations, in-plane flips (4) "
-              "or none (default: the model's config).")
+              "or none (default: the model's config); only along the axes "
+              "the model was trained mirrored.")
 @click.option("--batch-size", type=click.IntRange(min=1),
               help="Tiles per network call.")
 @click.option("--device", type=click.Choice(["cpu", "gpu"]), default=None,

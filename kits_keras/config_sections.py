@@ -343,7 +343,8 @@ class InferenceConfig:
 
     Attributes:
         overlap: overlap between neighbouring tiles, as a share of the patch.
-        tta: "all" (8 mirrorings), "flip" (in-plane flips, 4) or "none".
+        tta: "all" (8 mirrorings), "flip" (in-plane flips, 4) or "none";
+            only along ``augment.mirrored_axes``.
         batch_size: tiles per network call.
         gaussian_sigma_scale: sigma of the importance map / patch size.
         qc_threshold: mirroring-disagreement share above which a case is
