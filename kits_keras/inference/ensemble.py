@@ -74,7 +74,8 @@ class Ensemble:
     Attributes:
         members: the loaded models (``Artifact`` or ``SavedModelArtifact``).
         config, stats, metadata: the first member's (the others agree on
-            every field of :data:`SHARED_FIELDS`).
+            every field of :data:`SHARED_FIELDS`), except that the config
+            mirrors only the axes all members were trained mirrored.
         path: str. The members' paths joined with `` + `` (what a report
             names as its model).
         paths: list of str, one per member.
@@ -99,7 +100,13 @@ class Ensemble:
                         f"{first.path}: {name} differs ({get(other)} vs "
                         f"{get(first)})")
         self.members = members
-        self.config = first.config
+        # Test-time mirroring flips only the axes every member was trained
+        # mirrored (``augment.mirrored_axes``): the smallest p_mirror.
+        p_mirror = tuple(min(m.config.augment.p_mirror[axis]
+                             for m in members) for axis in range(3))
+        self.config = dataclasses.replace(
+            first.config, augment=dataclasses.replace(
+                first.config.augment, p_mirror=p_mirror))
         self.stats = first.stats
         self.metadata = first.metadata
         self.paths = [str(m.path) for m in members]

@@ -92,6 +92,20 @@ def test_members_that_see_other_inputs_are_refused(two_runs, tmp_path, name,
     assert other in str(err.value) and two_runs[0] in str(err.value)
 
 
+def test_an_ensemble_mirrors_only_axes_every_member_was_trained_on(
+        two_runs, tmp_path):
+    from kits_keras.inference.sliding_window import mirror_axes
+
+    left_right = _run_with(tmp_path, "x_only",
+                           augment={"p_mirror": (0.0, 0.0, 0.5)})
+    ensemble = batch.load_model([two_runs[0], left_right])
+    assert ensemble.config.augment.mirrored_axes == (2,)
+    assert mirror_axes("all", ensemble.config.augment.mirrored_axes) == [
+        (), (2,)]
+    assert batch.load_model(two_runs).config.augment.mirrored_axes == (
+        0, 1, 2)
+
+
 def test_cli_refuses_a_mismatched_ensemble_in_one_line(two_runs, small_ct,
                                                        tmp_path):
     from cli.infer import infer
