@@ -128,8 +128,8 @@ def compile_model(model, config):
     """The optimizer, the multi-scale loss, region Dice on the full-res
     output.
 
-    With ``train.ema_momentum`` > 0 the optimizer also keeps a moving average of the
-    weights (:mod:`kits_keras.training.averaging`).
+    With ``train.ema_momentum`` > 0 the optimizer also keeps a moving
+    average of the weights (:mod:`kits_keras.training.averaging`).
 
     The loss is the exp-log loss (``model.output_mode="softmax"``) or Dice
     + BCE per region ("regions"); the loss of output ``i`` is weighted by
